@@ -1,0 +1,20 @@
+"""Backend of the interpretability dashboard: models, analyses, store, CLI.
+
+Usable from a notebook as from the app:
+
+    from backend import run, PromptSpec
+    out = run(PromptSpec(model="smollm2-135m", text="The capital of France is"))
+    out.result.top_tokens[0]   # ' Paris'
+"""
+
+from . import analyses  # noqa: F401  (registers every analysis)
+from .analyses.attention import AttentionSpec
+from .analyses.head_scores import HeadScoresSpec
+from .analyses.prompt import PromptSpec
+from .analyses.token_lens import TokenLensSpec
+from .errors import DashboardError
+from .runner import lookup, model_info, run
+from .spec import Spec
+
+__all__ = ["run", "lookup", "model_info", "Spec", "PromptSpec", "TokenLensSpec", "AttentionSpec",
+           "HeadScoresSpec", "DashboardError"]

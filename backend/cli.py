@@ -1,0 +1,99 @@
+"""Command line over the same calls the dashboard makes.
+
+    python -m backend prompt --model smollm2-135m --text "The capital of France is" --format json
+    python -m backend models --format json
+
+Errors print {"error": {"type", "code", "message"}} (json) or a message (text), exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from .errors import DashboardError
+from .models import DEFAULT_MODEL
+
+def _outcome_fields(out) -> dict[str, Any]:
+    return {"run_key": out.run_key, "from_store": out.from_store,
+            "compute_seconds": round(out.compute_seconds, 4),
+            "read_seconds": round(out.read_seconds, 4)}
+
+
+def _add_prompt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--text", required=True)
+    p.add_argument("--top-k", type=int, default=10)
+
+
+def _run_prompt(a: argparse.Namespace) -> dict:
+    from . import PromptSpec, run
+
+    out = run(PromptSpec(model=a.model, text=a.text, top_k=a.top_k), progress=_log)
+    r = out.result
+    return {**_outcome_fields(out), "model": a.model, "text": a.text, "tokens": r.tokens,
+            "token_ids": r.token_ids,
+            "top_k": [{"token": t, "prob": float(p), "token_id": int(i)}
+                      for t, p, i in zip(r.top_tokens, r.top_probs, r.top_ids)],
+            "logit_lens_top": [[row[pos][0] for pos in range(len(r.tokens))]
+                               for row in r.lens_tokens.tolist()]}
+
+
+def _add_models(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _run_models(a: argparse.Namespace) -> dict:
+    from .models import available_models
+
+    return {"default": DEFAULT_MODEL, "offline": available_models(),
+            "hub": "any TransformerLens model name or Hugging Face repo id, when online"}
+
+
+SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "prompt": ("tokens, top next tokens and logit lens of a prompt", _add_prompt, _run_prompt),
+    "models": ("models available offline", _add_models, _run_models),
+}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _print_text(d: Any, indent: int = 0) -> None:
+    pad = "  " * indent
+    for k, v in d.items():
+        if isinstance(v, dict):
+            print(f"{pad}{k}:")
+            _print_text(v, indent + 1)
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            print(f"{pad}{k}:")
+            for item in v:
+                print(pad + "  - " + ", ".join(f"{ik}={iv!r}" for ik, iv in item.items()))
+        else:
+            print(f"{pad}{k}: {v!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_, add, _) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        add(p)
+        p.add_argument("--format", choices=["json", "text"], default="text")
+    a = parser.parse_args(argv)
+    try:
+        payload = SUBCOMMANDS[a.command][2](a)
+    except DashboardError as e:
+        if a.format == "json":
+            print(json.dumps({"error": e.to_dict()}))
+        else:
+            print(f"error ({type(e).__name__}): {e}", file=sys.stderr)
+        return 2
+    if a.format == "json":
+        print(json.dumps(payload, ensure_ascii=False))
+    else:
+        _print_text(payload)
+    return 0

