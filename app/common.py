@@ -1,0 +1,98 @@
+"""What every page shares: calling the backend with clear messages, the status line, the link."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+import streamlit as st
+
+import backend
+from backend.errors import DashboardError
+
+from .state import View, view_params
+
+
+def fetch(spec, what: str):
+    """The outcome of a spec: read from the store, or computed with a visible status.
+
+    Returns None (after showing the error) when the input is bad or a resource is missing.
+    """
+    try:
+        out = backend.lookup(spec)
+        if out is None:
+            with st.status(f"Computing {what}…", expanded=False) as status:
+                out = backend.run(spec, progress=lambda msg: status.update(label=msg))
+                status.update(label=f"Computed {what} in {out.compute_seconds:.2f} s", state="complete")
+    except DashboardError as e:
+        st.error(f"{e}", icon=":material/warning:")
+        return None
+    show_status(out, what)
+    return out
+
+
+def show_status(out, what: str) -> None:
+    if out.from_store:
+        st.caption(f"{what}: read from the store in {out.read_seconds * 1000:.1f} ms "
+                   f"(computed once in {out.stored_compute_seconds:.2f} s) · run `{out.run_key}`")
+    else:
+        st.caption(f"{what}: computed in {out.compute_seconds:.2f} s and stored · run `{out.run_key}`")
+
+
+def model_dims(model_id: str) -> dict | None:
+    try:
+        return backend.model_info(model_id)
+    except DashboardError as e:
+        st.error(str(e), icon=":material/warning:")
+        return None
+
+
+def link_of(view: View) -> str:
+    base = ""
+    try:
+        base = (st.context.url or "").split("?")[0]
+    except Exception:  # not served over HTTP (AppTest)
+        pass
+    return f"{base}?{urlencode(view_params(view))}"
+
+
+def check_link_key(view: View, spec) -> bool:
+    """False (after saying so) when the link's key does not match its fields."""
+    if not view.key or view.key == spec.key():
+        return True
+    if st.session_state.get("accept_edited_link"):
+        return True
+    st.error("This link was altered: its fields no longer match its run key "
+             f"(`{view.key}` ≠ `{spec.key()}`), so it may not show what was shared. Nothing was run.",
+             icon=":material/link:")
+    if st.button("Open with the link's fields as they are"):
+        st.session_state["accept_edited_link"] = True
+        st.rerun()
+    return False
+
+
+def make_spec(cls, **fields):
+    """A spec, or None after showing why the fields are not valid."""
+    try:
+        return cls(**fields)
+    except DashboardError as e:
+        st.error(str(e), icon=":material/warning:")
+        return None
+
+
+def synced(key: str, value):
+    """Seed a widget's state from the view once; afterwards the widget owns it."""
+    if key not in st.session_state:
+        st.session_state[key] = value
+    return key
+
+
+def token_chips(tokens: list[str]) -> None:
+    from html import escape
+
+    from .figures import fmt_token
+
+    chips = "".join(
+        f"<span title='position {i}' style='display:inline-block;margin:2px;padding:1px 5px;"
+        f"border:1px solid #bbb;border-radius:4px;font-family:monospace;font-size:0.9em'>"
+        f"<sub style='color:#888'>{i}</sub>{escape(fmt_token(t))}</span>" for i, t in enumerate(tokens))
+    st.markdown(f"<div>{chips}</div>", unsafe_allow_html=True)

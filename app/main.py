@@ -1,0 +1,61 @@
+"""Streamlit entry point: `streamlit run app/main.py`.
+
+The whole view (page, model, prompt, selections) lives in the URL's query parameters, so
+a copied link reopens the same view; results are read from the DuckDB store.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import streamlit as st  # noqa: E402
+
+from app import views  # noqa: E402
+from app.common import link_of  # noqa: E402
+from app.state import DEFAULT_MODEL, PAGES, View, read_view, view_params  # noqa: E402
+from backend.models import offline_model_ids  # noqa: E402
+
+st.set_page_config(page_title="Inside the model", page_icon="🔬", layout="wide")
+
+if "view" not in st.session_state:  # first run of this session: the URL is the truth
+    view, problems = read_view(st.query_params.to_dict())
+    st.session_state.view, st.session_state.problems = view, problems
+    st.session_state.w_page, st.session_state.w_text = view.page, view.text
+view: View = st.session_state.view
+for p in st.session_state.problems:
+    st.warning(p, icon=":material/link:")
+
+with st.sidebar:
+    st.title("Inside the model")
+    page = st.radio("View", list(PAGES), format_func=PAGES.get, key="w_page")
+    offline = offline_model_ids() or [DEFAULT_MODEL]
+    other = "other (hub name)…"
+    choice = st.selectbox("Model", offline + [other],
+                          index=offline.index(view.model) if view.model in offline else len(offline))
+    model = view.model
+    if choice == other:
+        model = st.text_input("TransformerLens or Hugging Face name", value=view.model if view.model not in offline else "gpt2-small")
+    else:
+        model = choice
+    if page in ("prompt", "attention"):
+        with st.form("prompt_form"):
+            st.text_area("Prompt", key="w_text", height=120)
+            st.form_submit_button("Run", type="primary")
+    changed = (page, model, st.session_state.w_text) != (view.page, view.model, view.text)
+    if changed:
+        view = view.replace(page=page, model=model, text=st.session_state.w_text, key="")
+        st.session_state.view = view
+        st.session_state.problems = []
+
+view = views.render(view)  # a page may update its selections (and the run key)
+st.session_state.view = view
+params = view_params(view)
+if st.query_params.to_dict() != params:
+    st.query_params.from_dict(params)
+with st.sidebar:
+    st.divider()
+    st.caption("Link to this view (opens it from the store):")
+    st.code(link_of(view), language=None, wrap_lines=True)

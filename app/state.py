@@ -1,0 +1,74 @@
+"""View state lives in the URL: every field of a view is a query parameter.
+
+`read_view(params)` parses untrusted query parameters into a View plus a list of problems
+(non-numbers, unknown pages); `view_params(view)` is the inverse. The `key` parameter is the
+run key of the page's main analysis: when a link's fields no longer hash to its key, the
+link was edited or truncated, and the page says so instead of computing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Mapping
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_TEXT = "When Mary and John went to the store, John gave a drink to"
+
+PAGES = {"prompt": "Prompt & logit lens", "attention": "Attention patterns", "heads": "Head scores"}
+LENS_MODES = {"top": "Top token", "token": "Chosen token"}
+INT_FIELDS = ("layer", "head")
+
+
+@dataclass
+class View:
+    page: str = "prompt"
+    model: str = DEFAULT_MODEL
+    text: str = DEFAULT_TEXT
+    layer: int = 0
+    head: int = 0
+    lens: str = "top"
+    token: str = ""
+    key: str = ""
+
+    def replace(self, **kw) -> "View":
+        return dataclasses.replace(self, **kw)
+
+
+def read_view(params: Mapping[str, str]) -> tuple[View, list[str]]:
+    """A View from query parameters, and the problems found in them (never raises)."""
+    view, problems = View(), []
+    names = {f.name for f in dataclasses.fields(View)}
+    for name, raw in params.items():
+        if name not in names:
+            continue  # foreign parameters (e.g. added by a proxy) are ignored
+        if name in INT_FIELDS:
+            try:
+                setattr(view, name, int(raw))
+            except ValueError:
+                problems.append(f"The link's {name} {raw!r} is not a whole number; using {getattr(view, name)}.")
+        else:
+            setattr(view, name, raw)
+    if view.page not in PAGES:
+        problems.append(f"The link names an unknown page {view.page!r}; showing {PAGES['prompt']}.")
+        view.page = "prompt"
+    if view.lens not in LENS_MODES:
+        problems.append(f"Unknown logit-lens mode {view.lens!r}; showing the top token.")
+        view.lens = "top"
+    return view, problems
+
+
+def view_params(view: View) -> dict[str, str]:
+    """The query parameters of a view (only what the page uses)."""
+    p = {"page": view.page, "model": view.model}
+    if view.page in ("prompt", "attention"):
+        p["text"] = view.text
+    if view.page == "prompt":
+        p["lens"] = view.lens
+        if view.lens == "token" and view.token:
+            p["token"] = view.token
+    if view.page == "attention":
+        p["layer"], p["head"] = str(view.layer), str(view.head)
+    if view.key:
+        p["key"] = view.key
+    return p

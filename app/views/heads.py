@@ -1,0 +1,34 @@
+"""Head scores page: induction and previous-token scores of every head."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from backend import HeadScoresSpec
+
+from .. import figures
+from ..common import check_link_key, fetch, make_spec
+from ..state import View
+
+
+def render(view: View) -> View:
+    st.header("Head scores")
+    spec = make_spec(HeadScoresSpec, model=view.model)
+    if spec is None or not check_link_key(view, spec):
+        return view
+    out = fetch(spec, "head scores")
+    if out is None:
+        return view
+    r = out.result
+    st.caption(f"Measured on {r.n_seqs} sequences of {r.seq_len} random tokens repeated once. "
+               "Induction: attention from a repeated token to the token after its first occurrence. "
+               "Previous token: attention to the token just before.")
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(figures.head_score_heatmap(r.induction, "Induction score"), key="induction")
+    c2.plotly_chart(figures.head_score_heatmap(r.prev_token, "Previous-token score"), key="prev")
+    for col, name, scores in ((c1, "induction", r.induction), (c2, "previous-token", r.prev_token)):
+        order = np.argsort(scores, axis=None)[::-1][:5]
+        col.markdown(f"**Top {name} heads:** " + ", ".join(
+            f"L{i // scores.shape[1]}H{i % scores.shape[1]} ({scores.flat[i]:.2f})" for i in order))
+    return view.replace(key=out.run_key)

@@ -1,0 +1,46 @@
+"""Prompt page: tokens, the top next tokens, and the logit lens (two modes)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from backend import PromptSpec, TokenLensSpec
+
+from .. import figures
+from ..common import check_link_key, fetch, make_spec, synced, token_chips
+from ..state import LENS_MODES, View
+
+
+def render(view: View) -> View:
+    st.header("Prompt & logit lens")
+    spec = make_spec(PromptSpec, model=view.model, text=view.text)
+    if spec is None or not check_link_key(view, spec):
+        return view
+    out = fetch(spec, "prompt analysis")
+    if out is None:
+        return view
+    r = out.result
+    view = view.replace(key=out.run_key)
+    st.subheader(f"{len(r.tokens)} tokens")
+    token_chips(r.tokens)
+    left, right = st.columns([1, 3])
+    with left:
+        st.plotly_chart(figures.top_k_bar(r.top_tokens, r.top_probs), key="topk")
+    with right:
+        mode = st.segmented_control("Logit lens shows", list(LENS_MODES), format_func=LENS_MODES.get,
+                                    key=synced("w_lens", view.lens)) or "top"
+        view = view.replace(lens=mode)
+        if mode == "top":
+            st.plotly_chart(figures.logit_lens_top(r.tokens, r.layer_labels, r.lens_probs, r.lens_tokens),
+                            key="lens_top")
+        else:
+            token = st.text_input("Token to follow (mind the leading space)",
+                                  key=synced("w_token", view.token or r.top_tokens[0]))
+            view = view.replace(token=token)
+            tspec = make_spec(TokenLensSpec, model=view.model, text=view.text, token=token)
+            tout = fetch(tspec, "token lens") if tspec else None
+            if tout is not None:
+                t = tout.result
+                st.plotly_chart(figures.logit_lens_token(t.tokens, t.layer_labels, t.probs, t.ranks, token),
+                                key="lens_token")
+    return view

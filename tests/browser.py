@@ -1,0 +1,90 @@
+"""Real browser helpers: start the dashboard on a free port, drive headless Chromium.
+
+Also a script: `python tests/browser.py OUT_DIR [QUERY ...]` saves a screenshot per query,
+for looking at the pages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def dashboard(env: dict | None = None, timeout: float = 60):
+    """Run `streamlit run app/main.py` on a free port; yield its base URL."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "main.py"), "--server.headless", "true",
+           "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"]
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"streamlit-{port}.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if urllib.request.urlopen(base + "/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"dashboard did not start; see {log.name}")
+            time.sleep(0.3)
+        yield base
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        proc.kill()
+        log.close()
+
+
+def browser_context(playwright, user_dir: str):
+    return playwright.chromium.launch_persistent_context(
+        user_dir, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+        viewport={"width": 1500, "height": 1100})
+
+
+def wait_for_plots(page, n: int = 1, timeout: float = 180_000) -> None:
+    page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {n}",
+                           timeout=timeout)
+    page.wait_for_timeout(800)  # let Plotly finish drawing
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    from playwright.sync_api import sync_playwright
+
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    queries = sys.argv[2:] or ["page=prompt", "page=attention&layer=3&head=1", "page=heads"]
+    with dashboard() as base, sync_playwright() as p:
+        ctx = browser_context(p, tempfile.mkdtemp())
+        page = ctx.new_page()
+        for i, q in enumerate(queries):
+            page.goto(f"{base}/?{q}")
+            try:
+                wait_for_plots(page, timeout=float(os.environ.get("SHOT_WAIT_MS", 60_000)))
+            except Exception as e:  # still take the picture: it shows what went wrong
+                print("no plot:", e)
+            page.screenshot(path=str(out / f"{i:02d}.png"), full_page=True)
+            print(out / f"{i:02d}.png", page.url)
+        ctx.close()
