@@ -70,6 +70,26 @@ def check_link_key(view: View, spec) -> bool:
     return False
 
 
+WIDGET_KEYS = ("w_layer", "w_head", "w_lens", "w_token")
+
+
+def navigate(view: View) -> None:
+    """Show another view (e.g. after a click): widgets are re-seeded from it on the next run."""
+    st.session_state.pending_view = view
+    st.rerun()
+
+
+def apply_pending_view() -> None:
+    """Called by the entry point before any widget exists."""
+    view = st.session_state.pop("pending_view", None)
+    if view is None:
+        return
+    st.session_state.view = view
+    st.session_state.w_page, st.session_state.w_text = view.page, view.text
+    for k in WIDGET_KEYS:
+        st.session_state.pop(k, None)
+
+
 def make_spec(cls, **fields):
     """A spec, or None after showing why the fields are not valid."""
     try:

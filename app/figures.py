@@ -96,10 +96,28 @@ def attention_pattern(tokens: list[str], pattern: np.ndarray, layer: int, head: 
                    "query token (attending)", height=max(450, 22 * n + 160))
 
 
+def click_layer(fig: go.Figure, z: np.ndarray, hovertemplate: str) -> go.Figure:
+    """Overlay one nearly invisible square marker per heatmap cell, so a click selects the cell.
+
+    Plotly heatmaps report no single-cell clicks in select mode (plotly.js issue 7685); scatter
+    points do. The markers carry the hover text; the heatmap below draws the colours.
+    """
+    rows, cols = z.shape
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    fig.add_trace(go.Scatter(
+        x=xx.ravel(), y=yy.ravel(), mode="markers", customdata=z.ravel(), hovertemplate=hovertemplate,
+        marker=dict(symbol="square", size=14, opacity=0.01, color="black"), showlegend=False,
+        selected=dict(marker=dict(opacity=0.6, color="red")), unselected=dict(marker=dict(opacity=0.01))))
+    fig.data[0].hoverinfo = "skip"
+    fig.update_layout(clickmode="event+select", dragmode=False)
+    return fig
+
+
 def head_score_heatmap(scores: np.ndarray, title: str) -> go.Figure:
     n_layers, n_heads = scores.shape
     fig = go.Figure(go.Heatmap(
         z=scores, x=list(range(n_heads)), y=list(range(n_layers)), zmin=0, zmax=1, colorscale=SEQUENTIAL,
-        colorbar=dict(title="score"), hovertemplate="layer %{y} head %{x}<br>score %{z:.3f}<extra></extra>"))
+        colorbar=dict(title="score")))
+    click_layer(fig, scores, "layer %{y} head %{x}<br>score %{customdata:.3f}<br>click: open its pattern<extra></extra>")
     fig.update_xaxes(dtick=1)
     return _layout(fig, title, "head", "layer", height=max(420, 16 * n_layers + 140))

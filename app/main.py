@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import streamlit as st  # noqa: E402
 
 from app import views  # noqa: E402
-from app.common import link_of  # noqa: E402
+from app.common import apply_pending_view, link_of  # noqa: E402
 from app.state import DEFAULT_MODEL, PAGES, View, read_view, view_params  # noqa: E402
 from backend.models import offline_model_ids  # noqa: E402
 
@@ -24,6 +24,7 @@ if "view" not in st.session_state:  # first run of this session: the URL is the 
     view, problems = read_view(st.query_params.to_dict())
     st.session_state.view, st.session_state.problems = view, problems
     st.session_state.w_page, st.session_state.w_text = view.page, view.text
+apply_pending_view()
 view: View = st.session_state.view
 for p in st.session_state.problems:
     st.warning(p, icon=":material/link:")

@@ -242,15 +242,13 @@ def _load_offline(model: OfflineModel, progress) -> LoadedModel:
                        bridge, bridge.tokenizer)
 
 
-def _network_up(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+def _network_up(host: str = "huggingface.co") -> bool:
+    """Whether the hub's name resolves: offline machines fail here at once, not after retries."""
     try:
-        socket.setdefaulttimeout(timeout)
         socket.getaddrinfo(host, 443)
         return True
     except OSError:
         return False
-    finally:
-        socket.setdefaulttimeout(None)
 
 
 def _offline_hint() -> str:

@@ -62,7 +62,7 @@ def browser_context(playwright, user_dir: str):
         viewport={"width": 1500, "height": 1100})
 
 
-def wait_for_plots(page, n: int = 1, timeout: float = 180_000) -> None:
+def wait_for_plots(page, n: int = 1, timeout: float = 400_000) -> None:
     page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {n}",
                            timeout=timeout)
     page.wait_for_timeout(800)  # let Plotly finish drawing

@@ -65,35 +65,67 @@ def _figure_data(page) -> str:
         .map(p => p.data.map(t => t.z)))""")
 
 
-def test_shared_link_reopens_the_same_view_from_the_store(tmp_path):
-    """Type a prompt, see the logit lens, open the page's URL in a new browser: same figure, no run."""
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One real dashboard process and one Playwright driver for the browser tests."""
     from playwright.sync_api import sync_playwright
 
-    prompt = "The Eiffel Tower is in the city of"
-    with dashboard({"DASHBOARD_STORE": str(tmp_path / "e2e.duckdb")}) as base, sync_playwright() as p:
-        ctx = browser_context(p, str(tmp_path / "alice"))
-        page = ctx.new_page()
-        page.goto(f"{base}/?page=prompt&model={DEFAULT_MODEL}")
-        wait_for_plots(page)
-        page.locator("textarea").fill(prompt)
-        page.get_by_role("button", name="Run").click()
-        page.wait_for_function(f"document.body.innerText.includes('prompt analysis: computed in') && "
-                               f"[...document.querySelectorAll('.js-plotly-plot')].some(p => "
-                               f"(p.layout.title.text || '').includes('Logit lens') && "
-                               f"JSON.stringify(p.layout.xaxis.ticktext).includes('Tower'))", timeout=180_000)
-        page.wait_for_function("window.location.search.includes('Tower')", timeout=30_000)
-        url = page.url
-        assert parse_qs(urlparse(url).query)["text"] == [prompt]
-        figure = _figure_data(page)
-        ctx.close()
+    store = tmp_path_factory.mktemp("e2e") / "e2e.duckdb"
+    with dashboard({"DASHBOARD_STORE": str(store)}) as base, sync_playwright() as p:
+        yield base, p
 
-        ctx2 = browser_context(p, str(tmp_path / "bob"))
-        page2 = ctx2.new_page()
-        page2.goto(url)
-        wait_for_plots(page2, n=2)
-        page2.wait_for_function("document.body.innerText.includes('prompt analysis: read from the store')",
-                                timeout=60_000)
-        assert "computed in" not in page2.inner_text("body").split("Logit lens shows")[0]
-        assert _figure_data(page2) == figure and json.loads(figure)
-        page2.screenshot(path=str(tmp_path / "reopened.png"), full_page=True)
-        ctx2.close()
+
+def click_cell(page, plot_index: int, x: float, y: float) -> None:
+    """Click the data point (x, y) of the plot_index-th Plotly chart on the page."""
+    px = page.evaluate("""([i, x, y]) => { const gd = document.querySelectorAll('.js-plotly-plot')[i];
+        const fl = gd._fullLayout, r = gd.getBoundingClientRect();
+        return [r.left + fl._size.l + fl.xaxis.l2p(x), r.top + fl._size.t + fl.yaxis.l2p(y)]; }""",
+                       [plot_index, x, y])
+    page.mouse.click(*px)
+
+
+def test_clicking_a_head_opens_its_attention_pattern(server, tmp_path):
+    base, p = server
+    ctx = browser_context(p, str(tmp_path / "carol"))
+    page = ctx.new_page()
+    page.goto(f"{base}/?page=heads&model={DEFAULT_MODEL}")
+    wait_for_plots(page, n=2)
+    click_cell(page, 0, 6, 18)  # induction heatmap, layer 18 head 6
+    page.wait_for_function("window.location.search.includes('page=attention') && "
+                           "window.location.search.includes('layer=18') && window.location.search.includes('head=6')",
+                           timeout=300_000)
+    page.wait_for_function("[...document.querySelectorAll('.js-plotly-plot')].some(p => "
+                           "(p.layout.title.text || '').includes('layer 18 head 6'))", timeout=300_000)
+    ctx.close()
+
+
+def test_shared_link_reopens_the_same_view_from_the_store(server, tmp_path):
+    """Type a prompt, see the logit lens, open the page's URL in a new browser: same figure, no run."""
+    base, p = server
+    prompt = "The Eiffel Tower is in the city of"
+    ctx = browser_context(p, str(tmp_path / "alice"))
+    page = ctx.new_page()
+    page.goto(f"{base}/?page=prompt&model={DEFAULT_MODEL}")
+    wait_for_plots(page)
+    page.locator("textarea").fill(prompt)
+    page.get_by_role("button", name="Run").click()
+    page.wait_for_function(f"document.body.innerText.includes('prompt analysis: computed in') && "
+                           f"[...document.querySelectorAll('.js-plotly-plot')].some(p => "
+                           f"(p.layout.title.text || '').includes('Logit lens') && "
+                           f"JSON.stringify(p.layout.xaxis.ticktext).includes('Tower'))", timeout=400_000)
+    page.wait_for_function("window.location.search.includes('Tower')", timeout=30_000)
+    url = page.url
+    assert parse_qs(urlparse(url).query)["text"] == [prompt]
+    figure = _figure_data(page)
+    ctx.close()
+
+    ctx2 = browser_context(p, str(tmp_path / "bob"))
+    page2 = ctx2.new_page()
+    page2.goto(url)
+    wait_for_plots(page2, n=2)
+    page2.wait_for_function("document.body.innerText.includes('prompt analysis: read from the store')",
+                            timeout=120_000)
+    assert "computed in" not in page2.inner_text("body").split("Logit lens shows")[0]
+    assert _figure_data(page2) == figure and json.loads(figure)
+    page2.screenshot(path=str(tmp_path / "reopened.png"), full_page=True)
+    ctx2.close()

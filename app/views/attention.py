@@ -7,7 +7,7 @@ import streamlit as st
 from backend import AttentionSpec
 
 from .. import figures
-from ..common import check_link_key, fetch, make_spec, model_dims, synced
+from ..common import check_link_key, fetch, make_spec, model_dims, navigate, synced
 from ..state import View
 
 
@@ -25,10 +25,7 @@ def render(view: View) -> View:
         for msg in bad:
             st.error(msg, icon=":material/warning:")
         if st.button("Show layer 0, head 0 instead"):
-            view = view.replace(layer=0, head=0, key="")
-            st.session_state.pop("w_layer", None), st.session_state.pop("w_head", None)
-            st.session_state.view = view
-            st.rerun()
+            navigate(view.replace(layer=0, head=0, key=""))
         return view
     c1, c2 = st.columns(2)
     layer = c1.selectbox("Layer", range(n_layers), key=synced("w_layer", view.layer))

@@ -8,7 +8,7 @@ import streamlit as st
 from backend import HeadScoresSpec
 
 from .. import figures
-from ..common import check_link_key, fetch, make_spec
+from ..common import check_link_key, fetch, make_spec, navigate
 from ..state import View
 
 
@@ -24,9 +24,16 @@ def render(view: View) -> View:
     st.caption(f"Measured on {r.n_seqs} sequences of {r.seq_len} random tokens repeated once. "
                "Induction: attention from a repeated token to the token after its first occurrence. "
                "Previous token: attention to the token just before.")
+    st.caption("Click a head to open its attention pattern on the current prompt.")
     c1, c2 = st.columns(2)
-    c1.plotly_chart(figures.head_score_heatmap(r.induction, "Induction score"), key="induction")
-    c2.plotly_chart(figures.head_score_heatmap(r.prev_token, "Previous-token score"), key="prev")
+    for col, key, scores, title in ((c1, "induction", r.induction, "Induction score"),
+                                    (c2, "prev", r.prev_token, "Previous-token score")):
+        event = col.plotly_chart(figures.head_score_heatmap(scores, title), key=key, on_select="rerun",
+                                 selection_mode="points")
+        points = event.selection.points if event else []
+        if points:
+            layer, head = int(points[0]["y"]), int(points[0]["x"])
+            navigate(view.replace(page="attention", layer=layer, head=head, key=""))
     for col, name, scores in ((c1, "induction", r.induction), (c2, "previous-token", r.prev_token)):
         order = np.argsort(scores, axis=None)[::-1][:5]
         col.markdown(f"**Top {name} heads:** " + ", ".join(
