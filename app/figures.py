@@ -121,3 +121,115 @@ def head_score_heatmap(scores: np.ndarray, title: str) -> go.Figure:
     click_layer(fig, scores, "layer %{y} head %{x}<br>score %{customdata:.3f}<br>click: open its pattern<extra></extra>")
     fig.update_xaxes(dtick=1)
     return _layout(fig, title, "head", "layer", height=max(420, 16 * n_layers + 140))
+
+
+METRIC_LABELS = {"logit_diff_norm": "normalised logit difference (0 = corrupted, 1 = clean)",
+                 "logit_diff": "logit difference (answer − wrong)", "prob": "probability of the answer",
+                 "kl": "KL(clean ‖ patched), nats"}
+
+
+def patching_heatmap(values: np.ndarray, rows: list[int], cols: list, col_title: str, metric: str,
+                     title: str, col_labels: list[str] | None = None) -> go.Figure:
+    """Layer × (position | head) patching result; click a cell to run that patch live.
+
+    Signed metrics get a diverging scale centred at 0; KL and probability a sequential one.
+    """
+    signed = metric in ("logit_diff_norm", "logit_diff")
+    bound = float(np.nanmax(np.abs(values))) if values.size else 1.0
+    fig = go.Figure(go.Heatmap(
+        z=values, x=list(range(len(cols))), y=list(range(len(rows))),
+        colorscale=DIVERGING if signed else SEQUENTIAL, zmid=0 if signed else None,
+        zmin=-bound if signed else 0, zmax=bound if signed else None,
+        colorbar=dict(title=dict(text=METRIC_LABELS.get(metric, metric), side="right"))))
+    labels = col_labels or [str(c) for c in cols]
+    hover = np.array([[f"layer {r} · {col_title} {html.escape(labels[j])}" for j in range(len(cols))] for r in rows])
+    click_layer(fig, values, "%{text}<br>value %{customdata:.3f}<br>click: run this patch<extra></extra>")
+    fig.data[1].text = hover.ravel()
+    fig.update_xaxes(tickmode="array", tickvals=list(range(len(cols))), ticktext=labels, tickangle=-45)
+    fig.update_yaxes(tickmode="array", tickvals=list(range(len(rows))), ticktext=[str(r) for r in rows])
+    return _layout(fig, title, col_title, "layer", height=max(450, 16 * len(rows) + 160))
+
+
+def before_after_bars(top_before: list[dict], top_after: list[dict], answer: str, wrong: str) -> go.Figure:
+    """Top next tokens of the unpatched and the patched run, side by side."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("before the patch", "after the patch"),
+                        horizontal_spacing=0.18)
+    for c, top in enumerate((top_before, top_after), start=1):
+        toks = [fmt_token(t["token"]) for t in top][::-1]
+        probs = [t["prob"] for t in top][::-1]
+        colours = ["#2ca02c" if t["token"] == answer else "#d62728" if t["token"] == wrong else "#4c78a8"
+                   for t in top][::-1]
+        fig.add_trace(go.Bar(x=probs, y=toks, orientation="h", marker_color=colours, showlegend=False,
+                             hovertemplate="%{y}: p = %{x:.4f}<extra></extra>"), row=1, col=c)
+        fig.update_xaxes(title_text="probability", range=[0, 1], row=1, col=c)
+    return _layout(fig, "Top next tokens (green: answer, red: wrong answer)", "", "", height=360)
+
+
+def massive_heatmap(tokens: list[str], pos_max: np.ndarray, median: np.ndarray) -> go.Figure:
+    """Layer × token of the largest |activation| in the residual stream, log colour scale."""
+    n_layers, n_pos = pos_max.shape
+    logz = np.log10(np.maximum(pos_max, 1e-6))
+    ratio = pos_max / np.maximum(median[:, None], 1e-30)
+    labels = np.array([html.escape(fmt_token(t)) for t in tokens])
+    custom = np.stack([np.broadcast_to(labels, pos_max.shape), pos_max.round(1).astype(str),
+                       ratio.round(0).astype(int).astype(str)], axis=-1)
+    ticks = [v for v in range(-1, 6) if logz.min() - 1 <= v <= logz.max() + 1]
+    fig = go.Figure(go.Heatmap(
+        z=logz, x=list(range(n_pos)), y=list(range(n_layers)), colorscale="Inferno", customdata=custom,
+        colorbar=dict(title="max |value|", tickvals=ticks, ticktext=[f"{10.0 ** v:g}" for v in ticks]),
+        hovertemplate="layer %{y} · pos %{x} %{customdata[0]}<br>max |value| %{customdata[1]}"
+                      "<br>× layer median: %{customdata[2]}<extra></extra>"))
+    fig.update_xaxes(**token_ticks(tokens), tickangle=-45)
+    return _layout(fig, "Largest |activation| in the residual stream (after each block), log scale",
+                   "token (position)", "layer", height=max(450, 16 * n_layers + 160))
+
+
+def massive_top3(top_values: np.ndarray, median: np.ndarray, top_dims: np.ndarray, top_pos: np.ndarray,
+                 tokens: list[str]) -> go.Figure:
+    """The paper's plot: top-3 |values| per layer against the layer median (log y)."""
+    layers = list(range(len(median)))
+    fig = go.Figure()
+    for i, colour in zip(range(top_values.shape[1]), ["#d62728", "#ff7f0e", "#bcbd22"]):
+        text = [f"dim {top_dims[l, i]} at pos {top_pos[l, i]} {html.escape(fmt_token(tokens[top_pos[l, i]]))}"
+                f"<br>value {top_values[l, i]:.1f} · {abs(top_values[l, i]) / max(median[l], 1e-30):.0f}× median"
+                for l in layers]
+        fig.add_trace(go.Scatter(x=layers, y=np.abs(top_values[:, i]), mode="lines+markers", name=f"top {i + 1}",
+                                 line=dict(color=colour), text=text,
+                                 hovertemplate="layer %{x}<br>%{text}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=layers, y=median, mode="lines+markers", name="median", line=dict(color="#1f77b4"),
+                             hovertemplate="layer %{x}<br>median |value| %{y:.2f}<extra></extra>"))
+    fig.update_yaxes(type="log")
+    return _layout(fig, "Top-3 |activations| per layer vs the layer median", "layer", "|value| (log)", height=420)
+
+
+def massive_dims(tokens: list[str], dims: np.ndarray, dim_values: np.ndarray, rest_max: np.ndarray,
+                 layer: int) -> go.Figure:
+    """Token × dimension magnitudes at one layer: the few largest dims, then the max of the rest."""
+    z = np.vstack([np.abs(dim_values), rest_max[None, :]])
+    rows = [f"dim {d}" for d in dims] + ["other dims (max)"]
+    logz = np.log10(np.maximum(z, 1e-6))
+    custom = np.array([[f"{rows[r]} · pos {p} {html.escape(fmt_token(tokens[p]))}<br>value "
+                        f"{(dim_values[r, p] if r < len(dims) else rest_max[p]):.2f}"
+                        for p in range(len(tokens))] for r in range(len(rows))])
+    ticks = [v for v in range(-1, 6) if logz.min() - 1 <= v <= logz.max() + 1]
+    fig = go.Figure(go.Heatmap(z=logz, x=list(range(len(tokens))), y=list(range(len(rows))), colorscale="Inferno",
+                               customdata=custom, hovertemplate="%{customdata}<extra></extra>",
+                               colorbar=dict(title="|value|", tickvals=ticks,
+                                             ticktext=[f"{10.0 ** v:g}" for v in ticks])))
+    fig.update_xaxes(**token_ticks(tokens), tickangle=-45)
+    fig.update_yaxes(tickmode="array", tickvals=list(range(len(rows))), ticktext=rows, autorange="reversed")
+    return _layout(fig, f"Layer {layer}: |value| of the largest dimensions at each token", "token (position)",
+                   "dimension", height=max(330, 26 * len(rows) + 160))
+
+
+def sink_heatmap(share: np.ndarray, sink_tokens: str) -> go.Figure:
+    n_layers, n_heads = share.shape
+    fig = go.Figure(go.Heatmap(z=share, x=list(range(n_heads)), y=list(range(n_layers)), zmin=0, zmax=1,
+                               colorscale=SEQUENTIAL, colorbar=dict(title="share"),
+                               hovertemplate="layer %{y} head %{x}<br>attention to massive tokens %{z:.3f}"
+                                             "<extra></extra>"))
+    fig.update_xaxes(dtick=1)
+    return _layout(fig, f"Attention sink: share of attention to {sink_tokens}", "head", "layer",
+                   height=max(420, 16 * n_layers + 140))

@@ -15,9 +15,13 @@ from typing import Mapping
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_TEXT = "When Mary and John went to the store, John gave a drink to"
 
-PAGES = {"prompt": "Prompt & logit lens", "attention": "Attention patterns", "heads": "Head scores"}
+PAGES = {"prompt": "Prompt & logit lens", "attention": "Attention patterns", "heads": "Head scores",
+         "patching": "Activation patching", "massive": "Massive activations"}
+IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"
+IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 LENS_MODES = {"top": "Top token", "token": "Chosen token"}
-INT_FIELDS = ("layer", "head")
+INT_FIELDS = ("layer", "head", "n_pairs", "pos")
+FLOAT_FIELDS = ("abs_thr", "ratio_thr")
 
 
 @dataclass
@@ -29,6 +33,21 @@ class View:
     head: int = 0
     lens: str = "top"
     token: str = ""
+    # activation patching
+    task: str = "custom"
+    n_pairs: int = 8
+    clean: str = IOI_CLEAN
+    corrupt: str = IOI_CORRUPT
+    answer: str = " Mary"
+    wrong: str = " John"
+    site: str = "resid_pre"
+    metric: str = "logit_diff_norm"
+    direction: str = "denoising"
+    pos: int = -1           # position shown for head_out_pos (-1: last)
+    cell: str = ""          # the clicked cell, "layer,pos" or "layer,head"
+    # massive activations
+    abs_thr: float = 100.0
+    ratio_thr: float = 1000.0
     key: str = ""
 
     def replace(self, **kw) -> "View":
@@ -47,6 +66,11 @@ def read_view(params: Mapping[str, str]) -> tuple[View, list[str]]:
                 setattr(view, name, int(raw))
             except ValueError:
                 problems.append(f"The link's {name} {raw!r} is not a whole number; using {getattr(view, name)}.")
+        elif name in FLOAT_FIELDS:
+            try:
+                setattr(view, name, float(raw))
+            except ValueError:
+                problems.append(f"The link's {name} {raw!r} is not a number; using {getattr(view, name)}.")
         else:
             setattr(view, name, raw)
     if view.page not in PAGES:
@@ -61,7 +85,7 @@ def read_view(params: Mapping[str, str]) -> tuple[View, list[str]]:
 def view_params(view: View) -> dict[str, str]:
     """The query parameters of a view (only what the page uses)."""
     p = {"page": view.page, "model": view.model}
-    if view.page in ("prompt", "attention"):
+    if view.page in ("prompt", "attention", "massive"):
         p["text"] = view.text
     if view.page == "prompt":
         p["lens"] = view.lens
@@ -69,6 +93,19 @@ def view_params(view: View) -> dict[str, str]:
             p["token"] = view.token
     if view.page == "attention":
         p["layer"], p["head"] = str(view.layer), str(view.head)
+    if view.page == "massive":
+        p["layer"] = str(view.layer)
+        p["abs_thr"], p["ratio_thr"] = f"{view.abs_thr:g}", f"{view.ratio_thr:g}"
+    if view.page == "patching":
+        p.update(task=view.task, site=view.site, metric=view.metric, direction=view.direction)
+        if view.task == "custom":
+            p.update(clean=view.clean, corrupt=view.corrupt, answer=view.answer, wrong=view.wrong)
+        else:
+            p["n_pairs"] = str(view.n_pairs)
+        if view.site == "head_out_pos":
+            p["pos"] = str(view.pos)
+        if view.cell:
+            p["cell"] = view.cell
     if view.key:
         p["key"] = view.key
     return p

@@ -9,7 +9,10 @@ Usable from a notebook as from the app:
 
 from . import analyses  # noqa: F401  (registers every analysis)
 from .analyses.attention import AttentionSpec
+from .analyses.features import FeaturesSpec
 from .analyses.head_scores import HeadScoresSpec
+from .analyses.massive import MassiveAblationSpec, MassiveSpec
+from .analyses.patching import PatchSpec
 from .analyses.prompt import PromptSpec
 from .analyses.token_lens import TokenLensSpec
 from .errors import DashboardError
@@ -17,4 +20,4 @@ from .runner import lookup, model_info, run
 from .spec import Spec
 
 __all__ = ["run", "lookup", "model_info", "Spec", "PromptSpec", "TokenLensSpec", "AttentionSpec",
-           "HeadScoresSpec", "DashboardError"]
+           "HeadScoresSpec", "DashboardError", "MassiveSpec", "MassiveAblationSpec", "FeaturesSpec"]

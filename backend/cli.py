@@ -9,6 +9,7 @@ Errors print {"error": {"type", "code", "message"}} (json) or a message (text), 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from typing import Any, Callable
@@ -52,9 +53,25 @@ def _run_models(a: argparse.Namespace) -> dict:
             "hub": "any TransformerLens model name or Hugging Face repo id, when online"}
 
 
-SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+# name -> (help, add-arguments, run); the last two are functions or "module:function" strings,
+# imported only when that subcommand runs (so `python -m backend prompt` never imports SAELens).
+SUBCOMMANDS: dict[str, tuple[str, Callable | str, Callable | str]] = {
     "prompt": ("tokens, top next tokens and logit lens of a prompt", _add_prompt, _run_prompt),
     "models": ("models available offline", _add_models, _run_models),
+    "corpus": ("build (from installed packages) or describe the text corpus",
+              "backend.corpus:add_cli_args", "backend.corpus:run_cli"),
+    "train-sae": ("train the SAEs offline (one activation cache, SAELens SAETrainer)",
+                 "backend.train_sae:add_cli_args", "backend.train_sae:run_cli"),
+    "saes": ("SAEs available (shipped) with hook names, widths and quality",
+            "backend.saes:add_cli_args", "backend.saes:run_cli"),
+    "features": ("SAE features of a prompt: top latents per token, reconstruction error",
+                "backend.analyses.features:add_cli_args", "backend.analyses.features:run_cli"),
+    "massive": ("massive activations of a prompt: top |values| per layer vs the median, sinks",
+               "backend.analyses.massive:add_cli_args", "backend.analyses.massive:run_cli"),
+    "massive-ablation": ("zero / mean ablation of the massive activations: LM loss on texts",
+                        "backend.analyses.massive:add_ablation_cli_args", "backend.analyses.massive:run_ablation_cli"),
+    "patch": ("exact activation patching sweep (layers x positions / heads) of a prompt pair",
+             "backend.analyses.patching:add_cli_args", "backend.analyses.patching:run_cli"),
 }
 
 
@@ -76,16 +93,25 @@ def _print_text(d: Any, indent: int = 0) -> None:
             print(f"{pad}{k}: {v!r}")
 
 
+def _resolve(fn: Callable | str) -> Callable:
+    if callable(fn):
+        return fn
+    module, name = fn.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, add, _) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_)
-        add(p)
+        if argv and argv[0] == name:  # only the chosen subcommand's module is imported
+            _resolve(add)(p)
         p.add_argument("--format", choices=["json", "text"], default="text")
     a = parser.parse_args(argv)
     try:
-        payload = SUBCOMMANDS[a.command][2](a)
+        payload = _resolve(SUBCOMMANDS[a.command][2])(a)
     except DashboardError as e:
         if a.format == "json":
             print(json.dumps({"error": e.to_dict()}))

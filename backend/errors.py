@@ -56,3 +56,49 @@ class StoreCorrupted(StoreError):
 
 class StoreLocked(StoreError):
     code = "store_locked"
+
+
+class NoMassiveActivations(DashboardError):
+    """No activation meets the massive-activation criterion where one is needed."""
+
+    code = "no_massive"
+
+
+class PromptLengthMismatch(DashboardError):
+    """Patching pairs a clean and a corrupted prompt of different token lengths."""
+
+    code = "prompt_length_mismatch"
+
+
+class NotSingleToken(DashboardError):
+    """An answer or wrong answer that is not exactly one token."""
+
+    code = "not_single_token"
+
+
+class IdenticalAnswers(DashboardError):
+    """The answer and the wrong answer are the same token."""
+
+    code = "identical_answers"
+
+
+class EmptyDataset(DashboardError):
+    """A patching task with no prompt pair."""
+
+    code = "empty_dataset"
+
+
+class UnknownSAE(DashboardError):
+    """An SAE id that is neither shipped, a folder on disk, nor a SAELens release."""
+
+    code = "unknown_sae"
+
+
+class SAEUnavailableOffline(DashboardError):
+    code = "sae_offline"
+
+
+class SAEMismatch(DashboardError):
+    """An SAE used with a model or hook it was not trained for."""
+
+    code = "sae_mismatch"

@@ -22,7 +22,7 @@ def _app(**params) -> AppTest:
     return at
 
 
-@pytest.mark.parametrize("page", ["prompt", "attention", "heads"])
+@pytest.mark.parametrize("page", ["prompt", "attention", "heads", "patching", "massive"])
 def test_every_page_runs_without_exception(page, model):
     at = _app(page=page, model=DEFAULT_MODEL, text="The capital of France is", layer=2, head=1)
     assert not at.exception, at.exception
@@ -46,6 +46,14 @@ def _errors(at: AppTest) -> str:
     ({"page": "nowhere"}, "unknown page"),
     ({"page": "prompt", "text": "Edited text", "key": "prompt-00000000000000000000"}, "link was altered"),
     ({"page": "prompt", "lens": "token", "token": " Paris is lovely"}, "not a single token"),
+    ({"page": "patching", "corrupt": "When Mary and John went to the big store, Mary gave a drink to"},
+     "token"),
+    ({"page": "patching", "answer": " Maryanne Smith"}, "exactly one token"),
+    ({"page": "patching", "wrong": " Mary"}, "differ"),
+    ({"page": "patching", "site": "resid_sideways"}, "site"),
+    ({"page": "patching", "cell": "99,99"}, "not a cell"),
+    ({"page": "massive", "abs_thr": "-5"}, "threshold"),
+    ({"page": "massive", "text": ""}, "prompt is empty"),
 ])
 def test_bad_links_give_clear_messages_and_store_nothing(params, expected, model):
     from backend.store import default_store
@@ -54,7 +62,8 @@ def test_bad_links_give_clear_messages_and_store_nothing(params, expected, model
     at = _app(**params)
     assert not at.exception, at.exception
     assert expected.lower() in _errors(at).lower()
-    falls_back = params.get("page") == "nowhere" or params.get("layer") == "three"  # warned, then shown
+    # warned, then shown (a valid sweep is stored even when the link's clicked cell is not in it)
+    falls_back = params.get("page") == "nowhere" or params.get("layer") == "three" or "cell" in params
     if not falls_back and "lens" not in params:
         assert default_store().count_runs() == before
 
@@ -129,3 +138,22 @@ def test_shared_link_reopens_the_same_view_from_the_store(server, tmp_path):
     assert _figure_data(page2) == figure and json.loads(figure)
     page2.screenshot(path=str(tmp_path / "reopened.png"), full_page=True)
     ctx2.close()
+
+
+def test_click_to_patch_runs_the_clicked_patch(server, tmp_path):
+    """Click a cell of the patching heatmap: that patch runs and its result equals the sweep's cell."""
+    base, p = server
+    ctx = browser_context(p, str(tmp_path / "dave"))
+    page = ctx.new_page()
+    page.goto(f"{base}/?page=patching&model={DEFAULT_MODEL}")
+    page.wait_for_function("[...document.querySelectorAll('.js-plotly-plot')].some(p => "
+                           "(p.layout.title.text || '').includes('resid_pre'))", timeout=400_000)
+    page.wait_for_timeout(1000)
+    click_cell(page, 0, 9, 10)  # resid_pre at layer 10, position 9 (the second name)
+    page.wait_for_function("document.body.innerText.includes('Patch at layer 10, pos 9')", timeout=120_000)
+    page.wait_for_function("window.location.search.includes('cell=10%2C9') || "
+                           "window.location.search.includes('cell=10,9')", timeout=30_000)
+    values = page.eval_on_selector_all("[data-testid='stMetricValue']", "els => els.map(e => e.innerText)")
+    before, after, stored = (float(v) for v in values[:3])
+    assert after == pytest.approx(stored, abs=2e-3) and after > 0.5 and before == pytest.approx(0.0, abs=1e-3)
+    ctx.close()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ..state import View
-from . import attention, heads, prompt
+from . import attention, heads, massive, patching, prompt
 
-PAGE_MODULES = {"prompt": prompt, "attention": attention, "heads": heads}
+PAGE_MODULES = {"prompt": prompt, "attention": attention, "heads": heads, "patching": patching,
+                "massive": massive}
 
 
 def render(view: View) -> View:

@@ -1,0 +1,136 @@
+"""Activation patching page: a sweep heatmap; click a cell and that one patch runs live."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from backend.analyses.patching import DIRECTIONS, METRICS, SITE_AXES, SITES, PatchSpec, intervene
+from backend.errors import DashboardError
+
+from .. import figures
+from ..common import check_link_key, fetch, navigate
+from ..state import View
+
+TASKS = {"custom": "your own pair", "ioi": "IOI (names)", "induction": "induction (repeated tokens)",
+         "facts": "factual recall"}
+SITE_LABELS = {"resid_pre": "residual stream (resid_pre)", "attn_out": "attention output",
+               "mlp_out": "MLP output", "head_out": "each head's output (all positions)",
+               "head_out_pos": "each head's output, by position"}
+
+
+def _form(view: View) -> View:
+    with st.form("patch_form"):
+        c1, c2, c3, c4 = st.columns(4)
+        task = c1.selectbox("Task", list(TASKS), format_func=TASKS.get, index=list(TASKS).index(view.task)
+                            if view.task in TASKS else 0)
+        site = c2.selectbox("Site", SITES, format_func=SITE_LABELS.get,
+                            index=SITES.index(view.site) if view.site in SITES else 0)
+        metric = c3.selectbox("Metric", METRICS, format_func=lambda m: figures.METRIC_LABELS[m].split(" (")[0],
+                              index=METRICS.index(view.metric) if view.metric in METRICS else 0)
+        direction = c4.selectbox("Direction", DIRECTIONS, index=DIRECTIONS.index(view.direction)
+                                 if view.direction in DIRECTIONS else 0,
+                                 help="denoising: clean activation into the corrupted run; "
+                                      "noising: corrupted activation into the clean run")
+        c1, c2 = st.columns(2)
+        clean = c1.text_input("Clean prompt", view.clean)
+        corrupt = c2.text_input("Corrupted prompt (same number of tokens)", view.corrupt)
+        c1, c2, c3 = st.columns([1, 1, 2])
+        answer = c1.text_input("Answer (one token)", view.answer)
+        wrong = c2.text_input("Wrong answer (one token)", view.wrong)
+        n_pairs = c3.number_input("Pairs for a built-in task (averaged)", 1, 64, view.n_pairs)
+        if st.form_submit_button("Run sweep", type="primary"):
+            return view.replace(task=task, site=site, metric=metric, direction=direction, clean=clean,
+                                corrupt=corrupt, answer=answer, wrong=wrong, n_pairs=int(n_pairs), cell="",
+                                key="")
+    return view
+
+
+def _spec(view: View) -> PatchSpec:
+    kw = dict(site=view.site, metric=view.metric, direction=view.direction)
+    if view.task == "custom":
+        return PatchSpec(model=view.model, clean=view.clean, corrupt=view.corrupt, answer=view.answer,
+                         wrong=view.wrong, **kw)
+    from backend.models import load_model
+    from backend.tasks import generate
+
+    return PatchSpec.from_pairs(view.model, generate(load_model(view.model), view.task, n=view.n_pairs), **kw)
+
+
+def render(view: View) -> View:
+    st.header("Activation patching")
+    st.caption("Patch one activation from one run into the other and measure how much of the clean "
+               "behaviour comes back. Click a cell of the heatmap to run that patch live.")
+    new = _form(view)
+    if new != view:
+        navigate(new)
+    try:
+        spec = _spec(view)
+    except DashboardError as e:
+        st.error(str(e), icon=":material/warning:")
+        return view
+    if not check_link_key(view, spec):
+        return view
+    out = fetch(spec, f"{view.site} patching sweep")
+    if out is None:
+        return view
+    view = view.replace(key=out.run_key)
+    r = out.result
+    st.markdown(f"**{r.n_pairs} pair(s)** · clean metric {r.clean_metric:.3f} · corrupted {r.corrupt_metric:.3f}"
+                f" · logit difference clean {r.clean_logit_diff:.2f}, corrupted {r.corrupt_logit_diff:.2f}")
+    axes = SITE_AXES[view.site]
+    values = r.values
+    pos = None
+    if axes == ("layer", "pos", "head"):
+        n = len(r.positions)
+        pos = view.pos if -n <= view.pos < n else -1
+        pos = st.select_slider("Position", options=list(range(n)), value=pos % n,
+                               format_func=lambda i: f"{i}: {figures.fmt_token(r.clean_tokens[i])}")
+        view = view.replace(pos=pos)
+        values = values[:, pos, :]
+    if axes[1] == "pos" and len(axes) == 2:
+        cols, col_title, labels = r.positions, "position", [figures.fmt_token(t) for t in r.clean_tokens]
+    else:
+        cols, col_title, labels = r.heads, "head", None
+    title = f"{SITE_LABELS[view.site]}: {view.direction}, {view.metric}"
+    event = st.plotly_chart(figures.patching_heatmap(values, r.layers, cols, col_title, view.metric, title, labels),
+                            key=f"sweep-{out.run_key}", on_select="rerun", selection_mode="points")
+    points = event.selection.points if event else []
+    if points:
+        cell = f"{int(points[0]['y'])},{int(points[0]['x'])}"
+        if cell != view.cell:
+            view = view.replace(cell=cell)
+    if view.cell:
+        view = _intervention(view, spec, r, values, axes, pos)
+    return view
+
+
+def _intervention(view: View, spec: PatchSpec, r, values, axes, pos) -> View:
+    try:
+        layer, other = (int(x) for x in view.cell.split(","))
+        sweep_value = float(values[layer, other])
+    except (ValueError, IndexError):
+        st.error(f"The link's cell {view.cell!r} is not a cell of this heatmap.", icon=":material/warning:")
+        return view.replace(cell="")
+    where = dict(layer=layer)
+    if axes == ("layer", "pos"):
+        where["pos"] = other
+    elif axes == ("layer", "head"):
+        where["head"] = other
+    else:
+        where.update(pos=pos, head=other)
+    try:
+        iv = intervene(spec, **where)
+    except DashboardError as e:
+        st.error(str(e), icon=":material/warning:")
+        return view
+    label = ", ".join(f"{k} {v}" for k, v in where.items())
+    st.subheader(f"Patch at {label}")
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("metric before", f"{iv.before:.3f}")
+    c2.metric("metric after", f"{iv.after:.3f}", delta=f"{iv.after - iv.before:+.3f}")
+    c3.metric("stored sweep value", f"{sweep_value:.3f}",
+              help="the value of this cell in the sweep (averaged over pairs when there are several)")
+    c4.metric("round trip", f"{iv.seconds * 1000:.0f} ms")
+    st.plotly_chart(figures.before_after_bars(iv.top_before, iv.top_after, spec.answer, spec.wrong),
+                    key="before_after")
+    return view

@@ -1,0 +1,296 @@
+"""Activation patching: which activations carry the answer (Zhang & Nanda 2023; Heimersheim & Nanda 2024).
+
+A PatchSpec names a task (one clean/corrupted pair with an answer and a wrong answer, or a
+small dataset of such pairs), a site (resid_pre, attn_out, mlp_out by layer x position;
+head_out by layer x head; head_out_pos by layer x position x head), a metric and a direction:
+
+- denoising: the clean activation is patched into the corrupted run (what suffices?);
+- noising: the corrupted activation is patched into the clean run (what is necessary?).
+
+Metrics, at the last position:
+- logit_diff: logit(answer) - logit(wrong);
+- logit_diff_norm: (LD - LD_corrupted) / (LD_clean - LD_corrupted): 0 = corrupted, 1 = clean;
+- prob: probability of the answer;
+- kl: KL(clean || patched) of the next-token distribution, in nats.
+Over a dataset the raw metric is averaged over pairs (normalisation uses the averaged baselines).
+
+Sweeps run in kernels.patching: the fast exact sweep for Llama-style models, the hooked
+reference otherwise. `intervene` runs one patch live (click-to-patch).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import EmptyDataset, InvalidSite, InvalidSpec
+from ..models import LoadedModel, load_model
+from ..runner import analysis
+from ..spec import Result, Spec
+from ..tasks import EncodedPair, PromptPair, encode_pairs
+
+SITES = ("resid_pre", "attn_out", "mlp_out", "head_out", "head_out_pos")   # = kernels.patching.SITES
+SITE_AXES = {"resid_pre": ("layer", "pos"), "attn_out": ("layer", "pos"), "mlp_out": ("layer", "pos"),
+             "head_out": ("layer", "head"), "head_out_pos": ("layer", "pos", "head")}
+METRICS = ("logit_diff_norm", "logit_diff", "prob", "kl")
+DIRECTIONS = ("denoising", "noising")
+
+
+def _check_choice(value, allowed, what, err=InvalidSpec):
+    if value not in allowed:
+        raise err(f"Unknown {what} {value!r}; known: {', '.join(allowed)}.")
+
+
+@dataclass(frozen=True)
+class PatchSpec(Spec):
+    KIND = "patch"
+    clean: str = ""
+    corrupt: str = ""
+    answer: str = ""
+    wrong: str = ""
+    site: str = "resid_pre"
+    metric: str = "logit_diff_norm"
+    direction: str = "denoising"
+    dataset: tuple = ()          # more pairs: ((clean, corrupt, answer, wrong), ...), averaged
+
+    def validate(self):
+        _check_choice(self.site, SITES, "patching site", InvalidSite)
+        _check_choice(self.metric, METRICS, "metric")
+        _check_choice(self.direction, DIRECTIONS, "direction")
+        if not isinstance(self.dataset, tuple) or any(
+                not isinstance(p, tuple) or len(p) != 4 or not all(isinstance(x, str) for x in p)
+                for p in self.dataset):
+            raise InvalidSpec("dataset must be a list of [clean, corrupt, answer, wrong] string lists.")
+        if not self.pairs():
+            raise EmptyDataset("The task has no prompt pair: give a clean and a corrupted prompt, "
+                               "or a dataset of pairs.")
+
+    def pairs(self) -> list[PromptPair]:
+        first = [PromptPair(self.clean, self.corrupt, self.answer, self.wrong)] \
+            if (self.clean or self.corrupt or self.answer or self.wrong) else []
+        return first + [PromptPair(*p) for p in self.dataset]
+
+    @classmethod
+    def from_pairs(cls, model: str, pairs, **kw) -> "PatchSpec":
+        """A spec over a dataset (e.g. from backend.tasks.generate)."""
+        rows = tuple(p.as_tuple() if isinstance(p, PromptPair) else tuple(p) for p in pairs)
+        if not rows:
+            raise EmptyDataset("The task has no prompt pair.")
+        c, k, a, w = rows[0]
+        return cls(model=model, clean=c, corrupt=k, answer=a, wrong=w, dataset=rows[1:], **kw)
+
+
+@dataclass(frozen=True)
+class PatchResult(Result):
+    site: str
+    metric: str
+    direction: str
+    axes: list[str]              # names of the axes of values, e.g. ["layer", "pos"]
+    layers: list[int]
+    positions: list[int]         # [] for head_out
+    heads: list[int]             # [] for the layer x position sites
+    values: np.ndarray           # [layer pos] | [layer head] | [layer pos head], float32
+    clean_tokens: list[str]      # the first pair's prompts, as tokens
+    corrupt_tokens: list[str]
+    clean_metric: float          # the metric of the unpatched runs (averaged over pairs)
+    corrupt_metric: float
+    clean_logit_diff: float
+    corrupt_logit_diff: float
+    n_pairs: int
+    method: str                  # "fast" or "reference"
+
+
+def _metrics(model: LoadedModel, fm, e: EncodedPair, metric: str):
+    """The kernel metric for one pair (raw: logit diff, prob or KL to the clean run)."""
+    import torch
+    from kernels import patching as kp
+
+    if metric in ("logit_diff", "logit_diff_norm"):
+        return kp.LogitDiff(e.answer_id, e.wrong_id)
+    if metric == "prob":
+        return kp.AnswerProb(e.answer_id)
+    if fm is not None:
+        clean_logits = kp.base_logits(fm, e.clean_ids)
+    else:
+        with torch.inference_mode():
+            clean_logits = model.bridge(model.tensor(e.clean_ids))[0, -1]
+    return kp.KLFromClean(clean_logits.float().log_softmax(-1))
+
+
+def _run_pair(model: LoadedModel, fm, e: EncodedPair, spec: PatchSpec):
+    """(values tensor, clean metric, corrupt metric, clean LD, corrupt LD) of one pair."""
+    from kernels import patching as kp
+
+    base, src = ((e.corrupt_ids, e.clean_ids) if spec.direction == "denoising"
+                 else (e.clean_ids, e.corrupt_ids))
+    metric = _metrics(model, fm, e, spec.metric)
+    ld = kp.LogitDiff(e.answer_id, e.wrong_id)
+    if fm is not None:
+        out = kp.sweep(fm, base, src, spec.site, metric)
+        lds = kp.sweep_baselines(fm, base, src, ld)
+    else:
+        info = model.info
+        out = kp.reference_sweep(model.bridge, base, src, spec.site, metric, info.n_layers, info.n_heads)
+        lds = kp.reference_sweep(model.bridge, base, src, spec.site, ld, info.n_layers, info.n_heads,
+                                 cell_list=[])
+        lds = (lds.base, lds.source)
+    if spec.direction == "denoising":   # base = corrupted
+        return out.values, out.source, out.base, lds[1], lds[0]
+    return out.values, out.base, out.source, lds[0], lds[1]
+
+
+@analysis(PatchSpec, PatchResult)
+def compute(spec: PatchSpec, model: LoadedModel, progress=None) -> PatchResult:
+    from kernels import patching as kp
+
+    encoded = encode_pairs(model, spec.pairs())
+    fm = kp.fast_model(model.bridge)
+    info = model.info
+    total, clean_m, corrupt_m, clean_ld, corrupt_ld = 0.0, 0.0, 0.0, 0.0, 0.0
+    with model.lock:
+        for i, e in enumerate(encoded):
+            if progress and len(encoded) > 1:
+                progress(f"Patching pair {i + 1} of {len(encoded)}…")
+            v, cm, km, cl, kl = _run_pair(model, fm, e, spec)
+            total = total + v.double()
+            clean_m, corrupt_m, clean_ld, corrupt_ld = clean_m + cm, corrupt_m + km, clean_ld + cl, corrupt_ld + kl
+    n = len(encoded)
+    values = (total / n).cpu().numpy()
+    clean_m, corrupt_m, clean_ld, corrupt_ld = clean_m / n, corrupt_m / n, clean_ld / n, corrupt_ld / n
+    if spec.metric == "logit_diff_norm":
+        gap = clean_m - corrupt_m
+        if abs(gap) < 1e-6:
+            raise InvalidSpec("The clean and corrupted prompts give the same logit difference "
+                              f"({clean_m:.4f}), so the normalised logit difference is undefined: "
+                              "pick another metric or a corruption that changes the answer.")
+        values = (values - corrupt_m) / gap
+    T = len(encoded[0].clean_ids)
+    axes = list(SITE_AXES[spec.site])
+    return PatchResult(
+        site=spec.site, metric=spec.metric, direction=spec.direction, axes=axes,
+        layers=list(range(info.n_layers)), positions=list(range(T)) if "pos" in axes else [],
+        heads=list(range(info.n_heads)) if "head" in axes else [],
+        values=values.astype(np.float32),
+        clean_tokens=model.str_tokens(encoded[0].clean_ids),
+        corrupt_tokens=model.str_tokens(encoded[0].corrupt_ids),
+        clean_metric=float(1.0 if spec.metric == "logit_diff_norm" else clean_m),
+        corrupt_metric=float(0.0 if spec.metric == "logit_diff_norm" else corrupt_m),
+        clean_logit_diff=float(clean_ld), corrupt_logit_diff=float(corrupt_ld),
+        n_pairs=n, method="fast" if fm is not None else "reference")
+
+
+# ---------------------------------------------------------------------------------------
+# Click-to-patch: one intervention, live
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Intervention:
+    site: str
+    cell: dict                   # {"layer": 12, "pos": 9} or {"layer": 23, "head": 3} ...
+    direction: str
+    metric: str
+    before: float                # the metric of the unpatched base run (first pair)
+    after: float                 # the metric of the patched run
+    top_before: list[dict]       # [{"token", "token_id", "prob"}] of the base run
+    top_after: list[dict]        # same, patched run
+    seconds: float
+
+
+def _top(model: LoadedModel, logits, k: int) -> list[dict]:
+    p = logits.float().softmax(-1).topk(k)
+    return [{"token": t, "token_id": int(i), "prob": float(v)}
+            for t, i, v in zip(model.str_tokens(p.indices.tolist()), p.indices.tolist(), p.values.tolist())]
+
+
+def intervene(spec: PatchSpec, layer: int, pos: int | None = None, head: int | None = None,
+              top_k: int = 10, model: LoadedModel | None = None) -> Intervention:
+    """Run one patch of spec.site at (layer, pos/head) on the first pair of the spec.
+
+    `before`/`after` use spec.metric (normalised against the first pair's baselines);
+    the top next tokens are the base run's and the patched run's. Nothing is stored.
+    """
+    import torch
+    from kernels import patching as kp
+
+    t0 = time.perf_counter()
+    model = model or load_model(spec.model)
+    info = model.info
+    e = encode_pairs(model, spec.pairs()[:1])[0]
+    T = len(e.clean_ids)
+    coords = {"layer": layer, "pos": pos, "head": head}
+    axes = SITE_AXES[spec.site]
+    limits = {"layer": info.n_layers, "pos": T, "head": info.n_heads}
+    for a in axes:
+        v = coords[a]
+        if not isinstance(v, int) or not 0 <= v < limits[a]:
+            raise InvalidSite(f"Site {spec.site} needs {a} in 0–{limits[a] - 1}, got {v!r}.")
+    cell = tuple(coords[a] for a in axes)
+    base, src = ((e.corrupt_ids, e.clean_ids) if spec.direction == "denoising"
+                 else (e.clean_ids, e.corrupt_ids))
+    with model.lock:
+        fm = kp.fast_model(model.bridge)
+        metric = _metrics(model, fm, e, spec.metric)
+        if fm is not None:
+            after_logits = kp.patch_logits(fm, base, src, spec.site, cell)
+            base_l, src_l = kp.base_logits(fm, base), kp.base_logits(fm, src)
+        else:
+            base_l, src_l, outs = kp.reference_logits(model.bridge, base, src, spec.site, [cell])
+            after_logits = outs[0]
+    with torch.inference_mode():
+        vals = metric.from_logits(torch.stack([base_l, src_l, after_logits])).tolist()
+    before, source, after = vals
+    if spec.metric == "logit_diff_norm":
+        clean_v, corrupt_v = (source, before) if spec.direction == "denoising" else (before, source)
+        gap = clean_v - corrupt_v
+        before, after = ((before - corrupt_v) / gap, (after - corrupt_v) / gap) if abs(gap) > 1e-6 \
+            else (float("nan"), float("nan"))
+    return Intervention(site=spec.site, cell={a: coords[a] for a in axes}, direction=spec.direction,
+                        metric=spec.metric, before=float(before), after=float(after),
+                        top_before=_top(model, base_l, top_k), top_after=_top(model, after_logits, top_k),
+                        seconds=time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line: python -m backend patch ...
+# ---------------------------------------------------------------------------------------
+def add_cli_args(p) -> None:
+    from ..models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--clean", default="", help="clean prompt")
+    p.add_argument("--corrupt", default="", help="corrupted prompt (same token length)")
+    p.add_argument("--answer", default="", help="the clean answer, one token, e.g. ' Mary'")
+    p.add_argument("--wrong", default="", help="the wrong answer, one token, e.g. ' John'")
+    p.add_argument("--task", choices=["ioi", "induction", "facts"], default=None,
+                   help="generate a dataset of pairs instead of --clean/--corrupt")
+    p.add_argument("--n-pairs", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--site", default="resid_pre", help="one of " + ", ".join(SITES))
+    p.add_argument("--metric", default="logit_diff_norm", help="one of " + ", ".join(METRICS))
+    p.add_argument("--direction", default="denoising", help="one of " + ", ".join(DIRECTIONS))
+
+
+def run_cli(a) -> dict:
+    import sys
+
+    from ..runner import run
+
+    kw = dict(site=a.site, metric=a.metric, direction=a.direction)
+    if a.task:
+        from ..tasks import generate
+
+        spec = PatchSpec.from_pairs(a.model, generate(load_model(a.model), a.task, n=a.n_pairs, seed=a.seed), **kw)
+    else:
+        spec = PatchSpec(model=a.model, clean=a.clean, corrupt=a.corrupt, answer=a.answer, wrong=a.wrong, **kw)
+    out = run(spec, progress=lambda m: print(m, file=sys.stderr))
+    r = out.result
+    return {"run_key": out.run_key, "from_store": out.from_store,
+            "compute_seconds": round(out.compute_seconds, 4), "read_seconds": round(out.read_seconds, 4),
+            "model": spec.model, "site": r.site, "metric": r.metric, "direction": r.direction,
+            "axes": r.axes, "layers": r.layers, "positions": r.positions, "heads": r.heads,
+            "values": np.round(r.values.astype(np.float64), 6).tolist(),
+            "clean_tokens": r.clean_tokens, "corrupt_tokens": r.corrupt_tokens,
+            "clean_metric": r.clean_metric, "corrupt_metric": r.corrupt_metric,
+            "clean_logit_diff": r.clean_logit_diff, "corrupt_logit_diff": r.corrupt_logit_diff,
+            "n_pairs": r.n_pairs, "method": r.method}

@@ -1,0 +1,1 @@
+"""Hot loops beside their reference implementations, tested equal."""

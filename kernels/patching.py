@@ -1,0 +1,515 @@
+"""Exact activation patching: a plain reference and a fast batched sweep, tested equal.
+
+Activation patching runs a model on a *base* prompt while one activation (a residual
+stream vector, an attention or MLP output, one head's output) is replaced by its value on a
+*source* prompt, and measures how the answer changes. Denoising patches the clean
+activation into the corrupted run; noising patches the corrupted one into the clean run.
+
+`reference_sweep` does exactly that: one hooked forward of the TransformerBridge per patch.
+`sweep` gives the same numbers (float32 rounding apart) many times faster, using what a
+patch leaves unchanged:
+
+1. A patch at layer k and position p changes nothing before layer k, and (attention is
+   causal) nothing at positions before p. So each patched run starts at layer k from the
+   base run's cached residual stream, carries only the rows of positions >= p, and reads
+   the keys and values of positions < p from the base run's cache.
+2. All patches go through the layers in one pass: at layer k the patches that start there
+   join the batch, so every weight matrix is read once per layer and the matmuls are tall.
+3. The metric needs only the last position: the final norm there, then a dot with
+   W_U[answer] - W_U[wrong] for a logit difference; full logits only for probabilities/KL.
+4. Where the source activation is bitwise equal to the base one (torch.equal), the patch
+   is the identity and its value is the base metric, exactly.
+
+The fast path implements the Llama block (RMSNorm, rotary attention with grouped-query
+heads, SwiGLU MLP) from the bridge's own weights; SmolLM2 has 9 query heads sharing 3
+key/value heads (query head h reads kv head h // 3). Other architectures use the reference.
+
+Sites (`SITES`): resid_pre, attn_out, mlp_out by [layer pos]; head_out (every head's
+attention output, hook_z, at all positions) by [layer head]; head_out_pos by [layer pos head].
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from backend.sites import Component, Site, hook_name
+
+SITES = ("resid_pre", "attn_out", "mlp_out", "head_out", "head_out_pos")
+SITE_AXES = {"resid_pre": ("layer", "pos"), "attn_out": ("layer", "pos"), "mlp_out": ("layer", "pos"),
+             "head_out": ("layer", "head"), "head_out_pos": ("layer", "pos", "head")}
+SITE_COMPONENT = {"resid_pre": Component.RESID_PRE, "attn_out": Component.ATTN_OUT,
+                  "mlp_out": Component.MLP_OUT, "head_out": Component.Z, "head_out_pos": Component.Z}
+FAST_ARCHITECTURES = ("llama",)
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics: functions of the last position only
+# ---------------------------------------------------------------------------------------
+class Metric:
+    """A number per run from the last position: `from_logits` [B d_vocab] -> [B]."""
+
+    def from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def from_resid(self, fm: "FastModel", resid: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """[B d_model] final residual (before the final norm) -> [B]."""
+        return torch.cat([self.from_logits(fm.logits(resid[i:i + chunk]))
+                          for i in range(0, resid.shape[0], chunk)])
+
+
+@dataclass
+class LogitDiff(Metric):
+    answer: int
+    wrong: int
+
+    def from_logits(self, logits):
+        return logits[:, self.answer] - logits[:, self.wrong]
+
+    def from_resid(self, fm, resid, chunk=256):
+        w = fm.W_U[self.answer] - fm.W_U[self.wrong]                         # [d_model]
+        b = (fm.b_U[self.answer] - fm.b_U[self.wrong]) if fm.b_U is not None else 0.0
+        return fm.final_norm(resid) @ w + b
+
+
+@dataclass
+class AnswerProb(Metric):
+    answer: int
+
+    def from_logits(self, logits):
+        return logits.float().softmax(-1)[:, self.answer]
+
+
+@dataclass
+class KLFromClean(Metric):
+    """KL(clean || run) of the next-token distributions, in nats."""
+
+    clean_logprobs: torch.Tensor   # [d_vocab]
+
+    def from_logits(self, logits):
+        lp = logits.float().log_softmax(-1)
+        return (self.clean_logprobs.exp() * (self.clean_logprobs - lp)).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------
+# The Llama block, from the bridge's weights
+# ---------------------------------------------------------------------------------------
+def _w(linear) -> torch.Tensor:
+    return linear.original_component.weight
+
+
+def _b(linear):
+    return getattr(linear.original_component, "bias", None)
+
+
+class FastModel:
+    """The weights of a Llama-style model, read from a TransformerBridge, and its block math."""
+
+    def __init__(self, bridge):
+        cfg = bridge.original_model.config
+        if cfg.model_type not in FAST_ARCHITECTURES:
+            raise NotImplementedError(f"no fast patching path for {cfg.model_type!r}")
+        self.bridge = bridge
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads or self.n_heads
+        self.d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.scale = self.d_head ** -0.5
+        self.layers = []
+        for blk in bridge.blocks:
+            a, m = blk.attn, blk.mlp
+            self.layers.append(dict(
+                ln1=blk.ln1.original_component.weight, eps1=blk.ln1.original_component.variance_epsilon,
+                wq=_w(a.q), bq=_b(a.q), wk=_w(a.k), bk=_b(a.k), wv=_w(a.v), bv=_b(a.v),
+                wo=_w(a.o), bo=_b(a.o),
+                ln2=blk.ln2.original_component.weight, eps2=blk.ln2.original_component.variance_epsilon,
+                wg=_w(m.gate), wu=_w(getattr(m, "in")), wd=_w(m.out),
+            ))
+        lnf = bridge.ln_final.original_component
+        self.ln_f, self.eps_f = lnf.weight, lnf.variance_epsilon
+        self.W_U = bridge.unembed.original_component.weight               # [d_vocab d_model]
+        self.b_U = getattr(bridge.unembed.original_component, "bias", None)
+        self._rope: dict = {}   # rotary cos/sin and causal masks by length
+
+    # -- pieces ------------------------------------------------------------------------
+    @staticmethod
+    def _rms(x, w, eps):
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    @staticmethod
+    def _lin(x, w, b=None):
+        return torch.nn.functional.linear(x, w, b)
+
+    def final_norm(self, x):
+        return self._rms(x, self.ln_f, self.eps_f)
+
+    def logits(self, x):
+        return self._lin(self.final_norm(x), self.W_U, self.b_U)
+
+    def rope(self, T: int):
+        """cos, sin [T d_head] of positions 0..T-1, from the model's own rotary module."""
+        if T not in self._rope:
+            x = self.W_U[:1].unsqueeze(0)
+            pos = torch.arange(T, device=x.device).unsqueeze(0)
+            cos, sin = self.bridge.rotary_emb.original_component(x, pos)
+            self._rope[T] = (cos[0], sin[0])
+        return self._rope[T]
+
+    def causal_mask(self, T: int) -> torch.Tensor:
+        if ("mask", T) not in self._rope:
+            self._rope[("mask", T)] = torch.full((T, T), float("-inf"), device=self.W_U.device).triu(1)
+        return self._rope[("mask", T)]
+
+    @staticmethod
+    def _rotate(x, cos, sin):                                 # x [N heads d_head], cos [N d_head]
+        half = x.shape[-1] // 2
+        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos.unsqueeze(1) + rot * sin.unsqueeze(1)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.bridge.embed.original_component(ids)
+
+    def o_proj(self, j: int, z: torch.Tensor) -> torch.Tensor:   # z [N head d_head] -> [N d_model]
+        L = self.layers[j]
+        return self._lin(z.reshape(z.shape[0], -1), L["wo"], L["bo"])
+
+    def attn(self, j, x, rb, rt, n_runs, K_base, V_base, T, last_only=False):
+        """Attention of block j for packed rows.
+
+        x [N d_model]: rows of `n_runs` runs; row i is run rb[i] at position rt[i]. Keys
+        and values of the positions a run does not carry come from K_base/V_base
+        [kv_head T d_head] (the base run's, post-rotary). Returns (resid_mid rows, z rows,
+        attn_out rows, k rows, v rows); with last_only, only rows at position T-1 are kept
+        after the keys and values are formed.
+        """
+        L, H, KV, D = self.layers[j], self.n_heads, self.n_kv, self.d_head
+        N = x.shape[0]
+        cos, sin = self.rope(T)
+        h = self._rms(x, L["ln1"], L["eps1"])
+        k = self._rotate(self._lin(h, L["wk"], L["bk"]).view(N, KV, D), cos[rt], sin[rt])  # [N kv D]
+        v = self._lin(h, L["wv"], L["bv"]).view(N, KV, D)
+        Kf = K_base.unsqueeze(0).repeat(n_runs, 1, 1, 1)                    # [R kv T D]
+        Vf = V_base.unsqueeze(0).repeat(n_runs, 1, 1, 1)
+        Kf[rb, :, rt] = k
+        Vf[rb, :, rt] = v
+        if last_only:
+            keep = rt == T - 1
+            x, h, rb, rt = x[keep], h[keep], rb[keep], rt[keep]
+            N = x.shape[0]
+        q = self._rotate(self._lin(h, L["wq"], L["bq"]).view(N, H, D), cos[rt], sin[rt])     # [N H D]
+        Q = x.new_zeros(n_runs, H, T, D)
+        Q[rb, :, rt] = q
+        rep = H // KV                                         # query head h reads kv head h // rep
+        scores = Q.view(n_runs, KV, rep, T, D) @ Kf.unsqueeze(2).transpose(-1, -2) * self.scale
+        probs = (scores + self.causal_mask(T)).softmax(-1, dtype=torch.float32).to(x.dtype)          # [R kv rep T T]
+        z = (probs @ Vf.unsqueeze(2)).view(n_runs, H, T, D)[rb, :, rt]                  # [N H D]
+        out = self.o_proj(j, z)
+        return x + out, z, out, k, v, (rb, rt)
+
+    def mlp(self, j, x):
+        L = self.layers[j]
+        h = self._rms(x, L["ln2"], L["eps2"])
+        out = self._lin(torch.nn.functional.silu(self._lin(h, L["wg"])) * self._lin(h, L["wu"]), L["wd"])
+        return x + out, out
+
+
+@dataclass
+class RunStates:
+    """Every activation a patch needs from one run [layer pos ...] (one prompt)."""
+
+    ids: tuple[int, ...]
+    pre: torch.Tensor      # [L+1 T d_model]: resid_pre of each block; pre[L] is the final residual
+    mid: torch.Tensor      # [L T d_model]
+    attn: torch.Tensor     # [L T d_model] attention outputs
+    mlp: torch.Tensor      # [L T d_model] MLP outputs
+    z: torch.Tensor        # [L T head d_head]
+    K: torch.Tensor        # [L kv_head T d_head] keys after rotary
+    V: torch.Tensor        # [L kv_head T d_head]
+
+
+def run_states(fm: FastModel, ids: Sequence[int]) -> RunStates:
+    T = len(ids)
+    dev = fm.W_U.device
+    x = fm.embed(torch.as_tensor([list(ids)], device=dev))[0]
+    rb = torch.zeros(T, dtype=torch.long, device=dev)
+    rt = torch.arange(T, device=dev)
+    pre, mid, attn, mlp, zs, Ks, Vs = [x], [], [], [], [], [], []
+    empty = x.new_zeros(fm.n_kv, T, fm.d_head)
+    for j in range(fm.n_layers):
+        xm, z, a, k, v, _ = fm.attn(j, x, rb, rt, 1, empty, empty, T)
+        x, m = fm.mlp(j, xm)
+        pre.append(x), mid.append(xm), attn.append(a), mlp.append(m), zs.append(z)
+        Ks.append(k.transpose(0, 1)), Vs.append(v.transpose(0, 1))
+    st = torch.stack
+    return RunStates(tuple(ids), st(pre), st(mid), st(attn), st(mlp), st(zs), st(Ks), st(Vs))
+
+
+_fast_models: dict[int, FastModel | None] = {}
+_states: "OrderedDict[tuple, RunStates]" = OrderedDict()
+_STATES_KEPT = 16
+
+
+def fast_model(bridge) -> FastModel | None:
+    """The fast path for this bridge, or None when its architecture has none."""
+    key = id(bridge)
+    if key not in _fast_models:
+        try:
+            _fast_models[key] = FastModel(bridge)
+        except (NotImplementedError, AttributeError):
+            _fast_models[key] = None
+    return _fast_models[key]
+
+
+def states(fm: FastModel, ids: Sequence[int]) -> RunStates:
+    """Cached (per process, a few prompts) activations of one run: repeat clicks are cheap."""
+    key = (id(fm), tuple(ids))
+    if key in _states:
+        _states.move_to_end(key)
+        return _states[key]
+    with torch.inference_mode():
+        s = run_states(fm, ids)
+    _states[key] = s
+    while len(_states) > _STATES_KEPT:
+        _states.popitem(last=False)
+    return s
+
+
+# ---------------------------------------------------------------------------------------
+# Cells and seeds
+# ---------------------------------------------------------------------------------------
+def cells(site: str, n_layers: int, T: int, n_heads: int) -> list[tuple[int, ...]]:
+    """Every cell of a site in row-major order of its axes (SITE_AXES)."""
+    sizes = {"layer": n_layers, "pos": T, "head": n_heads}
+    out: list[tuple[int, ...]] = [()]
+    for axis in SITE_AXES[site]:
+        out = [c + (i,) for c in out for i in range(sizes[axis])]
+    return out
+
+
+@dataclass
+class Seed:
+    """A patched run, as it enters the shared pass: at `stage`, rows of positions p..T-1."""
+
+    stage: int             # 2j: before block j's attention; 2j+1: before its MLP; 2L: final
+    p: int
+    rows: torch.Tensor     # [T-p d_model]
+
+
+def make_seed(fm: FastModel, base: RunStates, src: RunStates, site: str, cell: tuple[int, ...],
+              force: bool = False) -> Seed | None:
+    """The seed of one patch, or None when the patch is the identity (bitwise) unless forced."""
+    def equal(a, b):
+        return not force and torch.equal(a, b)
+
+    if site == "resid_pre":
+        k, p = cell
+        if equal(src.pre[k, p], base.pre[k, p]):
+            return None
+        rows = base.pre[k, p:].clone()
+        rows[0] = src.pre[k, p]
+        return Seed(2 * k, p, rows)
+    if site == "attn_out":
+        k, p = cell
+        if equal(src.attn[k, p], base.attn[k, p]):
+            return None
+        rows = base.mid[k, p:].clone()
+        rows[0] = base.pre[k, p] + src.attn[k, p]
+        return Seed(2 * k + 1, p, rows)
+    if site == "mlp_out":
+        k, p = cell
+        if equal(src.mlp[k, p], base.mlp[k, p]):
+            return None
+        rows = base.pre[k + 1, p:].clone()
+        rows[0] = base.mid[k, p] + src.mlp[k, p]
+        return Seed(2 * k + 2, p, rows)
+    if site == "head_out":
+        k, h = cell
+        if equal(src.z[k, :, h], base.z[k, :, h]):
+            return None
+        z = base.z[k].clone()
+        z[:, h] = src.z[k, :, h]
+        return Seed(2 * k + 1, 0, base.pre[k] + fm.o_proj(k, z))
+    if site == "head_out_pos":
+        k, p, h = cell
+        if equal(src.z[k, p, h], base.z[k, p, h]):
+            return None
+        z = base.z[k, p].clone()
+        z[h] = src.z[k, p, h]
+        rows = base.mid[k, p:].clone()
+        rows[0] = base.pre[k, p] + fm.o_proj(k, z.unsqueeze(0))[0]
+        return Seed(2 * k + 1, p, rows)
+    raise ValueError(f"unknown site {site!r}; known: {', '.join(SITES)}")
+
+
+def propagate(fm: FastModel, base: RunStates, seeds: list[Seed]) -> torch.Tensor:
+    """Run every seeded patch to the end in one pass; final residual at the last position [S d_model]."""
+    T, L = len(base.ids), fm.n_layers
+    dev = base.pre.device
+    order = sorted(range(len(seeds)), key=lambda i: seeds[i].stage)   # run ids in order of entry
+    seeds = [seeds[i] for i in order]
+    x = base.pre.new_zeros(0, base.pre.shape[-1])
+    rb = torch.zeros(0, dtype=torch.long, device=dev)
+    rt = torch.zeros(0, dtype=torch.long, device=dev)
+    n, nxt = 0, 0
+    for stage in range(seeds[0].stage if seeds else 2 * L, 2 * L + 1):
+        new = []
+        while nxt < len(seeds) and seeds[nxt].stage == stage:
+            new.append(seeds[nxt])
+            nxt += 1
+        if new:
+            x = torch.cat([x] + [s.rows for s in new])
+            rb = torch.cat([rb] + [torch.full((T - s.p,), n + i, device=dev) for i, s in enumerate(new)])
+            rt = torch.cat([rt] + [torch.arange(s.p, T, device=dev) for s in new])
+            n += len(new)
+        if stage == 2 * L:
+            break
+        j, half = divmod(stage, 2)
+        if half == 0:
+            x, _, _, _, _, (rb, rt) = fm.attn(j, x, rb, rt, n, base.K[j], base.V[j], T,
+                                              last_only=(j == L - 1))
+        else:
+            x, _ = fm.mlp(j, x)
+    last = rt == T - 1
+    out = x.new_empty(len(seeds), x.shape[-1])
+    out[rb[last]] = x[last]
+    inverse = torch.empty(len(order), dtype=torch.long, device=dev)
+    inverse[torch.as_tensor(order, device=dev)] = torch.arange(len(order), device=dev)
+    return out[inverse]
+
+
+@dataclass
+class SweepOut:
+    values: torch.Tensor    # [*axes] metric of every patched run
+    base: float             # metric of the unpatched base run
+    source: float           # metric of the source run
+    n_identity: int         # patches that were the identity (value = base exactly)
+
+
+def sweep(fm: FastModel, base_ids: Sequence[int], source_ids: Sequence[int], site: str,
+          metric: Metric, cell_list=None, max_rows: int = 6144, skip_identity: bool = True) -> SweepOut:
+    """Exact patching of every cell of `site` [*axes], or of the cells given (values flat
+    [cells]), fast (see the module docstring). Patches run in chunks of about max_rows rows."""
+    if len(base_ids) != len(source_ids):
+        raise ValueError("base and source runs must have the same length")
+    T = len(base_ids)
+    with torch.inference_mode():
+        base, src = states(fm, base_ids), states(fm, source_ids)
+        base_val = metric.from_resid(fm, base.pre[-1, -1:])
+        src_val = metric.from_resid(fm, src.pre[-1, -1:])
+        sizes = dict(layer=fm.n_layers, pos=T, head=fm.n_heads)
+        if cell_list is None:
+            all_cells = cells(site, fm.n_layers, T, fm.n_heads)
+            shape = [sizes[a] for a in SITE_AXES[site]]
+        else:
+            all_cells, shape = [tuple(c) for c in cell_list], [len(cell_list)]
+        values = base_val.expand(len(all_cells)).clone()
+        max_runs = max(1, 2 ** 25 // (fm.n_heads * T * T))   # bounds the [runs head T T] scores
+        todo, batch, rows = [], [], 0
+        for i, c in enumerate(all_cells):
+            s = make_seed(fm, base, src, site, c, force=not skip_identity)
+            if s is None:
+                continue
+            batch.append((i, s))
+            rows += s.rows.shape[0]
+            if rows >= max_rows or len(batch) >= max_runs:
+                todo.append(batch)
+                batch, rows = [], 0
+        if batch:
+            todo.append(batch)
+        n_run = 0
+        for chunk in todo:
+            final = propagate(fm, base, [s for _, s in chunk])
+            idx = torch.as_tensor([i for i, _ in chunk], device=values.device)
+            values[idx] = metric.from_resid(fm, final).to(values.dtype)
+            n_run += len(chunk)
+    return SweepOut(values.view(shape), float(base_val), float(src_val), len(all_cells) - n_run)
+
+
+def patch_logits(fm: FastModel, base_ids, source_ids, site: str, cell: tuple[int, ...]) -> torch.Tensor:
+    """Final logits [d_vocab] at the last position of one patched run (click-to-patch)."""
+    with torch.inference_mode():
+        base, src = states(fm, base_ids), states(fm, source_ids)
+        seed = make_seed(fm, base, src, site, cell)
+        final = base.pre[-1, -1:] if seed is None else propagate(fm, base, [seed])
+        return fm.logits(final)[0]
+
+
+def base_logits(fm: FastModel, ids) -> torch.Tensor:
+    with torch.inference_mode():
+        return fm.logits(states(fm, ids).pre[-1, -1:])[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Reference: one hooked forward of the TransformerBridge per patch
+# ---------------------------------------------------------------------------------------
+def _setter(site: str, cell: tuple[int, ...]) -> Callable:
+    if site in ("resid_pre", "attn_out", "mlp_out"):
+        _, p = cell
+        def put(act, src):
+            act[:, p] = src[:, p]
+    elif site == "head_out":
+        _, h = cell
+        def put(act, src):
+            act[:, :, h] = src[:, :, h]
+    elif site == "head_out_pos":
+        _, p, h = cell
+        def put(act, src):
+            act[:, p, h] = src[:, p, h]
+    else:
+        raise ValueError(f"unknown site {site!r}; known: {', '.join(SITES)}")
+    return put
+
+
+def reference_logits(bridge, base_ids, source_ids, site: str, cell_list) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Last-position logits of the base run, the source run and each patched run (one
+    hooked bridge forward per cell) [d_vocab], [d_vocab], [[d_vocab] per cell]."""
+    dev = next(bridge.parameters()).device
+    base_t = torch.as_tensor([list(base_ids)], device=dev)
+    src_t = torch.as_tensor([list(source_ids)], device=dev)
+    comp = SITE_COMPONENT[site]
+    names = {c[0]: hook_name(Site(comp, c[0])) for c in cell_list}
+    wanted = set(names.values())
+    with torch.inference_mode():
+        src_logits, cache = bridge.run_with_cache(src_t, names_filter=lambda n: n in wanted)
+        base_out = bridge(base_t)[0, -1]
+        outs = []
+        for c in cell_list:
+            put, src = _setter(site, c), cache[names[c[0]]]
+
+            def hook(act, hook, put=put, src=src):
+                act = act.clone()
+                put(act, src)
+                return act
+            outs.append(bridge.run_with_hooks(base_t, fwd_hooks=[(names[c[0]], hook)])[0, -1])
+    return base_out, src_logits[0, -1], outs
+
+
+def reference_sweep(bridge, base_ids, source_ids, site: str, metric: Metric, n_layers: int,
+                    n_heads: int, cell_list=None) -> SweepOut:
+    """Patching by one hooked forward per cell. With cell_list, values is flat [cells]."""
+    T = len(base_ids)
+    full = cell_list is None
+    cell_list = cells(site, n_layers, T, n_heads) if full else list(cell_list)
+    base, src, outs = reference_logits(bridge, base_ids, source_ids, site, cell_list)
+    with torch.inference_mode():
+        values = metric.from_logits(torch.stack(outs)) if outs else torch.zeros(0)
+        b, s = metric.from_logits(base[None])[0], metric.from_logits(src[None])[0]
+    if full:
+        sizes = dict(layer=n_layers, pos=T, head=n_heads)
+        values = values.view([sizes[a] for a in SITE_AXES[site]])
+    return SweepOut(values, float(b), float(s), 0)
+
+
+__all__ = ["SITES", "SITE_AXES", "Metric", "LogitDiff", "AnswerProb", "KLFromClean", "FastModel",
+           "fast_model", "states", "sweep", "sweep_baselines", "patch_logits", "base_logits", "reference_sweep",
+           "reference_logits", "cells"]
+
+
+def sweep_baselines(fm: FastModel, base_ids, source_ids, metric: Metric) -> tuple[float, float]:
+    """The metric of the unpatched base and source runs, from the cached states."""
+    with torch.inference_mode():
+        return tuple(float(metric.from_resid(fm, states(fm, ids).pre[-1, -1:])[0]) for ids in (base_ids, source_ids))
