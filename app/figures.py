@@ -233,3 +233,47 @@ def sink_heatmap(share: np.ndarray, sink_tokens: str) -> go.Figure:
     fig.update_xaxes(dtick=1)
     return _layout(fig, f"Attention sink: share of attention to {sink_tokens}", "head", "layer",
                    height=max(420, 16 * n_layers + 140))
+
+
+def feature_heatmap(tokens: list[str], feature_ids: np.ndarray, feature_values: np.ndarray,
+                    recon_error: np.ndarray, n_features: int = 24) -> go.Figure:
+    """Token × feature activations for the features most active on the prompt, plus reconstruction error."""
+    from plotly.subplots import make_subplots
+
+    # rank and scale by positions after the first: position 0 carries the massive activations,
+    # whose latents would otherwise swamp the figure (they saturate the scale instead)
+    skip = 1 if len(tokens) > 1 else 0
+    totals: dict[int, float] = {}
+    for fs, vs in zip(feature_ids[skip:].tolist(), feature_values[skip:].tolist()):
+        for f, v in zip(fs, vs):
+            if v > 0:
+                totals[f] = max(totals.get(f, 0.0), v)
+    feats = sorted(totals, key=totals.get, reverse=True)[:n_features]
+    z = np.zeros((len(feats), len(tokens)), np.float32)
+    index = {f: i for i, f in enumerate(feats)}
+    for p, (fs, vs) in enumerate(zip(feature_ids.tolist(), feature_values.tolist())):
+        for f, v in zip(fs, vs):
+            if f in index:
+                z[index[f], p] = v
+    fig = make_subplots(rows=2, cols=1, row_heights=[0.8, 0.2], shared_xaxes=True, vertical_spacing=0.04)
+    labels = np.array([html.escape(fmt_token(t)) for t in tokens])
+    zmax = float(z[:, skip:].max()) if z[:, skip:].size and z[:, skip:].max() > 0 else None
+    fig.add_trace(go.Heatmap(z=z, x=list(range(len(tokens))), y=list(range(len(feats))), colorscale="Blues",
+                             zmin=0, zmax=zmax,
+                             customdata=np.broadcast_to(labels, z.shape),
+                             colorbar=dict(title="activation", len=0.75, y=0.62),
+                             hovertemplate="feature %{text}<br>pos %{x} %{customdata}<br>activation %{z:.2f}"
+                                           "<extra></extra>",
+                             text=np.repeat(np.array([str(f) for f in feats])[:, None], len(tokens), 1)),
+                  row=1, col=1)
+    fig.add_trace(go.Bar(x=list(range(len(tokens))), y=recon_error, marker_color="#d62728", customdata=labels,
+                         showlegend=False, hovertemplate="pos %{x} %{customdata}<br>error %{y:.3f}<extra></extra>"),
+                  row=2, col=1)
+    fig.update_yaxes(tickmode="array", tickvals=list(range(len(feats))), ticktext=[f"#{f}" for f in feats],
+                     autorange="reversed", title_text="feature", row=1, col=1)
+    fig.update_yaxes(title_text="‖x−x̂‖²/‖x‖²", row=2, col=1)
+    fig.update_xaxes(**token_ticks(tokens), tickangle=-45, title_text="token (position)", row=2, col=1)
+    fig.update_layout(title=dict(text="SAE features active on the prompt (ranked after position 0) and reconstruction error",
+                                 x=0.01), margin=dict(l=70, r=20, t=60, b=70),
+                      height=max(520, 20 * len(feats) + 300))
+    return fig

@@ -16,7 +16,7 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_TEXT = "When Mary and John went to the store, John gave a drink to"
 
 PAGES = {"prompt": "Prompt & logit lens", "attention": "Attention patterns", "heads": "Head scores",
-         "patching": "Activation patching", "massive": "Massive activations"}
+         "patching": "Activation patching", "massive": "Massive activations", "features": "SAE features"}
 IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"
 IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 LENS_MODES = {"top": "Top token", "token": "Chosen token"}
@@ -45,6 +45,8 @@ class View:
     direction: str = "denoising"
     pos: int = -1           # position shown for head_out_pos (-1: last)
     cell: str = ""          # the clicked cell, "layer,pos" or "layer,head"
+    # SAE features
+    sae: str = "smollm2-135m-L15-resid_pre"
     # massive activations
     abs_thr: float = 100.0
     ratio_thr: float = 1000.0
@@ -85,7 +87,7 @@ def read_view(params: Mapping[str, str]) -> tuple[View, list[str]]:
 def view_params(view: View) -> dict[str, str]:
     """The query parameters of a view (only what the page uses)."""
     p = {"page": view.page, "model": view.model}
-    if view.page in ("prompt", "attention", "massive"):
+    if view.page in ("prompt", "attention", "massive", "features"):
         p["text"] = view.text
     if view.page == "prompt":
         p["lens"] = view.lens
@@ -93,6 +95,8 @@ def view_params(view: View) -> dict[str, str]:
             p["token"] = view.token
     if view.page == "attention":
         p["layer"], p["head"] = str(view.layer), str(view.head)
+    if view.page == "features":
+        p["sae"] = view.sae
     if view.page == "massive":
         p["layer"] = str(view.layer)
         p["abs_thr"], p["ratio_thr"] = f"{view.abs_thr:g}", f"{view.ratio_thr:g}"

@@ -22,7 +22,7 @@ def _app(**params) -> AppTest:
     return at
 
 
-@pytest.mark.parametrize("page", ["prompt", "attention", "heads", "patching", "massive"])
+@pytest.mark.parametrize("page", ["prompt", "attention", "heads", "patching", "massive", "features"])
 def test_every_page_runs_without_exception(page, model):
     at = _app(page=page, model=DEFAULT_MODEL, text="The capital of France is", layer=2, head=1)
     assert not at.exception, at.exception
@@ -54,6 +54,7 @@ def _errors(at: AppTest) -> str:
     ({"page": "patching", "cell": "99,99"}, "not a cell"),
     ({"page": "massive", "abs_thr": "-5"}, "threshold"),
     ({"page": "massive", "text": ""}, "prompt is empty"),
+    ({"page": "features", "sae": "no-such-sae"}, "sae"),
 ])
 def test_bad_links_give_clear_messages_and_store_nothing(params, expected, model):
     from backend.store import default_store

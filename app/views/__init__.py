@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ..state import View
-from . import attention, heads, massive, patching, prompt
+from . import attention, features, heads, massive, patching, prompt
 
 PAGE_MODULES = {"prompt": prompt, "attention": attention, "heads": heads, "patching": patching,
-                "massive": massive}
+                "massive": massive, "features": features}
 
 
 def render(view: View) -> View:

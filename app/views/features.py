@@ -1,0 +1,61 @@
+"""SAE features page: which latents of a sparse autoencoder fire on each token of the prompt."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from backend.analyses.features import FeaturesSpec
+from backend.saes import list_saes
+
+from .. import figures
+from ..common import check_link_key, fetch, make_spec, navigate
+from ..state import View
+
+
+def _quality_table(saes: list[dict]) -> pd.DataFrame:
+    rows = []
+    for s in saes:
+        q = (s.get("quality") or {}).get("heldout", {})
+        u = (s.get("quality") or {}).get("unlike_training", {})
+        rows.append({"SAE": s["sae_id"], "hook": s["hook_name"], "width": s["d_sae"], "L0": q.get("l0"),
+                     "var. explained (held-out)": q.get("variance_explained"),
+                     "var. explained (unlike training)": u.get("variance_explained"),
+                     "CE recovered (vs zero)": q.get("ce_recovered"),
+                     "CE recovered (vs mean)": q.get("ce_recovered_vs_mean"),
+                     "Δ loss (nats)": q.get("delta_loss"), "dead": q.get("dead_fraction")})
+    return pd.DataFrame(rows)
+
+
+def render(view: View) -> View:
+    st.header("SAE features")
+    saes = list_saes(view.model)
+    if not saes:
+        st.info(f"No SAE is available for {view.model}. Shipped SAEs are for smollm2-135m; any SAELens-format "
+                "folder or pretrained release can be named in the link's `sae` field.")
+    ids = [s["sae_id"] for s in saes]
+    if ids:
+        choice = st.selectbox("SAE", ids + ([view.sae] if view.sae not in ids else []),
+                              index=ids.index(view.sae) if view.sae in ids else len(ids))
+        if choice != view.sae:
+            navigate(view.replace(sae=choice, key=""))
+        with st.expander("Quality of the shipped SAEs"):
+            st.dataframe(_quality_table(saes), hide_index=True,
+                         column_config={c: st.column_config.NumberColumn(format="%.3f")
+                                        for c in _quality_table(saes).columns[3:]})
+    spec = make_spec(FeaturesSpec, model=view.model, sae=view.sae, text=view.text)
+    if spec is None or not check_link_key(view, spec):
+        return view
+    out = fetch(spec, "SAE decomposition")
+    if out is None:
+        return view
+    r = out.result
+    st.caption(f"{r.sae_id} at `{r.hook_name}`, {r.d_sae} latents. Mean L0 {r.l0.mean():.1f}; "
+               f"median reconstruction error {float(pd.Series(r.recon_error).median()):.3f} of the squared norm. "
+               "Position 0 carries the massive activations and reconstructs poorly.")
+    st.plotly_chart(figures.feature_heatmap(r.tokens, r.feature_ids, r.feature_values, r.recon_error), key="feat")
+    rows = [{"pos": p, "token": figures.fmt_token(t),
+             "top features": ", ".join(f"#{f['feature']} ({f['value']:.1f})" for f in feats[:6])}
+            for p, (t, feats) in enumerate(zip(r.tokens, r.top_features()))]
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    return view.replace(key=out.run_key)
