@@ -70,7 +70,7 @@ def check_link_key(view: View, spec) -> bool:
     return False
 
 
-WIDGET_KEYS = ("w_layer", "w_head", "w_lens", "w_token", "w_mlayer")
+WIDGET_KEYS = ("w_layer", "w_head", "w_lens", "w_token", "w_mlayer", "w_nlayer", "w_atp")
 
 
 def navigate(view: View) -> None:

@@ -277,3 +277,48 @@ def feature_heatmap(tokens: list[str], feature_ids: np.ndarray, feature_values: 
                                  x=0.01), margin=dict(l=70, r=20, t=60, b=70),
                       height=max(520, 20 * len(feats) + 300))
     return fig
+
+
+def neuron_heatmap(tokens: list[str], neuron_ids: np.ndarray, acts: np.ndarray, layer: int) -> go.Figure:
+    """Neuron × token activations of the prompt's most active neurons; click a row to inspect one."""
+    z = acts.T  # [neuron pos]
+    bound = float(np.abs(z).max()) or 1.0
+    fig = go.Figure(go.Heatmap(z=z, x=list(range(len(tokens))), y=list(range(len(neuron_ids))),
+                               colorscale=DIVERGING, zmid=0, zmin=-bound, zmax=bound,
+                               colorbar=dict(title="activation")))
+    labels = np.array([html.escape(fmt_token(t)) for t in tokens])
+    click_layer(fig, z, "%{text}<br>activation %{customdata:.3f}<br>click: this neuron's logit effect<extra></extra>")
+    fig.data[1].text = np.array([[f"L{layer}N{n} · pos {p} {labels[p]}" for p in range(len(tokens))]
+                                 for n in neuron_ids]).ravel()
+    fig.update_xaxes(**token_ticks(tokens), tickangle=-45)
+    fig.update_yaxes(tickmode="array", tickvals=list(range(len(neuron_ids))),
+                     ticktext=[f"N{n}" for n in neuron_ids], autorange="reversed")
+    return _layout(fig, f"Layer {layer}: the prompt's most active MLP neurons (SiLU-gated: signed)",
+                   "token (position)", "neuron", height=max(450, 18 * len(neuron_ids) + 160))
+
+
+def logit_effect_bars(promoted: list[dict], suppressed: list[dict], title: str) -> go.Figure:
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("promoted", "suppressed"), horizontal_spacing=0.2)
+    for c, rows, colour in ((1, promoted, "#2ca02c"), (2, suppressed, "#d62728")):
+        fig.add_trace(go.Bar(x=[r["value"] for r in rows][::-1], y=[fmt_token(r["token"]) for r in rows][::-1],
+                             orientation="h", marker_color=colour, showlegend=False,
+                             hovertemplate="%{y}: %{x:.3f}<extra></extra>"), row=1, col=c)
+        fig.update_xaxes(title_text="direct logit effect", row=1, col=c)
+    return _layout(fig, title, "", "", height=max(380, 18 * len(promoted) + 120))
+
+
+def atp_scatter(exact: np.ndarray, atp: np.ndarray, labels: list[str], r: float) -> go.Figure:
+    """Exact patching vs its attribution-patching estimate, one point per cell, with y = x."""
+    x, y = exact.ravel(), atp.ravel()
+    lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+    fig = go.Figure([go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(color="#999", dash="dash"),
+                                name="y = x", hoverinfo="skip"),
+                     go.Scatter(x=x, y=y, mode="markers", text=labels, name="cells",
+                                marker=dict(size=6, color=np.abs(y - x), colorscale="Reds",
+                                            colorbar=dict(title="|AtP − exact|")),
+                                hovertemplate="%{text}<br>exact %{x:.3f}<br>AtP %{y:.3f}<extra></extra>")])
+    fig.update_layout(showlegend=False)
+    return _layout(fig, f"Attribution patching vs exact patching (Pearson r = {r:.3f}; dashed: y = x)", "exact patching",
+                   "AtP estimate", height=460)

@@ -41,7 +41,7 @@ with st.sidebar:
         model = st.text_input("TransformerLens or Hugging Face name", value=view.model if view.model not in offline else "gpt2-small")
     else:
         model = choice
-    if page in ("prompt", "attention", "massive", "features"):
+    if page in ("prompt", "attention", "massive", "features", "neurons"):
         with st.form("prompt_form"):
             st.text_area("Prompt", key="w_text", height=120)
             st.form_submit_button("Run", type="primary")

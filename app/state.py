@@ -16,11 +16,12 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_TEXT = "When Mary and John went to the store, John gave a drink to"
 
 PAGES = {"prompt": "Prompt & logit lens", "attention": "Attention patterns", "heads": "Head scores",
-         "patching": "Activation patching", "massive": "Massive activations", "features": "SAE features"}
+         "patching": "Activation patching", "massive": "Massive activations", "features": "SAE features",
+         "neurons": "Neurons"}
 IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"
 IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 LENS_MODES = {"top": "Top token", "token": "Chosen token"}
-INT_FIELDS = ("layer", "head", "n_pairs", "pos")
+INT_FIELDS = ("layer", "head", "n_pairs", "pos", "neuron", "atp")
 FLOAT_FIELDS = ("abs_thr", "ratio_thr")
 
 
@@ -45,6 +46,8 @@ class View:
     direction: str = "denoising"
     pos: int = -1           # position shown for head_out_pos (-1: last)
     cell: str = ""          # the clicked cell, "layer,pos" or "layer,head"
+    atp: int = 0            # 1: show attribution patching beside the sweep
+    neuron: int = -1        # chosen neuron of the layer (-1: none)
     # SAE features
     sae: str = "smollm2-135m-L15-resid_pre"
     # massive activations
@@ -87,7 +90,7 @@ def read_view(params: Mapping[str, str]) -> tuple[View, list[str]]:
 def view_params(view: View) -> dict[str, str]:
     """The query parameters of a view (only what the page uses)."""
     p = {"page": view.page, "model": view.model}
-    if view.page in ("prompt", "attention", "massive", "features"):
+    if view.page in ("prompt", "attention", "massive", "features", "neurons"):
         p["text"] = view.text
     if view.page == "prompt":
         p["lens"] = view.lens
@@ -95,6 +98,10 @@ def view_params(view: View) -> dict[str, str]:
             p["token"] = view.token
     if view.page == "attention":
         p["layer"], p["head"] = str(view.layer), str(view.head)
+    if view.page == "neurons":
+        p["layer"] = str(view.layer)
+        if view.neuron >= 0:
+            p["neuron"] = str(view.neuron)
     if view.page == "features":
         p["sae"] = view.sae
     if view.page == "massive":
@@ -110,6 +117,8 @@ def view_params(view: View) -> dict[str, str]:
             p["pos"] = str(view.pos)
         if view.cell:
             p["cell"] = view.cell
+        if view.atp:
+            p["atp"] = "1"
     if view.key:
         p["key"] = view.key
     return p

@@ -12,6 +12,8 @@ from .analyses.attention import AttentionSpec
 from .analyses.features import FeaturesSpec
 from .analyses.head_scores import HeadScoresSpec
 from .analyses.massive import MassiveAblationSpec, MassiveSpec
+from .analyses.neurons import NeuronLogitSpec, NeuronsSpec
+from .analyses.attribution import AtPSpec
 from .analyses.patching import PatchSpec
 from .analyses.prompt import PromptSpec
 from .analyses.token_lens import TokenLensSpec
@@ -19,5 +21,5 @@ from .errors import DashboardError
 from .runner import lookup, model_info, run
 from .spec import Spec
 
-__all__ = ["run", "lookup", "model_info", "Spec", "PromptSpec", "TokenLensSpec", "AttentionSpec",
+__all__ = ["AtPSpec", "NeuronsSpec", "NeuronLogitSpec", "run", "lookup", "model_info", "Spec", "PromptSpec", "TokenLensSpec", "AttentionSpec",
            "HeadScoresSpec", "DashboardError", "MassiveSpec", "MassiveAblationSpec", "FeaturesSpec"]

@@ -72,6 +72,10 @@ SUBCOMMANDS: dict[str, tuple[str, Callable | str, Callable | str]] = {
                         "backend.analyses.massive:add_ablation_cli_args", "backend.analyses.massive:run_ablation_cli"),
     "patch": ("exact activation patching sweep (layers x positions / heads) of a prompt pair",
              "backend.analyses.patching:add_cli_args", "backend.analyses.patching:run_cli"),
+    "atp": ("attribution patching (AtP): gradient estimate of the patching sweep, ~3 forwards",
+           "backend.analyses.attribution:add_cli_args", "backend.analyses.attribution:run_cli"),
+    "neurons": ("MLP neurons of a prompt: top neurons per token at a layer; --neuron N: logit effect",
+               "backend.analyses.neurons:add_cli_args", "backend.analyses.neurons:run_cli"),
 }
 
 

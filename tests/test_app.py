@@ -22,9 +22,10 @@ def _app(**params) -> AppTest:
     return at
 
 
-@pytest.mark.parametrize("page", ["prompt", "attention", "heads", "patching", "massive", "features"])
+@pytest.mark.parametrize("page", ["prompt", "attention", "heads", "patching", "massive", "features", "neurons"])
 def test_every_page_runs_without_exception(page, model):
-    at = _app(page=page, model=DEFAULT_MODEL, text="The capital of France is", layer=2, head=1)
+    at = _app(page=page, model=DEFAULT_MODEL, text="The capital of France is", layer=2, head=1, atp=1,
+              clean="The capital of France is", corrupt="The capital of Italy is", answer=" Paris", wrong=" Rome")
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
     assert len(at.get("plotly_chart")) >= 1
@@ -55,6 +56,7 @@ def _errors(at: AppTest) -> str:
     ({"page": "massive", "abs_thr": "-5"}, "threshold"),
     ({"page": "massive", "text": ""}, "prompt is empty"),
     ({"page": "features", "sae": "no-such-sae"}, "sae"),
+    ({"page": "neurons", "layer": 31}, "Layer 31 does not exist"),
 ])
 def test_bad_links_give_clear_messages_and_store_nothing(params, expected, model):
     from backend.store import default_store
@@ -154,6 +156,8 @@ def test_click_to_patch_runs_the_clicked_patch(server, tmp_path):
     page.wait_for_function("document.body.innerText.includes('Patch at layer 10, pos 9')", timeout=120_000)
     page.wait_for_function("window.location.search.includes('cell=10%2C9') || "
                            "window.location.search.includes('cell=10,9')", timeout=30_000)
+    page.wait_for_function("document.querySelectorAll(\"[data-testid='stMetricValue']\").length >= 3",
+                           timeout=60_000)
     values = page.eval_on_selector_all("[data-testid='stMetricValue']", "els => els.map(e => e.innerText)")
     before, after, stored = (float(v) for v in values[:3])
     assert after == pytest.approx(stored, abs=2e-3) and after > 0.5 and before == pytest.approx(0.0, abs=1e-3)

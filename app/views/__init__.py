@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from ..state import View
-from . import attention, features, heads, massive, patching, prompt
+from . import attention, features, heads, massive, neurons, patching, prompt
 
 PAGE_MODULES = {"prompt": prompt, "attention": attention, "heads": heads, "patching": patching,
-                "massive": massive, "features": features}
+                "massive": massive, "features": features,
+                "neurons": neurons}
 
 
 def render(view: View) -> View:

@@ -8,7 +8,7 @@ from backend.analyses.patching import DIRECTIONS, METRICS, SITE_AXES, SITES, Pat
 from backend.errors import DashboardError
 
 from .. import figures
-from ..common import check_link_key, fetch, navigate
+from ..common import check_link_key, fetch, navigate, synced
 from ..state import View
 
 TASKS = {"custom": "your own pair", "ioi": "IOI (names)", "induction": "induction (repeated tokens)",
@@ -50,10 +50,14 @@ def _spec(view: View) -> PatchSpec:
     if view.task == "custom":
         return PatchSpec(model=view.model, clean=view.clean, corrupt=view.corrupt, answer=view.answer,
                          wrong=view.wrong, **kw)
+    return PatchSpec.from_pairs(view.model, _pairs(view), **kw)
+
+
+def _pairs(view: View):
     from backend.models import load_model
     from backend.tasks import generate
 
-    return PatchSpec.from_pairs(view.model, generate(load_model(view.model), view.task, n=view.n_pairs), **kw)
+    return generate(load_model(view.model), view.task, n=view.n_pairs)
 
 
 def render(view: View) -> View:
@@ -101,7 +105,41 @@ def render(view: View) -> View:
             view = view.replace(cell=cell)
     if view.cell:
         view = _intervention(view, spec, r, values, axes, pos)
+    if view.site != "head_out_pos":
+        st.subheader("Attribution patching (AtP) against the exact sweep")
+        on = st.toggle("Estimate every cell with one forward and one backward pass (AtP)",
+                       key=synced("w_atp", bool(view.atp)))
+        view = view.replace(atp=int(on))
+        if on:
+            _atp(view, r, values, labels if col_title == "position" else [str(h) for h in r.heads], col_title)
     return view
+
+
+def _atp(view: View, exact, values, labels: list[str], col_title: str) -> None:
+    """Attribution patching (Kramár et al. 2024) beside the exact sweep: where the estimate fails."""
+    from backend.analyses.attribution import AtPSpec, correlation
+
+    if view.metric == "kl" and view.direction == "noising":
+        st.info("AtP is zero everywhere for KL when noising: the gradient of KL at the clean run is zero.")
+        return
+    kw = dict(site=view.site, metric=view.metric, direction=view.direction)
+    try:
+        aspec = (AtPSpec(model=view.model, clean=view.clean, corrupt=view.corrupt, answer=view.answer,
+                         wrong=view.wrong, **kw) if view.task == "custom" else
+                 AtPSpec.from_pairs(view.model, _pairs(view), **kw))
+    except DashboardError as e:
+        st.error(str(e), icon=":material/warning:")
+        return
+    aout = fetch(aspec, "AtP estimate")
+    if aout is None:
+        return
+    atp = aout.result.values
+    r = correlation(values if exact.values.ndim == 2 else exact.values, atp)
+    cells = [f"layer {layer} · {col_title} {labels[j]}" for layer in exact.layers for j in range(len(labels))]
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(figures.patching_heatmap(atp, exact.layers, list(range(len(labels))), col_title, view.metric,
+                                             "AtP estimate", labels), key="atp_map")
+    c2.plotly_chart(figures.atp_scatter(values, atp, cells, r), key="atp_scatter")
 
 
 def _intervention(view: View, spec: PatchSpec, r, values, axes, pos) -> View:

@@ -1,0 +1,285 @@
+"""Attribution patching (AtP): a gradient estimate of every patch at once (Kramár et al. 2024).
+
+For a node n with activation a_n, patching the source value into the base run changes the
+metric M by approximately
+
+    (a_n(source) - a_n(base)) . dM/da_n |base
+
+a first-order Taylor estimate. All nodes come from one forward + backward on the base run and
+one forward (cached) on the source run: about 3 forward-equivalents, against one patched run
+per node for the exact sweep (backend.analyses.patching).
+
+An AtPSpec asks the same question as a PatchSpec (same task encoding, metrics and directions,
+see backend.analyses.patching) for the sites resid_pre, attn_out, mlp_out (layer x position)
+and head_out (layer x head: hook_z summed over positions, TransformerLens's convention for a
+head's output node). `values` estimate the metric of the patched run, on the scale of the
+exact sweep's values (for logit_diff_norm: 0 = corrupted, 1 = clean), so the two heatmaps can
+be shown side by side; `deltas` are the estimated changes from the base run.
+
+Known limits (the paper's AtP* fixes are not applied): attention saturation makes the
+gradient through a softmax underestimate large changes of attention (QK false negatives),
+and effects that cancel across paths can hide a node (GradDrop addresses that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import EmptyDataset, InvalidSite, InvalidSpec
+from ..models import LoadedModel
+from ..runner import analysis
+from ..spec import Result, Spec
+from ..tasks import PromptPair, encode_pairs
+from .patching import DIRECTIONS, METRICS, SITE_AXES, _check_choice, _metrics
+
+ATP_SITES = ("resid_pre", "attn_out", "mlp_out", "head_out")
+_COMPONENT = {"resid_pre": "resid_pre", "attn_out": "attn_out", "mlp_out": "mlp_out", "head_out": "z"}
+
+
+@dataclass(frozen=True)
+class AtPSpec(Spec):
+    KIND = "atp"
+    clean: str = ""
+    corrupt: str = ""
+    answer: str = ""
+    wrong: str = ""
+    site: str = "resid_pre"
+    metric: str = "logit_diff"
+    direction: str = "denoising"
+    dataset: tuple = ()          # more pairs: ((clean, corrupt, answer, wrong), ...), averaged
+
+    def validate(self):
+        _check_choice(self.site, ATP_SITES, "attribution-patching site", InvalidSite)
+        _check_choice(self.metric, METRICS, "metric")
+        _check_choice(self.direction, DIRECTIONS, "direction")
+        if not isinstance(self.dataset, tuple) or any(
+                not isinstance(p, tuple) or len(p) != 4 or not all(isinstance(x, str) for x in p)
+                for p in self.dataset):
+            raise InvalidSpec("dataset must be a list of [clean, corrupt, answer, wrong] string lists.")
+        if not self.pairs():
+            raise EmptyDataset("The task has no prompt pair: give a clean and a corrupted prompt, "
+                               "or a dataset of pairs.")
+
+    def pairs(self) -> list[PromptPair]:
+        first = [PromptPair(self.clean, self.corrupt, self.answer, self.wrong)] \
+            if (self.clean or self.corrupt or self.answer or self.wrong) else []
+        return first + [PromptPair(*p) for p in self.dataset]
+
+    def patch_spec(self):
+        """The exact sweep asking the same question (backend.analyses.patching.PatchSpec)."""
+        from .patching import PatchSpec
+
+        return PatchSpec(model=self.model, clean=self.clean, corrupt=self.corrupt, answer=self.answer,
+                         wrong=self.wrong, site=self.site, metric=self.metric, direction=self.direction,
+                         dataset=self.dataset)
+
+    @classmethod
+    def from_pairs(cls, model: str, pairs, **kw) -> "AtPSpec":
+        rows = tuple(p.as_tuple() if isinstance(p, PromptPair) else tuple(p) for p in pairs)
+        if not rows:
+            raise EmptyDataset("The task has no prompt pair.")
+        c, k, a, w = rows[0]
+        return cls(model=model, clean=c, corrupt=k, answer=a, wrong=w, dataset=rows[1:], **kw)
+
+
+@dataclass(frozen=True)
+class AtPResult(Result):
+    site: str
+    metric: str
+    direction: str
+    axes: list[str]              # ["layer", "pos"] or ["layer", "head"], as PatchResult
+    layers: list[int]
+    positions: list[int]         # [] for head_out
+    heads: list[int]             # [] for the layer x position sites
+    values: np.ndarray           # estimated metric of the patched run, [layer pos] | [layer head]
+    deltas: np.ndarray           # estimated change from the base run (values - base metric)
+    clean_tokens: list[str]
+    corrupt_tokens: list[str]
+    clean_metric: float          # the metric of the unpatched runs (averaged over pairs)
+    corrupt_metric: float
+    clean_logit_diff: float
+    corrupt_logit_diff: float
+    n_pairs: int
+    method: str                  # "atp"
+
+
+def attribution(model: LoadedModel, base_ids, source_ids, site: str, metric) -> tuple:
+    """(estimated deltas [layer pos|head] float64, M(base), M(source), base logits, source logits).
+
+    `metric` is a kernels.patching Metric (from_logits on [n d_vocab] logits, differentiable).
+    The base run's activations at every layer's hook are captured by forward hooks and the
+    metric is differentiated with respect to them (torch.autograd.grad: no parameter grads).
+    The caller holds model.lock.
+    """
+    import torch
+
+    from ..sites import Component, Site, hook_name, hook_names
+
+    bridge = model.bridge
+    names = hook_names(Component(_COMPONENT[site]), model.info.n_layers)
+    wanted = set(names)
+    with torch.inference_mode():
+        src_logits, cache = bridge.run_with_cache(model.tensor(source_ids), names_filter=lambda n: n in wanted)
+        src_acts = [cache[n].detach().clone() for n in names]
+    del cache
+
+    acts: dict[str, torch.Tensor] = {}
+
+    def leaf(act, hook):          # parameters need no grad: start the graph at the embeddings
+        return act.detach().requires_grad_(True)
+
+    def keeper(name):             # keyed by our name: the bridge's hook.name may be its own alias
+        def keep(act, hook):
+            acts[name] = act
+            return act
+        return keep
+
+    embed = hook_name(Site(Component.EMBED))
+    with torch.enable_grad(), bridge.hooks(fwd_hooks=[(embed, leaf)] + [(n, keeper(n)) for n in names]):
+        logits = bridge(model.tensor(base_ids))
+        m = metric.from_logits(logits[:, -1].float())[0]
+        missing = [n for n in names if n not in acts]
+        if missing:
+            raise InvalidSite(f"The model has no hook {missing[0]} for the {site} site.")
+        grads = torch.autograd.grad(m, [acts[n] for n in names], allow_unused=True)
+    rows = []
+    for n, g, s in zip(names, grads, src_acts):
+        a = acts[n].detach()
+        if g is None:        # a node the metric does not depend on (cannot happen for these sites)
+            g = torch.zeros_like(a)
+        contrib = ((s.to(a.dtype) - a) * g).double()[0]          # [pos d] or [pos head d_head]
+        rows.append(contrib.sum(-1) if site != "head_out" else contrib.sum((0, 2)))
+    with torch.inference_mode():
+        src_m = float(metric.from_logits(src_logits[:, -1].float())[0])
+    return (torch.stack(rows), float(m.detach()), src_m,
+            logits.detach()[0, -1], src_logits[0, -1])
+
+
+@analysis(AtPSpec, AtPResult)
+def compute(spec: AtPSpec, model: LoadedModel, progress=None) -> AtPResult:
+    from kernels import patching as kp
+
+    encoded = encode_pairs(model, spec.pairs())
+    info = model.info
+    total, clean_m, corrupt_m, clean_ld, corrupt_ld = 0.0, 0.0, 0.0, 0.0, 0.0
+    with model.lock:
+        for i, e in enumerate(encoded):
+            if progress and len(encoded) > 1:
+                progress(f"Attribution patching pair {i + 1} of {len(encoded)}…")
+            base, src = ((e.corrupt_ids, e.clean_ids) if spec.direction == "denoising"
+                         else (e.clean_ids, e.corrupt_ids))
+            metric = _metrics(model, None, e, spec.metric)
+            d, base_m, src_m, base_l, src_l = attribution(model, base, src, spec.site, metric)
+            ld = kp.LogitDiff(e.answer_id, e.wrong_id)
+            base_ld, src_ld = (float(ld.from_logits(x[None].float())[0]) for x in (base_l, src_l))
+            if spec.direction == "denoising":
+                cm, km, cl, kl = src_m, base_m, src_ld, base_ld
+            else:
+                cm, km, cl, kl = base_m, src_m, base_ld, src_ld
+            total = total + d
+            clean_m, corrupt_m, clean_ld, corrupt_ld = clean_m + cm, corrupt_m + km, clean_ld + cl, corrupt_ld + kl
+    n = len(encoded)
+    deltas = (total / n).cpu().numpy()
+    clean_m, corrupt_m, clean_ld, corrupt_ld = clean_m / n, corrupt_m / n, clean_ld / n, corrupt_ld / n
+    base_m = corrupt_m if spec.direction == "denoising" else clean_m
+    if spec.metric == "logit_diff_norm":
+        gap = clean_m - corrupt_m
+        if abs(gap) < 1e-6:
+            raise InvalidSpec("The clean and corrupted prompts give the same logit difference "
+                              f"({clean_m:.4f}), so the normalised logit difference is undefined: "
+                              "pick another metric or a corruption that changes the answer.")
+        deltas = deltas / gap
+        base_m = 0.0 if spec.direction == "denoising" else 1.0
+    values = base_m + deltas
+    T = len(encoded[0].clean_ids)
+    axes = list(SITE_AXES[spec.site])
+    return AtPResult(
+        site=spec.site, metric=spec.metric, direction=spec.direction, axes=axes,
+        layers=list(range(info.n_layers)), positions=list(range(T)) if "pos" in axes else [],
+        heads=list(range(info.n_heads)) if "head" in axes else [],
+        values=values.astype(np.float32), deltas=deltas.astype(np.float32),
+        clean_tokens=model.str_tokens(encoded[0].clean_ids),
+        corrupt_tokens=model.str_tokens(encoded[0].corrupt_ids),
+        clean_metric=float(1.0 if spec.metric == "logit_diff_norm" else clean_m),
+        corrupt_metric=float(0.0 if spec.metric == "logit_diff_norm" else corrupt_m),
+        clean_logit_diff=float(clean_ld), corrupt_logit_diff=float(corrupt_ld),
+        n_pairs=n, method="atp")
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r of two same-shape heatmaps over all cells (nan when one is constant)."""
+    x, y = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if x.shape != y.shape:
+        raise InvalidSpec(f"Cannot correlate heatmaps of shapes {a.shape} and {b.shape}.")
+    x, y = x - x.mean(), y - y.mean()
+    den = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / den) if den > 0 else float("nan")
+
+
+def compare_with_exact(spec: AtPSpec, atp_result: AtPResult | None = None) -> dict | None:
+    """Pearson r against the exact sweep of the same question, if that sweep is already stored.
+
+    Never computes the exact sweep. None when it is not in the store.
+    """
+    from ..runner import lookup, run
+
+    exact = lookup(spec.patch_spec())
+    if exact is None:
+        return None
+    atp_result = atp_result or run(spec).result
+    ev = exact.result.values
+    return {"pearson": correlation(atp_result.values, ev), "exact_run_key": exact.run_key,
+            "max_abs_error": float(np.abs(atp_result.values.astype(np.float64) - ev).max())}
+
+
+# ---------------------------------------------------------------------------------------
+# Command line: python -m backend atp ...
+# ---------------------------------------------------------------------------------------
+def add_cli_args(p) -> None:
+    from ..models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--clean", default="", help="clean prompt")
+    p.add_argument("--corrupt", default="", help="corrupted prompt (same token length)")
+    p.add_argument("--answer", default="", help="the clean answer, one token, e.g. ' Mary'")
+    p.add_argument("--wrong", default="", help="the wrong answer, one token, e.g. ' John'")
+    p.add_argument("--task", choices=["ioi", "induction", "facts"], default=None,
+                   help="generate a dataset of pairs instead of --clean/--corrupt")
+    p.add_argument("--n-pairs", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--site", default="resid_pre", help="one of " + ", ".join(ATP_SITES))
+    p.add_argument("--metric", default="logit_diff", help="one of " + ", ".join(METRICS))
+    p.add_argument("--direction", default="denoising", help="one of " + ", ".join(DIRECTIONS))
+
+
+def run_cli(a) -> dict:
+    import sys
+
+    from ..runner import run
+
+    kw = dict(site=a.site, metric=a.metric, direction=a.direction)
+    if a.task:
+        from ..models import load_model
+        from ..tasks import generate
+
+        spec = AtPSpec.from_pairs(a.model, generate(load_model(a.model), a.task, n=a.n_pairs, seed=a.seed), **kw)
+    else:
+        spec = AtPSpec(model=a.model, clean=a.clean, corrupt=a.corrupt, answer=a.answer, wrong=a.wrong, **kw)
+    out = run(spec, progress=lambda m: print(m, file=sys.stderr))
+    r = out.result
+    payload = {"run_key": out.run_key, "from_store": out.from_store,
+               "compute_seconds": round(out.compute_seconds, 4), "read_seconds": round(out.read_seconds, 4),
+               "model": spec.model, "site": r.site, "metric": r.metric, "direction": r.direction,
+               "axes": r.axes, "layers": r.layers, "positions": r.positions, "heads": r.heads,
+               "values": np.round(r.values.astype(np.float64), 6).tolist(),
+               "clean_tokens": r.clean_tokens, "corrupt_tokens": r.corrupt_tokens,
+               "clean_metric": r.clean_metric, "corrupt_metric": r.corrupt_metric,
+               "clean_logit_diff": r.clean_logit_diff, "corrupt_logit_diff": r.corrupt_logit_diff,
+               "n_pairs": r.n_pairs, "method": r.method}
+    cmp = compare_with_exact(spec, r)
+    if cmp is not None:
+        payload["correlation_with_exact"] = round(cmp["pearson"], 6)
+        payload["exact_run_key"] = cmp["exact_run_key"]
+    return payload
