@@ -9,11 +9,11 @@ Usable from a notebook as from the app:
 
 from . import analyses  # noqa: F401  (registers every analysis)
 from .analyses.attention import AttentionSpec
+from .analyses.attribution import AtPSpec
 from .analyses.features import FeaturesSpec
 from .analyses.head_scores import HeadScoresSpec
 from .analyses.massive import MassiveAblationSpec, MassiveSpec
 from .analyses.neurons import NeuronLogitSpec, NeuronsSpec
-from .analyses.attribution import AtPSpec
 from .analyses.patching import PatchSpec
 from .analyses.prompt import PromptSpec
 from .analyses.token_lens import TokenLensSpec
@@ -21,5 +21,6 @@ from .errors import DashboardError
 from .runner import lookup, model_info, run
 from .spec import Spec
 
-__all__ = ["AtPSpec", "NeuronsSpec", "NeuronLogitSpec", "run", "lookup", "model_info", "Spec", "PromptSpec", "TokenLensSpec", "AttentionSpec",
-           "HeadScoresSpec", "DashboardError", "MassiveSpec", "MassiveAblationSpec", "FeaturesSpec"]
+__all__ = ["run", "lookup", "model_info", "Spec", "DashboardError", "PromptSpec", "TokenLensSpec",
+           "AttentionSpec", "HeadScoresSpec", "PatchSpec", "AtPSpec", "MassiveSpec", "MassiveAblationSpec",
+           "NeuronsSpec", "NeuronLogitSpec", "FeaturesSpec"]

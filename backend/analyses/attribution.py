@@ -238,47 +238,21 @@ def compare_with_exact(spec: AtPSpec, atp_result: AtPResult | None = None) -> di
 # Command line: python -m backend atp ...
 # ---------------------------------------------------------------------------------------
 def add_cli_args(p) -> None:
-    from ..models import DEFAULT_MODEL
+    from .patching import add_cli_args as add_task_args
 
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--clean", default="", help="clean prompt")
-    p.add_argument("--corrupt", default="", help="corrupted prompt (same token length)")
-    p.add_argument("--answer", default="", help="the clean answer, one token, e.g. ' Mary'")
-    p.add_argument("--wrong", default="", help="the wrong answer, one token, e.g. ' John'")
-    p.add_argument("--task", choices=["ioi", "induction", "facts"], default=None,
-                   help="generate a dataset of pairs instead of --clean/--corrupt")
-    p.add_argument("--n-pairs", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--site", default="resid_pre", help="one of " + ", ".join(ATP_SITES))
-    p.add_argument("--metric", default="logit_diff", help="one of " + ", ".join(METRICS))
-    p.add_argument("--direction", default="denoising", help="one of " + ", ".join(DIRECTIONS))
+    add_task_args(p, sites=ATP_SITES, default_metric="logit_diff")
 
 
 def run_cli(a) -> dict:
     import sys
 
     from ..runner import run
+    from .patching import spec_from_args, sweep_payload
 
-    kw = dict(site=a.site, metric=a.metric, direction=a.direction)
-    if a.task:
-        from ..models import load_model
-        from ..tasks import generate
-
-        spec = AtPSpec.from_pairs(a.model, generate(load_model(a.model), a.task, n=a.n_pairs, seed=a.seed), **kw)
-    else:
-        spec = AtPSpec(model=a.model, clean=a.clean, corrupt=a.corrupt, answer=a.answer, wrong=a.wrong, **kw)
+    spec = spec_from_args(AtPSpec, a)
     out = run(spec, progress=lambda m: print(m, file=sys.stderr))
-    r = out.result
-    payload = {"run_key": out.run_key, "from_store": out.from_store,
-               "compute_seconds": round(out.compute_seconds, 4), "read_seconds": round(out.read_seconds, 4),
-               "model": spec.model, "site": r.site, "metric": r.metric, "direction": r.direction,
-               "axes": r.axes, "layers": r.layers, "positions": r.positions, "heads": r.heads,
-               "values": np.round(r.values.astype(np.float64), 6).tolist(),
-               "clean_tokens": r.clean_tokens, "corrupt_tokens": r.corrupt_tokens,
-               "clean_metric": r.clean_metric, "corrupt_metric": r.corrupt_metric,
-               "clean_logit_diff": r.clean_logit_diff, "corrupt_logit_diff": r.corrupt_logit_diff,
-               "n_pairs": r.n_pairs, "method": r.method}
-    cmp = compare_with_exact(spec, r)
+    payload = sweep_payload(spec, out)
+    cmp = compare_with_exact(spec, out.result)
     if cmp is not None:
         payload["correlation_with_exact"] = round(cmp["pearson"], 6)
         payload["exact_run_key"] = cmp["exact_run_key"]

@@ -254,7 +254,8 @@ def intervene(spec: PatchSpec, layer: int, pos: int | None = None, head: int | N
 # ---------------------------------------------------------------------------------------
 # Command line: python -m backend patch ...
 # ---------------------------------------------------------------------------------------
-def add_cli_args(p) -> None:
+def add_cli_args(p, sites=SITES, default_metric: str = "logit_diff_norm") -> None:
+    """Options of a prompt-pair task (shared by `patch` and `atp`)."""
     from ..models import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -266,24 +267,23 @@ def add_cli_args(p) -> None:
                    help="generate a dataset of pairs instead of --clean/--corrupt")
     p.add_argument("--n-pairs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--site", default="resid_pre", help="one of " + ", ".join(SITES))
-    p.add_argument("--metric", default="logit_diff_norm", help="one of " + ", ".join(METRICS))
+    p.add_argument("--site", default="resid_pre", help="one of " + ", ".join(sites))
+    p.add_argument("--metric", default=default_metric, help="one of " + ", ".join(METRICS))
     p.add_argument("--direction", default="denoising", help="one of " + ", ".join(DIRECTIONS))
 
 
-def run_cli(a) -> dict:
-    import sys
-
-    from ..runner import run
-
+def spec_from_args(cls, a):
+    """A PatchSpec-like spec (PatchSpec, AtPSpec) from the options of add_cli_args."""
     kw = dict(site=a.site, metric=a.metric, direction=a.direction)
     if a.task:
         from ..tasks import generate
 
-        spec = PatchSpec.from_pairs(a.model, generate(load_model(a.model), a.task, n=a.n_pairs, seed=a.seed), **kw)
-    else:
-        spec = PatchSpec(model=a.model, clean=a.clean, corrupt=a.corrupt, answer=a.answer, wrong=a.wrong, **kw)
-    out = run(spec, progress=lambda m: print(m, file=sys.stderr))
+        return cls.from_pairs(a.model, generate(load_model(a.model), a.task, n=a.n_pairs, seed=a.seed), **kw)
+    return cls(model=a.model, clean=a.clean, corrupt=a.corrupt, answer=a.answer, wrong=a.wrong, **kw)
+
+
+def sweep_payload(spec, out) -> dict:
+    """The JSON of a sweep-shaped outcome (exact or AtP)."""
     r = out.result
     return {"run_key": out.run_key, "from_store": out.from_store,
             "compute_seconds": round(out.compute_seconds, 4), "read_seconds": round(out.read_seconds, 4),
@@ -294,3 +294,12 @@ def run_cli(a) -> dict:
             "clean_metric": r.clean_metric, "corrupt_metric": r.corrupt_metric,
             "clean_logit_diff": r.clean_logit_diff, "corrupt_logit_diff": r.corrupt_logit_diff,
             "n_pairs": r.n_pairs, "method": r.method}
+
+
+def run_cli(a) -> dict:
+    import sys
+
+    from ..runner import run
+
+    spec = spec_from_args(PatchSpec, a)
+    return sweep_payload(spec, run(spec, progress=lambda m: print(m, file=sys.stderr)))
