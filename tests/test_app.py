@@ -121,9 +121,9 @@ def test_shared_link_reopens_the_same_view_from_the_store(server, tmp_path):
     wait_for_plots(page)
     page.locator("textarea").fill(prompt)
     page.get_by_role("button", name="Run").click()
-    page.wait_for_function(f"document.body.innerText.includes('prompt analysis: computed in') && "
-                           f"[...document.querySelectorAll('.js-plotly-plot')].some(p => "
-                           f"(p.layout.title.text || '').includes('Logit lens') && "
+    page.wait_for_function("document.body.innerText.includes('prompt analysis: computed in') && "
+                           "[...document.querySelectorAll('.js-plotly-plot')].some(p => "
+                           "(p.layout.title.text || '').includes('Logit lens') && "
                            f"JSON.stringify(p.layout.xaxis.ticktext).includes('Tower'))", timeout=400_000)
     page.wait_for_function("window.location.search.includes('Tower')", timeout=30_000)
     url = page.url

@@ -27,61 +27,30 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import EmptyDataset, InvalidSite, InvalidSpec
+from ..errors import InvalidSite, InvalidSpec
 from ..models import LoadedModel
 from ..runner import analysis
-from ..spec import Result, Spec
-from ..tasks import PromptPair, encode_pairs
-from .patching import DIRECTIONS, METRICS, SITE_AXES, _check_choice, _metrics
+from ..spec import Result
+from ..tasks import encode_pairs
+from .patching import SITE_AXES, PatchSpec, _metrics
 
 ATP_SITES = ("resid_pre", "attn_out", "mlp_out", "head_out")
 _COMPONENT = {"resid_pre": "resid_pre", "attn_out": "attn_out", "mlp_out": "mlp_out", "head_out": "z"}
 
 
 @dataclass(frozen=True)
-class AtPSpec(Spec):
+class AtPSpec(PatchSpec):
+    """The same question as a PatchSpec (task, site, metric, direction), answered by AtP."""
+
     KIND = "atp"
-    clean: str = ""
-    corrupt: str = ""
-    answer: str = ""
-    wrong: str = ""
-    site: str = "resid_pre"
+    ALLOWED_SITES = ATP_SITES
     metric: str = "logit_diff"
-    direction: str = "denoising"
-    dataset: tuple = ()          # more pairs: ((clean, corrupt, answer, wrong), ...), averaged
 
-    def validate(self):
-        _check_choice(self.site, ATP_SITES, "attribution-patching site", InvalidSite)
-        _check_choice(self.metric, METRICS, "metric")
-        _check_choice(self.direction, DIRECTIONS, "direction")
-        if not isinstance(self.dataset, tuple) or any(
-                not isinstance(p, tuple) or len(p) != 4 or not all(isinstance(x, str) for x in p)
-                for p in self.dataset):
-            raise InvalidSpec("dataset must be a list of [clean, corrupt, answer, wrong] string lists.")
-        if not self.pairs():
-            raise EmptyDataset("The task has no prompt pair: give a clean and a corrupted prompt, "
-                               "or a dataset of pairs.")
-
-    def pairs(self) -> list[PromptPair]:
-        first = [PromptPair(self.clean, self.corrupt, self.answer, self.wrong)] \
-            if (self.clean or self.corrupt or self.answer or self.wrong) else []
-        return first + [PromptPair(*p) for p in self.dataset]
-
-    def patch_spec(self):
-        """The exact sweep asking the same question (backend.analyses.patching.PatchSpec)."""
-        from .patching import PatchSpec
-
+    def patch_spec(self) -> PatchSpec:
+        """The exact sweep asking the same question."""
         return PatchSpec(model=self.model, clean=self.clean, corrupt=self.corrupt, answer=self.answer,
                          wrong=self.wrong, site=self.site, metric=self.metric, direction=self.direction,
                          dataset=self.dataset)
-
-    @classmethod
-    def from_pairs(cls, model: str, pairs, **kw) -> "AtPSpec":
-        rows = tuple(p.as_tuple() if isinstance(p, PromptPair) else tuple(p) for p in pairs)
-        if not rows:
-            raise EmptyDataset("The task has no prompt pair.")
-        c, k, a, w = rows[0]
-        return cls(model=model, clean=c, corrupt=k, answer=a, wrong=w, dataset=rows[1:], **kw)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -46,6 +47,7 @@ def _check_choice(value, allowed, what, err=InvalidSpec):
 @dataclass(frozen=True)
 class PatchSpec(Spec):
     KIND = "patch"
+    ALLOWED_SITES: ClassVar[tuple[str, ...]] = SITES
     clean: str = ""
     corrupt: str = ""
     answer: str = ""
@@ -56,7 +58,7 @@ class PatchSpec(Spec):
     dataset: tuple = ()          # more pairs: ((clean, corrupt, answer, wrong), ...), averaged
 
     def validate(self):
-        _check_choice(self.site, SITES, "patching site", InvalidSite)
+        _check_choice(self.site, self.ALLOWED_SITES, "patching site", InvalidSite)
         _check_choice(self.metric, METRICS, "metric")
         _check_choice(self.direction, DIRECTIONS, "direction")
         if not isinstance(self.dataset, tuple) or any(
