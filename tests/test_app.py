@@ -124,7 +124,7 @@ def test_shared_link_reopens_the_same_view_from_the_store(server, tmp_path):
     page.wait_for_function("document.body.innerText.includes('prompt analysis: computed in') && "
                            "[...document.querySelectorAll('.js-plotly-plot')].some(p => "
                            "(p.layout.title.text || '').includes('Logit lens') && "
-                           f"JSON.stringify(p.layout.xaxis.ticktext).includes('Tower'))", timeout=400_000)
+                           "JSON.stringify(p.layout.xaxis.ticktext).includes('Tower'))", timeout=400_000)
     page.wait_for_function("window.location.search.includes('Tower')", timeout=30_000)
     url = page.url
     assert parse_qs(urlparse(url).query)["text"] == [prompt]
