@@ -30,9 +30,8 @@ import numpy as np
 from ..errors import InvalidSite, InvalidSpec
 from ..models import LoadedModel
 from ..runner import analysis
-from ..spec import Result
 from ..tasks import encode_pairs
-from .patching import SITE_AXES, PatchSpec, _metrics
+from .patching import SITE_AXES, PatchResult, PatchSpec, _metrics
 
 ATP_SITES = ("resid_pre", "attn_out", "mlp_out", "head_out")
 _COMPONENT = {"resid_pre": "resid_pre", "attn_out": "attn_out", "mlp_out": "mlp_out", "head_out": "z"}
@@ -54,24 +53,10 @@ class AtPSpec(PatchSpec):
 
 
 @dataclass(frozen=True)
-class AtPResult(Result):
-    site: str
-    metric: str
-    direction: str
-    axes: list[str]              # ["layer", "pos"] or ["layer", "head"], as PatchResult
-    layers: list[int]
-    positions: list[int]         # [] for head_out
-    heads: list[int]             # [] for the layer x position sites
-    values: np.ndarray           # estimated metric of the patched run, [layer pos] | [layer head]
+class AtPResult(PatchResult):
+    """A PatchResult whose values are AtP estimates (method "atp"), plus the raw estimated changes."""
+
     deltas: np.ndarray           # estimated change from the base run (values - base metric)
-    clean_tokens: list[str]
-    corrupt_tokens: list[str]
-    clean_metric: float          # the metric of the unpatched runs (averaged over pairs)
-    corrupt_metric: float
-    clean_logit_diff: float
-    corrupt_logit_diff: float
-    n_pairs: int
-    method: str                  # "atp"
 
 
 def attribution(model: LoadedModel, base_ids, source_ids, site: str, metric) -> tuple:
