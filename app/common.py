@@ -70,7 +70,9 @@ def check_link_key(view: View, spec) -> bool:
     return False
 
 
-WIDGET_KEYS = ("w_layer", "w_head", "w_lens", "w_token", "w_mlayer", "w_nlayer", "w_atp")
+# Every widget seeded from the view has a key starting with "w_" (see `synced`); after a
+# navigation they are all dropped, so the next run seeds them from the new view.
+WIDGET_PREFIX = "w_"
 
 
 def navigate(view: View) -> None:
@@ -86,8 +88,9 @@ def apply_pending_view() -> None:
         return
     st.session_state.view = view
     st.session_state.w_page, st.session_state.w_text = view.page, view.text
-    for k in WIDGET_KEYS:
-        st.session_state.pop(k, None)
+    for k in [k for k in st.session_state if str(k).startswith(WIDGET_PREFIX)]:
+        if k not in ("w_page", "w_text"):
+            st.session_state.pop(k, None)
 
 
 def make_spec(cls, **fields):

@@ -15,7 +15,7 @@ import streamlit as st  # noqa: E402
 
 from app import views  # noqa: E402
 from app.common import apply_pending_view, link_of  # noqa: E402
-from app.state import DEFAULT_MODEL, PAGES, View, read_view, view_params  # noqa: E402
+from app.state import DEFAULT_MODEL, PAGES, PROMPT_PAGES, View, read_view, view_params  # noqa: E402
 from backend.models import offline_model_ids  # noqa: E402
 
 st.set_page_config(page_title="Inside the model", page_icon="🔬", layout="wide")
@@ -41,7 +41,7 @@ with st.sidebar:
         model = st.text_input("TransformerLens or Hugging Face name", value=view.model if view.model not in offline else "gpt2-small")
     else:
         model = choice
-    if page in ("prompt", "attention", "massive", "features", "neurons"):
+    if page in PROMPT_PAGES:
         with st.form("prompt_form"):
             st.text_area("Prompt", key="w_text", height=120)
             st.form_submit_button("Run", type="primary")

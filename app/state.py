@@ -17,11 +17,24 @@ DEFAULT_TEXT = "When Mary and John went to the store, John gave a drink to"
 
 PAGES = {"prompt": "Prompt & logit lens", "attention": "Attention patterns", "heads": "Head scores",
          "patching": "Activation patching", "massive": "Massive activations", "features": "SAE features",
-         "neurons": "Neurons"}
+         "neurons": "Neurons", "neuron": "Neuron (corpus)", "feature": "Feature dashboard",
+         "featuremap": "Feature map", "search": "Feature search", "circuits": "Circuits"}
+# Pages that use the prompt box in the sidebar.
+PROMPT_PAGES = ("prompt", "attention", "massive", "features", "neurons")
+# Query parameters of newer pages: page -> the View fields its link carries (the generic rule;
+# the older pages spell theirs out in view_params).
+PAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "neuron": ("layer", "neuron"),
+    "feature": ("sae", "feature"),
+    "featuremap": ("sae", "feature"),
+    "search": ("sae", "mode", "q"),
+    "circuits": ("task", "n_pairs", "clean", "corrupt", "answer", "wrong", "metric", "method",
+                 "top_n", "removed", "circuit"),
+}
 IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"
 IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 LENS_MODES = {"top": "Top token", "token": "Chosen token"}
-INT_FIELDS = ("layer", "head", "n_pairs", "pos", "neuron", "atp")
+INT_FIELDS = ("layer", "head", "n_pairs", "pos", "neuron", "atp", "feature", "top_n")
 FLOAT_FIELDS = ("abs_thr", "ratio_thr")
 
 
@@ -50,6 +63,14 @@ class View:
     neuron: int = -1        # chosen neuron of the layer (-1: none)
     # SAE features
     sae: str = "smollm2-135m-L15-resid_pre"
+    feature: int = -1       # chosen SAE feature (-1: none)
+    mode: str = "token"     # feature search: "token" or "text"
+    q: str = ""             # feature search query
+    # circuits
+    method: str = "eap"     # "eap" or "eap-ig"
+    top_n: int = 50         # edges kept
+    removed: str = ""       # nodes/edges removed by clicks, ";"-separated
+    circuit: str = ""       # a saved circuit's id
     # massive activations
     abs_thr: float = 100.0
     ratio_thr: float = 1000.0
@@ -57,6 +78,9 @@ class View:
 
     def replace(self, **kw) -> "View":
         return dataclasses.replace(self, **kw)
+
+
+DEFAULT_VIEW = View()
 
 
 def read_view(params: Mapping[str, str]) -> tuple[View, list[str]]:
@@ -90,8 +114,12 @@ def read_view(params: Mapping[str, str]) -> tuple[View, list[str]]:
 def view_params(view: View) -> dict[str, str]:
     """The query parameters of a view (only what the page uses)."""
     p = {"page": view.page, "model": view.model}
-    if view.page in ("prompt", "attention", "massive", "features", "neurons"):
+    if view.page in PROMPT_PAGES:
         p["text"] = view.text
+    for name in PAGE_FIELDS.get(view.page, ()):
+        value = getattr(view, name)
+        if value != "":
+            p[name] = f"{value:g}" if isinstance(value, float) else str(value)
     if view.page == "prompt":
         p["lens"] = view.lens
         if view.lens == "token" and view.token:

@@ -8,6 +8,8 @@ Tables (schema version in `schema_version`, upgraded by MIGRATIONS in order):
   runs(run_key, kind, model, spec JSON, meta JSON, compute_seconds, created)
   arrays(run_key, name, dtype, shape INTEGER[], f FLOAT[], d DOUBLE[], i BIGINT[], s VARCHAR[])
   models(model_id, info JSON)
+  jobs, job_chunks (resumable corpus jobs: backend/jobs.py)
+Later migrations add the tables of corpus jobs (neuron statistics, SAE feature activations).
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ MIGRATIONS: list[list[str]] = [
                dtype VARCHAR NOT NULL, shape INTEGER[] NOT NULL, f FLOAT[], d DOUBLE[],
                i BIGINT[], s VARCHAR[], PRIMARY KEY(run_key, name))""",
         "CREATE TABLE models(model_id VARCHAR PRIMARY KEY, info JSON NOT NULL)",
+    ],
+    # 2: resumable corpus jobs (backend/jobs.py)
+    [
+        """CREATE TABLE jobs(job_key VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, model VARCHAR NOT NULL,
+               spec JSON NOT NULL, n_chunks INTEGER NOT NULL, summary JSON,
+               created TIMESTAMP DEFAULT current_timestamp, finished TIMESTAMP)""",
+        """CREATE TABLE job_chunks(job_key VARCHAR NOT NULL, chunk INTEGER NOT NULL,
+               n_rows BIGINT NOT NULL, seconds DOUBLE, PRIMARY KEY(job_key, chunk))""",
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

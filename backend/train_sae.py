@@ -90,13 +90,13 @@ class TrainConfig:
     model: str = "smollm2-135m"
     sites: tuple[tuple[str, int], ...] = tuple((c.value, layer) for c, layer in PLAN)
     corpus: str = corpus.DEFAULT_NAME
-    train_tokens: int = 60_000        # unique activations cached for training (per site)
-    heldout_tokens: int = 8_000       # held-out activations for L0 / VE / dead / dense
-    ce_windows: int = 8               # held-out windows for the CE metrics
+    train_tokens: int = 250_000       # unique activations cached for training (per site)
+    heldout_tokens: int = 30_000      # held-out activations for L0 / VE / dead / dense
+    ce_windows: int = 16              # held-out windows for the CE metrics
     context: int = 128
     width: int = 4608                 # d_sae
     k: int = 32
-    epochs: float = 5.0
+    epochs: float = 2.0
     batch: int = 512
     lr: float = 1e-3
     seed: int = 0

@@ -108,7 +108,17 @@ def test_shipped_encode_equals_saelens(model, sid):
         with torch.inference_mode():
             dense = sae.encode(x)
     torch.testing.assert_close(to_dense(v, i, d_sae), dense, atol=1e-5, rtol=1e-6)
-    torch.testing.assert_close(sparse_decode(sae, v, i), _dense_decode(sae, dense), atol=1e-4, rtol=1e-5)
+    assert_rows_close(sparse_decode(sae, v, i), _dense_decode(sae, dense))
+
+
+def assert_rows_close(got, ref, rel: float = 2e-6, atol: float = 1e-5):
+    """Equal up to float32 summation order: a decoded row is a sum of k decoder rows of a few
+    hundred in magnitude, so its rounding error scales with the row's largest entry, not with
+    each entry (an entry near zero in a row of large norm carries the row's error)."""
+    scale = ref.abs().amax(dim=-1, keepdim=True)
+    bad = (got - ref).abs() > atol + rel * scale
+    assert not bad.any(), f"{int(bad.sum())} entries differ beyond float32 rounding: max |diff| " \
+        f"{(got - ref).abs().max():.3g}, row scale {scale.max():.3g}"
 
 
 # -- the fused kernel on random SAEs -------------------------------------------------------

@@ -1,14 +1,13 @@
-"""One module per page (not named pages/: Streamlit would turn that into its own navigation)."""
+"""One module per page, named as the page (not a folder called pages/: Streamlit would turn
+that into its own navigation). A page module has `render(view) -> View`."""
 
 from __future__ import annotations
 
-from ..state import View
-from . import attention, features, heads, massive, neurons, patching, prompt
+import importlib
 
-PAGE_MODULES = {"prompt": prompt, "attention": attention, "heads": heads, "patching": patching,
-                "massive": massive, "features": features,
-                "neurons": neurons}
+from ..state import View
 
 
 def render(view: View) -> View:
-    return PAGE_MODULES[view.page].render(view)
+    module = importlib.import_module(f".{view.page}", __package__)
+    return module.render(view)

@@ -1,0 +1,168 @@
+"""Long corpus work as resumable jobs: a job is a fixed list of chunks; each chunk's rows and
+the mark that the chunk is done are written in ONE transaction, so an interrupted job resumes
+at the first chunk without a mark, with no row lost and none written twice.
+
+    def work(chunk: int) -> dict[str, pyarrow.Table]:   # rows for tables made by a migration
+        ...
+    state = run_job(store, job_key, kind="neuron_stats", model="smollm2-135m",
+                    spec={"windows": 400}, n_chunks=40, work=work, progress=bar)
+
+`progress(done, total, message)` is called after every chunk: the CLI passes a tqdm bar
+(`tqdm_progress`), the page a st.progress callback. `finish(...)` of the caller (clustering,
+summaries) runs after the last chunk; `JobState.finished` says whether it has.
+
+Tables (store.py migration 2):
+  jobs(job_key, kind, model, spec JSON, n_chunks, summary JSON, created, finished)
+  job_chunks(job_key, chunk, n_rows, seconds)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from .errors import StoreError
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class JobState:
+    job_key: str
+    kind: str
+    n_chunks: int
+    done: int
+    finished: bool
+    summary: dict[str, Any] | None
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.n_chunks if self.n_chunks else 1.0
+
+
+def state(store, job_key: str) -> JobState | None:
+    cur = store.cursor()
+    rows = cur.execute("SELECT kind, n_chunks, summary, finished IS NOT NULL FROM jobs WHERE job_key = ?",
+                       [job_key]).fetchall()
+    if not rows:
+        return None
+    kind, n, summary, finished = rows[0]
+    done = cur.execute("SELECT count(*) FROM job_chunks WHERE job_key = ?", [job_key]).fetchall()[0][0]
+    return JobState(job_key, kind, n, done, bool(finished), json.loads(summary) if summary else None)
+
+
+def _register(store, job_key: str, kind: str, model: str, spec: dict, n_chunks: int) -> None:
+    with store._write_lock:
+        cur = store.cursor()
+        rows = cur.execute("SELECT n_chunks FROM jobs WHERE job_key = ?", [job_key]).fetchall()
+        if rows:
+            if rows[0][0] != n_chunks:
+                raise StoreError(f"Job {job_key} was started with {rows[0][0]} chunks, not {n_chunks}.")
+            return
+        cur.execute("INSERT INTO jobs(job_key, kind, model, spec, n_chunks) VALUES (?, ?, ?, ?, ?)",
+                    [job_key, kind, model, json.dumps(spec, sort_keys=True), n_chunks])
+
+
+def done_chunks(store, job_key: str) -> set[int]:
+    rows = store.cursor().execute("SELECT chunk FROM job_chunks WHERE job_key = ?", [job_key]).fetchall()
+    return {r[0] for r in rows}
+
+
+def write_chunk(store, job_key: str, chunk: int, tables: dict[str, pa.Table], seconds: float) -> bool:
+    """Insert a chunk's rows and its done-mark atomically; False if the chunk was already done."""
+    for name in tables:
+        if not _IDENT.match(name):
+            raise StoreError(f"Not a table name: {name!r}")
+    cur = store.cursor()
+    with store._write_lock:
+        if cur.execute("SELECT 1 FROM job_chunks WHERE job_key = ? AND chunk = ?",
+                       [job_key, chunk]).fetchall():
+            return False
+        cur.begin()
+        try:
+            n = 0
+            for name, table in tables.items():
+                if table.num_rows == 0:
+                    continue
+                cur.register("_chunk_rows", table)
+                cols = ", ".join(table.column_names)
+                cur.execute(f"INSERT INTO {name}({cols}) SELECT {cols} FROM _chunk_rows")
+                cur.unregister("_chunk_rows")
+                n += table.num_rows
+            cur.execute("INSERT INTO job_chunks VALUES (?, ?, ?, ?)", [job_key, chunk, n, seconds])
+            cur.commit()
+        except Exception:
+            cur.rollback()
+            raise
+    return True
+
+
+def finish(store, job_key: str, summary: dict[str, Any], sql: list[str] | None = None,
+           params: list[list] | None = None) -> None:
+    """Mark a job finished with its summary; `sql` (e.g. building a clustered copy) runs in the
+    same transaction."""
+    cur = store.cursor()
+    with store._write_lock:
+        cur.begin()
+        try:
+            for k, q in enumerate(sql or []):
+                cur.execute(q, (params or [[]] * len(sql))[k])
+            cur.execute("UPDATE jobs SET summary = ?, finished = current_timestamp WHERE job_key = ?",
+                        [json.dumps(summary), job_key])
+            cur.commit()
+        except Exception:
+            cur.rollback()
+            raise
+
+
+def run_job(store, job_key: str, kind: str, model: str, spec: dict, n_chunks: int,
+            work: Callable[[int], dict[str, pa.Table]], progress: Progress | None = None,
+            stop_after: int | None = None) -> JobState:
+    """Run the chunks not yet done, in order. `stop_after` (tests, time-boxed page runs) stops
+    after that many new chunks, leaving the job resumable."""
+    _register(store, job_key, kind, model, spec, n_chunks)
+    done = done_chunks(store, job_key)
+    new = 0
+    if progress:
+        progress(len(done), n_chunks, f"{kind}: {len(done)}/{n_chunks} chunks done")
+    for chunk in range(n_chunks):
+        if chunk in done:
+            continue
+        if stop_after is not None and new >= stop_after:
+            break
+        t = time.perf_counter()
+        tables = work(chunk)
+        if write_chunk(store, job_key, chunk, tables, time.perf_counter() - t):
+            done.add(chunk)
+            new += 1
+        if progress:
+            progress(len(done), n_chunks, f"{kind}: chunk {chunk + 1}/{n_chunks}")
+    return state(store, job_key)
+
+
+def tqdm_progress(desc: str):
+    """A progress callback drawing a tqdm bar on stderr (the CLI's)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc=desc, unit="chunk")
+
+    def update(done: int, total: int, message: str) -> None:
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(message, refresh=False)
+        bar.refresh()
+        if done >= total:
+            bar.close()
+    return update
+
+
+__all__ = ["JobState", "run_job", "state", "write_chunk", "finish", "done_chunks", "tqdm_progress",
+]
