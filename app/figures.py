@@ -322,3 +322,22 @@ def atp_scatter(exact: np.ndarray, atp: np.ndarray, labels: list[str], r: float)
     fig.update_layout(showlegend=False)
     return _layout(fig, f"Attribution patching vs exact patching (Pearson r = {r:.3f}; dashed: y = x)", "exact patching",
                    "AtP estimate", height=460)
+
+
+def atp_star_scatter(exact: np.ndarray, plain: np.ndarray, fixed: np.ndarray, labels: list[str],
+                     r_plain: float, r_fixed: float) -> go.Figure:
+    """Exact patching vs plain AtP and vs AtP with the QK fix, one point per cell and method."""
+    x = exact.ravel()
+    lo = float(min(x.min(), plain.min(), fixed.min()))
+    hi = float(max(x.max(), plain.max(), fixed.max()))
+    fig = go.Figure([go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(color="#999", dash="dash"),
+                                name="y = x", hoverinfo="skip")])
+    for y, name, color, sym in ((plain.ravel(), f"AtP (r = {r_plain:.3f})", "#d62728", "circle-open"),
+                                (fixed.ravel(), f"AtP* QK fix (r = {r_fixed:.3f})", "#1f77b4", "circle")):
+        fig.add_trace(go.Scatter(x=x, y=y, mode="markers", text=labels, name=name,
+                                 marker=dict(size=7, color=color, symbol=sym),
+                                 hovertemplate="%{text}<br>exact %{x:.3f}<br>" + name.split(" (")[0]
+                                 + " %{y:.3f}<extra></extra>"))
+    fig.update_layout(legend=dict(orientation="h", y=-0.2))
+    return _layout(fig, "AtP and AtP* against exact patching (dashed: y = x)", "exact patching (change)",
+                   "estimated change", height=480)

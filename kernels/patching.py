@@ -25,7 +25,13 @@ heads, SwiGLU MLP) from the bridge's own weights; SmolLM2 has 9 query heads shar
 key/value heads (query head h reads kv head h // 3). Other architectures use the reference.
 
 Sites (`SITES`): resid_pre, attn_out, mlp_out by [layer pos]; head_out (every head's
-attention output, hook_z, at all positions) by [layer head]; head_out_pos by [layer pos head].
+attention output, hook_z, at all positions) by [layer head]; head_out_pos by [layer pos head];
+head_q and head_pattern (one query head's queries / attention pattern, all positions) by
+[layer head]; head_k and head_v (one key/value head's keys / values, all positions) by
+[layer kv_head]: with grouped-query attention a key/value head serves n_heads / n_kv query
+heads, and patching it changes all of them, as TransformerLens's hook_k / hook_v patching
+does. A q/k/v/pattern patch changes only the z of the heads it feeds at that layer, so its
+seed is the head_out seed with those heads' z recomputed from the mixed q, K, V or pattern.
 """
 
 from __future__ import annotations
@@ -38,11 +44,16 @@ import torch
 
 from backend.sites import Component, Site, hook_name
 
-SITES = ("resid_pre", "attn_out", "mlp_out", "head_out", "head_out_pos")
+SITES = ("resid_pre", "attn_out", "mlp_out", "head_out", "head_out_pos", "head_q", "head_k",
+         "head_v", "head_pattern")
 SITE_AXES = {"resid_pre": ("layer", "pos"), "attn_out": ("layer", "pos"), "mlp_out": ("layer", "pos"),
-             "head_out": ("layer", "head"), "head_out_pos": ("layer", "pos", "head")}
+             "head_out": ("layer", "head"), "head_out_pos": ("layer", "pos", "head"),
+             "head_q": ("layer", "head"), "head_k": ("layer", "kv_head"), "head_v": ("layer", "kv_head"),
+             "head_pattern": ("layer", "head")}
 SITE_COMPONENT = {"resid_pre": Component.RESID_PRE, "attn_out": Component.ATTN_OUT,
-                  "mlp_out": Component.MLP_OUT, "head_out": Component.Z, "head_out_pos": Component.Z}
+                  "mlp_out": Component.MLP_OUT, "head_out": Component.Z, "head_out_pos": Component.Z,
+                  "head_q": Component.Q, "head_k": Component.K, "head_v": Component.V,
+                  "head_pattern": Component.PATTERN}
 FAST_ARCHITECTURES = ("llama",)
 
 
@@ -210,6 +221,18 @@ class FastModel:
         out = self.o_proj(j, z)
         return x + out, z, out, k, v, (rb, rt)
 
+    def queries(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Post-rotary queries [T head d_head] of block j from its resid_pre rows [T d_model]."""
+        L, T = self.layers[j], x.shape[0]
+        cos, sin = self.rope(T)
+        h = self._rms(x, L["ln1"], L["eps1"])
+        return self._rotate(self._lin(h, L["wq"], L["bq"]).view(T, self.n_heads, self.d_head), cos, sin)
+
+    def head_pattern(self, q: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities [T T] of one head from its queries [T D] and keys [T D]."""
+        scores = (q @ K.transpose(0, 1)) * self.scale + self.causal_mask(q.shape[0])
+        return scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+
     def mlp(self, j, x):
         L = self.layers[j]
         h = self._rms(x, L["ln2"], L["eps2"])
@@ -281,9 +304,9 @@ def states(fm: FastModel, ids: Sequence[int]) -> RunStates:
 # ---------------------------------------------------------------------------------------
 # Cells and seeds
 # ---------------------------------------------------------------------------------------
-def cells(site: str, n_layers: int, T: int, n_heads: int) -> list[tuple[int, ...]]:
+def cells(site: str, n_layers: int, T: int, n_heads: int, n_kv: int | None = None) -> list[tuple[int, ...]]:
     """Every cell of a site in row-major order of its axes (SITE_AXES)."""
-    sizes = {"layer": n_layers, "pos": T, "head": n_heads}
+    sizes = {"layer": n_layers, "pos": T, "head": n_heads, "kv_head": n_kv or n_heads}
     out: list[tuple[int, ...]] = [()]
     for axis in SITE_AXES[site]:
         out = [c + (i,) for c in out for i in range(sizes[axis])]
@@ -342,6 +365,34 @@ def make_seed(fm: FastModel, base: RunStates, src: RunStates, site: str, cell: t
         rows = base.mid[k, p:].clone()
         rows[0] = base.pre[k, p] + fm.o_proj(k, z.unsqueeze(0))[0]
         return Seed(2 * k + 1, p, rows)
+    if site in ("head_q", "head_k", "head_v", "head_pattern"):
+        k, h = cell
+        rep = fm.n_heads // fm.n_kv
+        if site == "head_q":
+            q_src, q_base = fm.queries(k, src.pre[k])[:, h], fm.queries(k, base.pre[k])[:, h]
+            if equal(q_src, q_base):
+                return None
+            g = h // rep
+            new = {h: fm.head_pattern(q_src, base.K[k, g]) @ base.V[k, g]}
+        elif site == "head_pattern":
+            q_src, q_base = fm.queries(k, src.pre[k])[:, h], fm.queries(k, base.pre[k])[:, h]
+            g = h // rep
+            p_src = fm.head_pattern(q_src, src.K[k, g])
+            if equal(p_src, fm.head_pattern(q_base, base.K[k, g])):
+                return None
+            new = {h: p_src @ base.V[k, g]}
+        else:   # h is a key/value head: every query head of its group reads the patched K or V
+            which = src.K if site == "head_k" else src.V
+            if equal(which[k, h], (base.K if site == "head_k" else base.V)[k, h]):
+                return None
+            K = src.K[k, h] if site == "head_k" else base.K[k, h]
+            V = src.V[k, h] if site == "head_v" else base.V[k, h]
+            qs = fm.queries(k, base.pre[k])
+            new = {qh: fm.head_pattern(qs[:, qh], K) @ V for qh in range(h * rep, (h + 1) * rep)}
+        z = base.z[k].clone()
+        for qh, zh in new.items():
+            z[:, qh] = zh
+        return Seed(2 * k + 1, 0, base.pre[k] + fm.o_proj(k, z))
     raise ValueError(f"unknown site {site!r}; known: {', '.join(SITES)}")
 
 
@@ -400,9 +451,9 @@ def sweep(fm: FastModel, base_ids: Sequence[int], source_ids: Sequence[int], sit
         base, src = states(fm, base_ids), states(fm, source_ids)
         base_val = metric.from_resid(fm, base.pre[-1, -1:])
         src_val = metric.from_resid(fm, src.pre[-1, -1:])
-        sizes = dict(layer=fm.n_layers, pos=T, head=fm.n_heads)
+        sizes = dict(layer=fm.n_layers, pos=T, head=fm.n_heads, kv_head=fm.n_kv)
         if cell_list is None:
-            all_cells = cells(site, fm.n_layers, T, fm.n_heads)
+            all_cells = cells(site, fm.n_layers, T, fm.n_heads, fm.n_kv)
             shape = [sizes[a] for a in SITE_AXES[site]]
         else:
             all_cells, shape = [tuple(c) for c in cell_list], [len(cell_list)]
@@ -451,10 +502,14 @@ def _setter(site: str, cell: tuple[int, ...]) -> Callable:
         _, p = cell
         def put(act, src):
             act[:, p] = src[:, p]
-    elif site == "head_out":
+    elif site in ("head_out", "head_q", "head_k", "head_v"):   # [batch pos head d_head]
         _, h = cell
         def put(act, src):
             act[:, :, h] = src[:, :, h]
+    elif site == "head_pattern":                               # [batch head q_pos k_pos]
+        _, h = cell
+        def put(act, src):
+            act[:, h] = src[:, h]
     elif site == "head_out_pos":
         _, p, h = cell
         def put(act, src):
@@ -489,17 +544,17 @@ def reference_logits(bridge, base_ids, source_ids, site: str, cell_list) -> tupl
 
 
 def reference_sweep(bridge, base_ids, source_ids, site: str, metric: Metric, n_layers: int,
-                    n_heads: int, cell_list=None) -> SweepOut:
+                    n_heads: int, cell_list=None, n_kv: int | None = None) -> SweepOut:
     """Patching by one hooked forward per cell. With cell_list, values is flat [cells]."""
     T = len(base_ids)
     full = cell_list is None
-    cell_list = cells(site, n_layers, T, n_heads) if full else list(cell_list)
+    cell_list = cells(site, n_layers, T, n_heads, n_kv) if full else list(cell_list)
     base, src, outs = reference_logits(bridge, base_ids, source_ids, site, cell_list)
     with torch.inference_mode():
         values = metric.from_logits(torch.stack(outs)) if outs else torch.zeros(0)
         b, s = metric.from_logits(base[None])[0], metric.from_logits(src[None])[0]
     if full:
-        sizes = dict(layer=n_layers, pos=T, head=n_heads)
+        sizes = dict(layer=n_layers, pos=T, head=n_heads, kv_head=n_kv or n_heads)
         values = values.view([sizes[a] for a in SITE_AXES[site]])
     return SweepOut(values, float(b), float(s), 0)
 

@@ -59,7 +59,7 @@ def dashboard(env: dict | None = None, timeout: float = 60):
 def browser_context(playwright, user_dir: str):
     return playwright.chromium.launch_persistent_context(
         user_dir, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-        viewport={"width": 1500, "height": 1100})
+        viewport={"width": 1500, "height": int(os.environ.get("SHOT_HEIGHT", 1100))})
 
 
 def wait_for_plots(page, n: int = 1, timeout: float = 400_000) -> None:
@@ -82,7 +82,8 @@ if __name__ == "__main__":
         for i, q in enumerate(queries):
             page.goto(f"{base}/?{q}")
             try:
-                wait_for_plots(page, timeout=float(os.environ.get("SHOT_WAIT_MS", 60_000)))
+                wait_for_plots(page, n=int(os.environ.get("SHOT_PLOTS", 1)),
+                               timeout=float(os.environ.get("SHOT_WAIT_MS", 60_000)))
             except Exception as e:  # still take the picture: it shows what went wrong
                 print("no plot:", e)
             page.screenshot(path=str(out / f"{i:02d}.png"), full_page=True)

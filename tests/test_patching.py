@@ -29,8 +29,10 @@ IOI_SWAP = PromptPair(IOI.clean, "When John and Mary went to the store, Mary gav
 FACT = PromptPair("The capital of France is", "The capital of Italy is", " Paris", " Rome")
 TL_SITE = {"resid_pre": "get_act_patch_resid_pre", "attn_out": "get_act_patch_attn_out",
            "mlp_out": "get_act_patch_mlp_out", "head_out": "get_act_patch_attn_head_out_all_pos",
-           "head_out_pos": "get_act_patch_attn_head_out_by_pos"}
-TL_AXES = {"layer": "layer", "pos": "pos", "head": "head_index"}
+           "head_out_pos": "get_act_patch_attn_head_out_by_pos", "head_q": "get_act_patch_attn_head_q_all_pos",
+           "head_k": "get_act_patch_attn_head_k_all_pos", "head_v": "get_act_patch_attn_head_v_all_pos",
+           "head_pattern": "get_act_patch_attn_head_pattern_all_pos"}
+TL_AXES = {"layer": "layer", "pos": "pos", "head": "head_index", "kv_head": "head_index"}
 
 
 def _tl_normalised(model, e, site, cells=None):
@@ -59,8 +61,8 @@ def _tl_normalised(model, e, site, cells=None):
         return fn(bridge, corrupt_t, clean_cache, metric, index_axis_names=None, index_df=df).cpu()
 
 
-def _sample(site, n_layers, T, n_heads, n, seed=0, min_pos=0):
-    cells = kp.cells(site, n_layers, T, n_heads)
+def _sample(site, n_layers, T, n_heads, n, seed=0, min_pos=0, n_kv=3):
+    cells = kp.cells(site, n_layers, T, n_heads, n_kv)
     pos_axis = kp.SITE_AXES[site].index("pos") if "pos" in kp.SITE_AXES[site] else None
     idx = [i for i, c in enumerate(cells) if pos_axis is None or c[pos_axis] >= min_pos]
     idx = sorted(random.Random(seed).sample(idx, n))
@@ -77,7 +79,8 @@ def test_sites_agree():
 
 
 @pytest.mark.parametrize("site,n", [("resid_pre", 12), ("attn_out", 8), ("mlp_out", 8), ("head_out", 8),
-                                    ("head_out_pos", 8)])
+                                    ("head_out_pos", 8), ("head_q", 6), ("head_k", 6), ("head_v", 6),
+                                    ("head_pattern", 6)])
 def test_sweep_equals_transformer_lens(model, site, n):
     """The stored sweep (fast kernel) equals TL's own function on sampled cells, within 1e-4."""
     e = encode_pair(model, FACT)        # "France" -> "Italy" at position 3
@@ -101,8 +104,8 @@ def test_clean_into_clean_changes_nothing(model, site):
     out = kp.sweep(fm, e.clean_ids, e.clean_ids, site, metric)
     assert out.n_identity == out.values.numel()
     assert torch.equal(out.values, torch.full_like(out.values, out.base))
-    if site not in ("resid_pre", "head_out_pos"):
-        return      # the hooked reference once for a layer x pos site and once for a head site
+    if site not in ("resid_pre", "head_out_pos", "head_k"):
+        return      # the hooked reference for a layer x pos site, a head site and a kv-head site
     _, cells = _sample(site, model.info.n_layers, len(e.clean_ids), model.info.n_heads, 1)
     base, _, outs = kp.reference_logits(model.bridge, e.clean_ids, e.clean_ids, site, cells)
     for logits in outs:

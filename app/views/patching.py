@@ -15,7 +15,10 @@ TASKS = {"custom": "your own pair", "ioi": "IOI (names)", "induction": "inductio
          "facts": "factual recall"}
 SITE_LABELS = {"resid_pre": "residual stream (resid_pre)", "attn_out": "attention output",
                "mlp_out": "MLP output", "head_out": "each head's output (all positions)",
-               "head_out_pos": "each head's output, by position"}
+               "head_out_pos": "each head's output, by position", "head_q": "each head's queries",
+               "head_k": "each key/value head's keys", "head_v": "each key/value head's values",
+               "head_pattern": "each head's attention pattern"}
+ATP_MODES = {0: "off", 1: "AtP", 2: "AtP* (QK fix + GradDrop)"}
 
 
 def _form(view: View) -> View:
@@ -94,7 +97,7 @@ def render(view: View) -> View:
     if axes[1] == "pos" and len(axes) == 2:
         cols, col_title, labels = r.positions, "position", [figures.fmt_token(t) for t in r.clean_tokens]
     else:
-        cols, col_title, labels = r.heads, "head", None
+        cols, col_title, labels = r.heads, ("key/value head" if axes[-1] == "kv_head" else "head"), None
     title = f"{SITE_LABELS[view.site]}: {view.direction}, {view.metric}"
     event = st.plotly_chart(figures.patching_heatmap(values, r.layers, cols, col_title, view.metric, title, labels),
                             key=f"sweep-{out.run_key}", on_select="rerun", selection_mode="points")
@@ -105,33 +108,44 @@ def render(view: View) -> View:
             view = view.replace(cell=cell)
     if view.cell:
         view = _intervention(view, spec, r, values, axes, pos)
-    if view.site != "head_out_pos":
+    if view.site not in ("head_out_pos", "head_pattern"):
+        from backend.analyses.attribution import ATP_SITES
+
         st.subheader("Attribution patching (AtP) against the exact sweep")
-        on = st.toggle("Estimate every cell with one forward and one backward pass (AtP)",
-                       key=synced("w_atp", bool(view.atp)))
-        view = view.replace(atp=int(on))
-        if on:
+        modes = [0, 1, 2] if view.site in ATP_SITES else [0, 2]
+        mode = st.radio("Estimate every cell from gradients", modes, format_func=ATP_MODES.get, horizontal=True,
+                        key=synced("w_atp", view.atp if view.atp in modes else 0),
+                        help="AtP: one forward and one backward pass. AtP*: exact attention patterns for "
+                             "query/key patches, and GradDrop (one batched pass with the gradient "
+                             "stopped at each layer in turn) against cancelling paths.")
+        view = view.replace(atp=int(mode))
+        if mode:
             _atp(view, r, values, labels if col_title == "position" else [str(h) for h in r.heads], col_title)
     return view
 
 
 def _atp(view: View, exact, values, labels: list[str], col_title: str) -> None:
     """Attribution patching (Kramár et al. 2024) beside the exact sweep: where the estimate fails."""
+    from backend.analyses.atp_star import AtPStarSpec
     from backend.analyses.attribution import AtPSpec, correlation
 
     if view.metric == "kl" and view.direction == "noising":
         st.info("AtP is zero everywhere for KL when noising: the gradient of KL at the clean run is zero.")
         return
+    cls = AtPStarSpec if view.atp == 2 else AtPSpec
     kw = dict(site=view.site, metric=view.metric, direction=view.direction)
     try:
-        aspec = (AtPSpec(model=view.model, clean=view.clean, corrupt=view.corrupt, answer=view.answer,
-                         wrong=view.wrong, **kw) if view.task == "custom" else
-                 AtPSpec.from_pairs(view.model, _pairs(view), **kw))
+        aspec = (cls(model=view.model, clean=view.clean, corrupt=view.corrupt, answer=view.answer,
+                     wrong=view.wrong, **kw) if view.task == "custom" else
+                 cls.from_pairs(view.model, _pairs(view), **kw))
     except DashboardError as e:
         st.error(str(e), icon=":material/warning:")
         return
-    aout = fetch(aspec, "AtP estimate")
+    aout = fetch(aspec, "AtP* estimate" if view.atp == 2 else "AtP estimate")
     if aout is None:
+        return
+    if view.atp == 2:
+        _atp_star(view, aspec, exact, aout.result, labels, col_title)
         return
     atp = aout.result.values
     r = correlation(values if exact.values.ndim == 2 else exact.values, atp)
@@ -140,6 +154,35 @@ def _atp(view: View, exact, values, labels: list[str], col_title: str) -> None:
     c1.plotly_chart(figures.patching_heatmap(atp, exact.layers, list(range(len(labels))), col_title, view.metric,
                                              "AtP estimate", labels), key="atp_map")
     c2.plotly_chart(figures.atp_scatter(values, atp, cells, r), key="atp_scatter")
+
+
+def _atp_star(view: View, aspec, exact, star, labels: list[str], col_title: str) -> None:
+    import pandas as pd
+
+    from backend.analyses.atp_star import compare_with_exact
+    from backend.analyses.attribution import correlation
+
+    base = exact.corrupt_metric if view.direction == "denoising" else exact.clean_metric
+    exact_d = exact.values - base
+    cells = [f"layer {layer} · {col_title} {labels[j]}" for layer in exact.layers for j in range(len(labels))]
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(figures.patching_heatmap(star.values, exact.layers, list(range(len(labels))), col_title,
+                                             view.metric, "AtP* estimate (QK fix where it applies)", labels),
+                    key="atp_star_map")
+    c2.plotly_chart(figures.atp_star_scatter(exact_d, star.atp_deltas, star.deltas, cells,
+                                             correlation(star.atp_deltas, exact_d), correlation(star.deltas, exact_d)),
+                    key="atp_star_scatter")
+    cmp = compare_with_exact(aspec, star)
+    if cmp is None:
+        return
+    names = {"atp": "AtP", "atp_qk_fix": "AtP + QK fix", "graddrop": "GradDrop", "atp_star": "AtP* (max of both)"}
+    rows = [{"estimate": names[k], "false negatives": v["false_negatives"],
+             "missed cells (exact change)": ", ".join(f"{cells[m['cell']]} ({m['exact']:+.3f})" for m in v["missed"])}
+            for k, v in cmp["methods"].items()]
+    st.markdown(f"**False negatives against the exact sweep.** {cmp['important']} cells change the metric by "
+                f"at least {cmp['threshold']} exactly; each estimate inspects its top {cmp['inspected']} cells "
+                "by magnitude, and a cell that matters but is not among them is a false negative.")
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
 
 def _intervention(view: View, spec: PatchSpec, r, values, axes, pos) -> View:
@@ -152,7 +195,7 @@ def _intervention(view: View, spec: PatchSpec, r, values, axes, pos) -> View:
     where = dict(layer=layer)
     if axes == ("layer", "pos"):
         where["pos"] = other
-    elif axes == ("layer", "head"):
+    elif axes in (("layer", "head"), ("layer", "kv_head")):
         where["head"] = other
     else:
         where.update(pos=pos, head=other)

@@ -32,9 +32,12 @@ from ..runner import analysis
 from ..spec import Result, Spec
 from ..tasks import EncodedPair, PromptPair, encode_pairs
 
-SITES = ("resid_pre", "attn_out", "mlp_out", "head_out", "head_out_pos")   # = kernels.patching.SITES
+SITES = ("resid_pre", "attn_out", "mlp_out", "head_out", "head_out_pos", "head_q", "head_k",
+         "head_v", "head_pattern")   # = kernels.patching.SITES
 SITE_AXES = {"resid_pre": ("layer", "pos"), "attn_out": ("layer", "pos"), "mlp_out": ("layer", "pos"),
-             "head_out": ("layer", "head"), "head_out_pos": ("layer", "pos", "head")}
+             "head_out": ("layer", "head"), "head_out_pos": ("layer", "pos", "head"),
+             "head_q": ("layer", "head"), "head_k": ("layer", "kv_head"), "head_v": ("layer", "kv_head"),
+             "head_pattern": ("layer", "head")}
 METRICS = ("logit_diff_norm", "logit_diff", "prob", "kl")
 DIRECTIONS = ("denoising", "noising")
 
@@ -134,7 +137,8 @@ def _run_pair(model: LoadedModel, fm, e: EncodedPair, spec: PatchSpec):
         lds = kp.sweep_baselines(fm, base, src, ld)
     else:
         info = model.info
-        out = kp.reference_sweep(model.bridge, base, src, spec.site, metric, info.n_layers, info.n_heads)
+        out = kp.reference_sweep(model.bridge, base, src, spec.site, metric, info.n_layers, info.n_heads,
+                                 n_kv=info.n_kv_heads)
         lds = kp.reference_sweep(model.bridge, base, src, spec.site, ld, info.n_layers, info.n_heads,
                                  cell_list=[])
         lds = (lds.base, lds.source)
@@ -173,7 +177,8 @@ def compute(spec: PatchSpec, model: LoadedModel, progress=None) -> PatchResult:
     return PatchResult(
         site=spec.site, metric=spec.metric, direction=spec.direction, axes=axes,
         layers=list(range(info.n_layers)), positions=list(range(T)) if "pos" in axes else [],
-        heads=list(range(info.n_heads)) if "head" in axes else [],
+        heads=(list(range(info.n_heads)) if "head" in axes
+               else list(range(info.n_kv_heads)) if "kv_head" in axes else []),
         values=values.astype(np.float32),
         clean_tokens=model.str_tokens(encoded[0].clean_ids),
         corrupt_tokens=model.str_tokens(encoded[0].corrupt_ids),
@@ -220,9 +225,9 @@ def intervene(spec: PatchSpec, layer: int, pos: int | None = None, head: int | N
     info = model.info
     e = encode_pairs(model, spec.pairs()[:1])[0]
     T = len(e.clean_ids)
-    coords = {"layer": layer, "pos": pos, "head": head}
+    coords = {"layer": layer, "pos": pos, "head": head, "kv_head": head}
     axes = SITE_AXES[spec.site]
-    limits = {"layer": info.n_layers, "pos": T, "head": info.n_heads}
+    limits = {"layer": info.n_layers, "pos": T, "head": info.n_heads, "kv_head": info.n_kv_heads}
     for a in axes:
         v = coords[a]
         if not isinstance(v, int) or not 0 <= v < limits[a]:

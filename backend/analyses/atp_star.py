@@ -1,0 +1,284 @@
+"""AtP*: attribution patching with the two fixes of Kramár et al. (2024), and how many of
+plain AtP's false negatives they recover against the exact sweep.
+
+Plain AtP (backend.analyses.attribution) estimates a patch by a first-order Taylor term.
+It fails in two known ways:
+
+1. Attention saturation. A query or key patch can move a softmax a long way; the gradient
+   at the base pattern sees almost none of that. The QK fix computes the patched attention
+   pattern exactly (softmax of the patched scores; everything else at its base value) and
+   only linearises from the pattern on:  (pattern' - pattern) . dM/dpattern.
+   Used for the head_q and head_k sites (a key/value head changes the patterns of all the
+   query heads of its group).
+2. Cancellation. A node whose effect runs through two paths of opposite sign gets a small
+   gradient. GradDrop recomputes the estimate L times, each time with the gradient through
+   one layer's attention and MLP outputs stopped, and scores the node by the mean of the
+   absolute estimates, (1 / (L - 1)) * sum_l |AtP_drop_l(n)|: a magnitude (unsigned) that a
+   cancelling pair cannot hide. The L gradient-dropped runs and the plain run go through the
+   model as one batch of L + 1 rows (a row-wise mask decides where the gradient stops), so
+   the cost is one batched forward and backward.
+
+An AtPStarSpec asks the question of a PatchSpec. Its result keeps the plain AtP deltas, the
+QK-fixed deltas (`values` / `deltas`, on the scale of the exact sweep) and the GradDrop
+magnitudes. `false_negatives` compares each estimate's ranking with the exact sweep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InvalidSite, InvalidSpec
+from ..models import LoadedModel
+from ..runner import analysis
+from ..tasks import encode_pairs
+from .attribution import AtPResult, AtPSpec
+from .patching import SITE_AXES, PatchSpec, _metrics
+
+STAR_SITES = ("resid_pre", "attn_out", "mlp_out", "head_out", "head_q", "head_k", "head_v")
+_COMPONENT = {"resid_pre": "resid_pre", "attn_out": "attn_out", "mlp_out": "mlp_out", "head_out": "z",
+              "head_q": "q", "head_k": "k", "head_v": "v"}
+
+
+@dataclass(frozen=True)
+class AtPStarSpec(AtPSpec):
+    KIND = "atpstar"
+    ALLOWED_SITES = STAR_SITES
+
+
+@dataclass(frozen=True)
+class AtPStarResult(AtPResult):
+    """values/deltas: AtP with the QK fix (= plain AtP outside head_q/head_k)."""
+
+    atp_deltas: np.ndarray       # plain AtP, same cells
+    graddrop: np.ndarray         # GradDrop magnitude per cell (>= 0), same scale as deltas
+
+
+def _reduce(contrib, site):
+    """[row pos ...] elementwise products -> per-cell sums [row pos] or [row head]."""
+    if site in ("head_out", "head_q", "head_k", "head_v"):     # [row pos head d_head] -> [row head]
+        return contrib.sum((1, 3))
+    return contrib.sum(-1)                                      # [row pos d_model] -> [row pos]
+
+
+def star_attribution(model: LoadedModel, base_ids, source_ids, site: str, metric):
+    """(plain [cells], qk-fixed [cells], graddrop [cells], M(base), M(source), base logits,
+    source logits) for one pair, float64 tensors [layer pos|head]. Caller holds model.lock."""
+    import torch
+
+    from kernels import patching as kp
+
+    from ..sites import Component, Site, hook_name, hook_names
+
+    bridge, info = model.bridge, model.info
+    L = info.n_layers
+    names = hook_names(Component(_COMPONENT[site]), L)
+    qk = site in ("head_q", "head_k")
+    pat_names = hook_names(Component.PATTERN, L) if qk else []
+    wanted = set(names)
+    with torch.inference_mode():
+        src_logits, cache = bridge.run_with_cache(model.tensor(source_ids), names_filter=lambda n: n in wanted)
+        src_acts = [cache[n][0].detach().clone() for n in names]
+    del cache
+
+    B = L + 1                                    # row 0: plain; row 1 + l: gradient dropped at layer l
+    base_t = model.tensor(base_ids).expand(B, -1)
+    acts: dict[str, torch.Tensor] = {}
+
+    def leaf(act, hook):
+        return act.detach().requires_grad_(True)
+
+    def keeper(name):
+        def keep(act, hook):
+            acts[name] = act
+            return act
+        return keep
+
+    def dropper(layer):
+        mask = torch.zeros(B, 1, 1, dtype=torch.bool)
+        mask[1 + layer] = True
+
+        def drop(act, hook):           # same values; no gradient through this row's output
+            return torch.where(mask.to(act.device), act.detach(), act)
+        return drop
+
+    hooks = [(hook_name(Site(Component.EMBED)), leaf)] + [(n, keeper(n)) for n in names + pat_names]
+    for layer in range(L):
+        for comp in (Component.ATTN_OUT, Component.MLP_OUT):
+            hooks.append((hook_name(Site(comp, layer)), dropper(layer)))
+    with torch.enable_grad(), bridge.hooks(fwd_hooks=hooks):
+        logits = bridge(base_t)
+        ms = metric.from_logits(logits[:, -1].float())             # [B], identical values
+        targets = names + pat_names
+        missing = [n for n in targets if n not in acts]
+        if missing:
+            raise InvalidSite(f"The model has no hook {missing[0]} for the {site} site.")
+        grads = torch.autograd.grad(ms.sum(), [acts[n] for n in targets], allow_unused=True)
+    act_grads, pat_grads = grads[:L], grads[L:]
+    rows = []
+    for n, g, s in zip(names, act_grads, src_acts):
+        a = acts[n].detach()
+        g = torch.zeros_like(a) if g is None else g
+        rows.append(_reduce(((s.to(a.dtype) - a[0]).unsqueeze(0) * g).double(), site))   # [B cells]
+    est = torch.stack(rows, 1)                                     # [B layer cells]
+    plain = est[0]
+    fixed_rows = est
+    if qk:   # exact patterns, linear from the pattern on
+        fm = kp.fast_model(bridge)
+        if fm is None:
+            raise InvalidSpec("The QK fix needs the fast Llama-style path; this model has none.")
+        with torch.inference_mode():
+            bs, ss = kp.states(fm, base_ids), kp.states(fm, source_ids)
+        rep = info.n_heads // info.n_kv_heads
+        fixed = []
+        for j in range(L):
+            pg = pat_grads[j]
+            pg = torch.zeros_like(acts[pat_names[j]]) if pg is None else pg     # [B head T T]
+            base_pat = acts[pat_names[j]].detach()[0]                           # [head T T]
+            with torch.inference_mode():
+                qb = fm.queries(j, bs.pre[j])
+                qs = fm.queries(j, ss.pre[j]) if site == "head_q" else None
+            per_cell = []
+            n_cells = info.n_heads if site == "head_q" else info.n_kv_heads
+            for c in range(n_cells):
+                heads = [c] if site == "head_q" else list(range(c * rep, (c + 1) * rep))
+                total = torch.zeros(B, dtype=torch.float64)
+                for h in heads:
+                    g = h // rep
+                    with torch.inference_mode():
+                        new = fm.head_pattern(qs[:, h] if site == "head_q" else qb[:, h],
+                                              bs.K[j, g] if site == "head_q" else ss.K[j, g])
+                    dp = (new - base_pat[h]).to(pg.dtype)
+                    total = total + (dp.unsqueeze(0) * pg[:, h]).sum((1, 2)).double()
+                per_cell.append(total)
+            fixed.append(torch.stack(per_cell, 1))                              # [B cells]
+        fixed_rows = torch.stack(fixed, 1)                                      # [B layer cells]
+    graddrop = fixed_rows[1:].abs().sum(0) / max(L - 1, 1)
+    with torch.inference_mode():
+        src_m = float(metric.from_logits(src_logits[:, -1].float())[0])
+    return (plain, fixed_rows[0], graddrop, float(ms[0].detach()), src_m,
+            logits.detach()[0, -1], src_logits[0, -1])
+
+
+@analysis(AtPStarSpec, AtPStarResult)
+def compute(spec: AtPStarSpec, model: LoadedModel, progress=None) -> AtPStarResult:
+    from kernels import patching as kp
+
+    encoded = encode_pairs(model, spec.pairs())
+    info = model.info
+    acc = {"plain": 0.0, "fixed": 0.0, "gd": 0.0}
+    clean_m = corrupt_m = clean_ld = corrupt_ld = 0.0
+    with model.lock:
+        for i, e in enumerate(encoded):
+            if progress and len(encoded) > 1:
+                progress(f"AtP* pair {i + 1} of {len(encoded)}…")
+            base, src = ((e.corrupt_ids, e.clean_ids) if spec.direction == "denoising"
+                         else (e.clean_ids, e.corrupt_ids))
+            metric = _metrics(model, None, e, spec.metric)
+            plain, fixed, gd, base_m, src_m, base_l, src_l = star_attribution(model, base, src, spec.site, metric)
+            ld = kp.LogitDiff(e.answer_id, e.wrong_id)
+            base_ld, src_ld = (float(ld.from_logits(x[None].float())[0]) for x in (base_l, src_l))
+            cm, km, cl, kl = ((src_m, base_m, src_ld, base_ld) if spec.direction == "denoising"
+                              else (base_m, src_m, base_ld, src_ld))
+            acc = {"plain": acc["plain"] + plain, "fixed": acc["fixed"] + fixed, "gd": acc["gd"] + gd}
+            clean_m, corrupt_m, clean_ld, corrupt_ld = clean_m + cm, corrupt_m + km, clean_ld + cl, corrupt_ld + kl
+    n = len(encoded)
+    arr = {k: (v / n).cpu().numpy() for k, v in acc.items()}
+    clean_m, corrupt_m, clean_ld, corrupt_ld = clean_m / n, corrupt_m / n, clean_ld / n, corrupt_ld / n
+    base_m = corrupt_m if spec.direction == "denoising" else clean_m
+    if spec.metric == "logit_diff_norm":
+        gap = clean_m - corrupt_m
+        if abs(gap) < 1e-6:
+            raise InvalidSpec("The clean and corrupted prompts give the same logit difference "
+                              f"({clean_m:.4f}), so the normalised logit difference is undefined.")
+        arr = {k: v / gap if k != "gd" else v / abs(gap) for k, v in arr.items()}
+        base_m = 0.0 if spec.direction == "denoising" else 1.0
+    T = len(encoded[0].clean_ids)
+    axes = list(SITE_AXES[spec.site])
+    heads = (list(range(info.n_heads)) if "head" in axes
+             else list(range(info.n_kv_heads)) if "kv_head" in axes else [])
+    return AtPStarResult(
+        site=spec.site, metric=spec.metric, direction=spec.direction, axes=axes,
+        layers=list(range(info.n_layers)), positions=list(range(T)) if "pos" in axes else [], heads=heads,
+        values=(base_m + arr["fixed"]).astype(np.float32), deltas=arr["fixed"].astype(np.float32),
+        atp_deltas=arr["plain"].astype(np.float32), graddrop=arr["gd"].astype(np.float32),
+        clean_tokens=model.str_tokens(encoded[0].clean_ids),
+        corrupt_tokens=model.str_tokens(encoded[0].corrupt_ids),
+        clean_metric=float(1.0 if spec.metric == "logit_diff_norm" else clean_m),
+        corrupt_metric=float(0.0 if spec.metric == "logit_diff_norm" else corrupt_m),
+        clean_logit_diff=float(clean_ld), corrupt_logit_diff=float(corrupt_ld),
+        n_pairs=n, method="atp*")
+
+
+def false_negatives(exact_deltas: np.ndarray, scores: dict[str, np.ndarray], important: float = 0.05,
+                    budget: float = 1.0) -> dict:
+    """How each estimate ranks the cells that matter.
+
+    A cell matters when its exact effect |delta| >= `important` (on the metric's scale). With n
+    such cells, a method inspects its top budget * n cells by |score|; a cell that matters and
+    is not among them is a false negative of that method.
+    """
+    ex = np.abs(np.asarray(exact_deltas, np.float64)).ravel()
+    true = np.flatnonzero(ex >= important)
+    k = max(1, int(round(budget * len(true))))
+    out = {"important": int(len(true)), "inspected": k, "threshold": important, "methods": {}}
+    for name, s in scores.items():
+        order = np.argsort(-np.abs(np.asarray(s, np.float64)).ravel(), kind="stable")[:k]
+        missed = sorted(set(true.tolist()) - set(order.tolist()), key=lambda i: -ex[i])
+        out["methods"][name] = {"false_negatives": len(missed),
+                                "missed": [{"cell": int(i), "exact": float(exact_deltas.ravel()[i])}
+                                           for i in missed]}
+    return out
+
+
+def compare_with_exact(spec: AtPStarSpec, result: AtPStarResult | None = None,
+                       important: float = 0.05) -> dict | None:
+    """False negatives of plain AtP, AtP with the QK fix, and GradDrop against the stored exact
+    sweep of the same question (never computes it; None when it is not stored)."""
+    from ..runner import lookup, run
+    from .attribution import correlation
+
+    exact = lookup(PatchSpec(model=spec.model, clean=spec.clean, corrupt=spec.corrupt, answer=spec.answer,
+                             wrong=spec.wrong, site=spec.site, metric=spec.metric,
+                             direction=spec.direction, dataset=spec.dataset))
+    if exact is None:
+        return None
+    r = result or run(spec).result
+    ex = exact.result
+    base = ex.corrupt_metric if spec.direction == "denoising" else ex.clean_metric
+    exact_d = ex.values.astype(np.float64) - base
+    scores = {"atp": r.atp_deltas, "graddrop": r.graddrop}
+    if spec.site in ("head_q", "head_k"):
+        scores["atp_qk_fix"] = r.deltas
+        scores["atp_star"] = np.maximum(np.abs(r.deltas), r.graddrop)
+    else:
+        scores["atp_star"] = np.maximum(np.abs(r.atp_deltas), r.graddrop)
+    fn = false_negatives(exact_d, scores, important)
+    fn["pearson_atp"] = correlation(r.atp_deltas, exact_d)
+    fn["pearson_qk_fix"] = correlation(r.deltas, exact_d)
+    fn["exact_run_key"] = exact.run_key
+    return fn
+
+
+def add_cli_args(p) -> None:
+    from .patching import add_cli_args as add_task_args
+
+    add_task_args(p, sites=STAR_SITES, default_metric="logit_diff")
+
+
+def run_cli(a) -> dict:
+    import sys
+
+    from ..runner import run
+    from .patching import spec_from_args, sweep_payload
+
+    spec = spec_from_args(AtPStarSpec, a)
+    out = run(spec, progress=lambda m: print(m, file=sys.stderr))
+    payload = sweep_payload(spec, out)
+    payload["atp_deltas"] = np.round(out.result.atp_deltas.astype(np.float64), 6).tolist()
+    payload["graddrop"] = np.round(out.result.graddrop.astype(np.float64), 6).tolist()
+    cmp = compare_with_exact(spec, out.result)
+    if cmp is not None:
+        payload["false_negatives"] = cmp
+    return payload
