@@ -207,6 +207,18 @@ def test_intervene_matches_the_sweep(model, store):
     assert r2.after == pytest.approx(1.0, abs=1e-4)   # the clean token at layer 0 is the clean run
     assert r2.top_after[0]["token"] == " Paris"
     assert intervene(_spec(FACT), layer=5, pos=1, model=model).after == 0.0   # identity patch
+    # a click is stored like any result: its link reopens it from the store
+    from backend.analyses.patching import InterventionSpec
+    ispec = InterventionSpec(**_spec(FACT, site="head_k").fields(), layer=int(layer), head=1)
+    first = run(ispec, store=store)
+    again = run(ispec, store=store)
+    assert not first.from_store and again.from_store and again.result == first.result
+    kv_sweep = run(_spec(FACT, site="head_k"), store=store).result.values
+    assert first.result.after == pytest.approx(float(kv_sweep[layer, 1]), abs=1e-4)
+    assert first.result.cell == {"layer": int(layer), "kv_head": 1}
+    with pytest.raises(InvalidSite):
+        run(InterventionSpec(**_spec(FACT, site="head_k").fields(), layer=0, head=5), store=store)
+    assert not store.has(InterventionSpec(**_spec(FACT, site="head_k").fields(), layer=0, head=5).key())
 
 
 def test_cli_patch_json_and_store_hit(model, capsys):

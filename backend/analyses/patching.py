@@ -192,7 +192,7 @@ def compute(spec: PatchSpec, model: LoadedModel, progress=None) -> PatchResult:
 # Click-to-patch: one intervention, live
 # ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Intervention:
+class Intervention(Result):
     site: str
     cell: dict                   # {"layer": 12, "pos": 9} or {"layer": 23, "head": 3} ...
     direction: str
@@ -256,6 +256,34 @@ def intervene(spec: PatchSpec, layer: int, pos: int | None = None, head: int | N
                         metric=spec.metric, before=float(before), after=float(after),
                         top_before=_top(model, base_l, top_k), top_after=_top(model, after_logits, top_k),
                         seconds=time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class InterventionSpec(PatchSpec):
+    """One click: a patch of `site` at (layer, pos / head) on the spec's first pair, stored like
+    every result, so the link of a clicked cell reopens it from the store."""
+
+    KIND = "intervention"
+    layer: int = 0
+    pos: int = -1                # -1: the site has no position axis
+    head: int = -1               # -1: the site has no head axis
+
+    def validate(self):
+        super().validate()
+        for name in ("layer", "pos", "head"):
+            if not isinstance(getattr(self, name), int):
+                raise InvalidSite(f"{name} must be a whole number.")
+
+    def patch_spec(self) -> PatchSpec:
+        return PatchSpec(model=self.model, clean=self.clean, corrupt=self.corrupt, answer=self.answer,
+                         wrong=self.wrong, site=self.site, metric=self.metric, direction=self.direction,
+                         dataset=self.dataset)
+
+
+@analysis(InterventionSpec, Intervention)
+def compute_intervention(spec: InterventionSpec, model: LoadedModel, progress=None) -> Intervention:
+    return intervene(spec.patch_spec(), spec.layer, None if spec.pos < 0 else spec.pos,
+                     None if spec.head < 0 else spec.head, model=model)
 
 
 # ---------------------------------------------------------------------------------------
