@@ -8,13 +8,16 @@ Usable from a notebook as from the app:
 """
 
 from . import analyses  # noqa: F401  (registers every analysis)
+from . import massive_corpus, neuron_stats  # noqa: F401  (their per-item analyses, e.g. neuron contexts)
 from .analyses.attention import AttentionSpec
+from .analyses.atp_star import AtPStarSpec
 from .analyses.attribution import AtPSpec
+from .analyses.circuits import CircuitSpec, EdgeScoresSpec
 from .analyses.features import FeaturesSpec
 from .analyses.head_scores import HeadScoresSpec
 from .analyses.massive import MassiveAblationSpec, MassiveSpec
 from .analyses.neurons import NeuronLogitSpec, NeuronsSpec
-from .analyses.patching import PatchSpec
+from .analyses.patching import InterventionSpec, PatchSpec
 from .analyses.prompt import PromptSpec
 from .analyses.token_lens import TokenLensSpec
 from .errors import DashboardError
@@ -23,4 +26,5 @@ from .spec import Spec
 
 __all__ = ["run", "lookup", "model_info", "Spec", "DashboardError", "PromptSpec", "TokenLensSpec",
            "AttentionSpec", "HeadScoresSpec", "PatchSpec", "AtPSpec", "MassiveSpec", "MassiveAblationSpec",
-           "NeuronsSpec", "NeuronLogitSpec", "FeaturesSpec"]
+           "NeuronsSpec", "NeuronLogitSpec", "FeaturesSpec", "AtPStarSpec", "InterventionSpec",
+           "CircuitSpec", "EdgeScoresSpec"]

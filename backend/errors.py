@@ -102,3 +102,13 @@ class SAEMismatch(DashboardError):
     """An SAE used with a model or hook it was not trained for."""
 
     code = "sae_mismatch"
+
+
+class FeatureIndexMissing(DashboardError):
+    """The corpus index (or the map) of an SAE has not been built, or was built for other weights."""
+
+    code = "feature_index_missing"
+
+
+class EmptySearch(DashboardError):
+    code = "empty_search"

@@ -29,6 +29,9 @@ class Component(str, Enum):
     ATTN_SCORES = "attn_scores"  # attention logits                 [batch head q_pos k_pos]
     RESULT = "result"            # per-head output (needs use_attn_result)
     FINAL_NORM = "final_norm"    # after the final norm             [batch pos d_model]
+    LN1_IN = "ln1_in"            # input of block L's attention norm (reads resid_pre only) [batch pos d_model]
+    LN2_IN = "ln2_in"            # input of block L's MLP norm (reads resid_mid only)        [batch pos d_model]
+    FINAL_IN = "final_in"        # input of the final norm (the final residual)             [batch pos d_model]
 
 
 _BLOCK = {
@@ -46,8 +49,11 @@ _BLOCK = {
     Component.PATTERN: "attn.hook_pattern",
     Component.ATTN_SCORES: "attn.hook_attn_scores",
     Component.RESULT: "attn.hook_result",
+    Component.LN1_IN: "ln1.hook_in",
+    Component.LN2_IN: "ln2.hook_in",
 }
-_GLOBAL = {Component.EMBED: "hook_embed", Component.FINAL_NORM: "ln_final.hook_normalized"}
+_GLOBAL = {Component.EMBED: "hook_embed", Component.FINAL_NORM: "ln_final.hook_normalized",
+           Component.FINAL_IN: "ln_final.hook_in"}
 HEADED = {Component.Q, Component.Z, Component.PATTERN, Component.ATTN_SCORES, Component.RESULT,
           Component.K, Component.V}
 

@@ -44,6 +44,66 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE job_chunks(job_key VARCHAR NOT NULL, chunk INTEGER NOT NULL,
                n_rows BIGINT NOT NULL, seconds DOUBLE, PRIMARY KEY(job_key, chunk))""",
     ],
+    # 3: neuron corpus statistics (backend/neuron_stats.py) and massive activations over a
+    # corpus (backend/massive_corpus.py): per-chunk partial rows, then the merged tables.
+    [
+        """CREATE TABLE neuron_part(job_key VARCHAR NOT NULL, chunk INTEGER NOT NULL, layer SMALLINT NOT NULL,
+               n BIGINT, active INTEGER[], sum DOUBLE[], sumsq DOUBLE[], mass DOUBLE[], ss_tot DOUBLE[],
+               ssb_pos DOUBLE[], ssb_tok DOUBLE[], g_pos INTEGER, g_tok INTEGER)""",
+        """CREATE TABLE neuron_part_big(job_key VARCHAR NOT NULL, chunk INTEGER NOT NULL,
+               layer SMALLINT NOT NULL, hist INTEGER[], k SMALLINT, top_value FLOAT[], top_doc INTEGER[],
+               top_pos INTEGER[], kt SMALLINT, tok_id INTEGER[], tok_mass FLOAT[], tok_count INTEGER[])""",
+        """CREATE TABLE neuron_stats(job_key VARCHAR NOT NULL, layer SMALLINT NOT NULL, neuron SMALLINT NOT NULL,
+               n BIGINT, active BIGINT, freq DOUBLE, mean DOUBLE, std DOUBLE, max FLOAT, dead BOOLEAN,
+               mass DOUBLE, top1_share DOUBLE, top5_share DOUBLE, top_tokens INTEGER[],
+               top_token_mass FLOAT[], top_token_count INTEGER[], pos_share DOUBLE, tok_share DOUBLE,
+               token_detector BOOLEAN, is_positional BOOLEAN)""",
+        """CREATE TABLE neuron_top(job_key VARCHAR NOT NULL, layer SMALLINT NOT NULL, neuron SMALLINT NOT NULL,
+               rank SMALLINT NOT NULL, doc INTEGER, pos INTEGER, value FLOAT)""",
+        """CREATE TABLE neuron_hist(job_key VARCHAR NOT NULL, layer SMALLINT NOT NULL, neuron SMALLINT NOT NULL,
+               counts INTEGER[])""",
+        """CREATE TABLE massive_part(job_key VARCHAR NOT NULL, chunk INTEGER NOT NULL, layer SMALLINT NOT NULL,
+               dim SMALLINT NOT NULL, kind VARCHAR NOT NULL, n BIGINT, n_seqs INTEGER, sum DOUBLE,
+               sumsq DOUBLE, vmin FLOAT, vmax FLOAT)""",
+        """CREATE TABLE massive_layer_part(job_key VARCHAR NOT NULL, chunk INTEGER NOT NULL,
+               layer SMALLINT NOT NULL, n_seqs INTEGER, seqs_with INTEGER, median_sum DOUBLE,
+               top_sum DOUBLE, top_max FLOAT, ratio_max DOUBLE, n_tokens BIGINT)""",
+    ],
+    # 4: SAE features over a corpus (backend/features_corpus): one index per (SAE id, weights
+    # hash, corpus slice); sparse activation rows as the job writes them, then two clustered
+    # copies; per-feature statistics; weight-derived tables keyed by "<sae id>@<weights hash>".
+    [
+        """CREATE TABLE feature_indexes(ix SMALLINT PRIMARY KEY, sae_id VARCHAR NOT NULL,
+               weights_hash VARCHAR NOT NULL, model VARCHAR NOT NULL, hook_name VARCHAR, d_sae INTEGER,
+               corpus VARCHAR, split VARCHAR, context INTEGER, n_windows INTEGER, job_key VARCHAR NOT NULL,
+               n_tokens BIGINT, n_rows BIGINT, built TIMESTAMP)""",
+        """CREATE TABLE feature_acts(ix SMALLINT NOT NULL, feature INTEGER NOT NULL, doc INTEGER NOT NULL,
+               pos INTEGER NOT NULL, value FLOAT NOT NULL, token INTEGER NOT NULL)""",
+        """CREATE TABLE feature_acts_by_feature(ix SMALLINT NOT NULL, feature INTEGER NOT NULL,
+               doc INTEGER NOT NULL, pos INTEGER NOT NULL, value FLOAT NOT NULL, token INTEGER NOT NULL)""",
+        """CREATE TABLE feature_acts_by_doc(ix SMALLINT NOT NULL, feature INTEGER NOT NULL,
+               doc INTEGER NOT NULL, pos INTEGER NOT NULL, value FLOAT NOT NULL, token INTEGER NOT NULL)""",
+        """CREATE TABLE feature_windows(ix SMALLINT NOT NULL, doc INTEGER NOT NULL, start INTEGER NOT NULL,
+               ids INTEGER[] NOT NULL)""",
+        """CREATE TABLE feature_stats(ix SMALLINT NOT NULL, feature INTEGER NOT NULL, n BIGINT, density DOUBLE,
+               max FLOAT, mean FLOAT, quantiles FLOAT[])""",
+        """CREATE TABLE feature_hist(ix SMALLINT NOT NULL, feature INTEGER NOT NULL, bin SMALLINT NOT NULL,
+               n BIGINT)""",
+        """CREATE TABLE feature_top_tokens(ix SMALLINT NOT NULL, feature INTEGER NOT NULL, token INTEGER NOT NULL,
+               n INTEGER)""",
+        """CREATE TABLE sae_logit_effects(sae_key VARCHAR NOT NULL, feature INTEGER NOT NULL,
+               rank SMALLINT NOT NULL, token INTEGER NOT NULL, value FLOAT NOT NULL)""",
+        """CREATE TABLE sae_similar(sae_key VARCHAR NOT NULL, feature INTEGER NOT NULL, rank SMALLINT NOT NULL,
+               other INTEGER NOT NULL, cosine FLOAT NOT NULL)""",
+        """CREATE TABLE sae_maps(sae_key VARCHAR NOT NULL, feature INTEGER NOT NULL, x FLOAT, y FLOAT)""",
+        """CREATE TABLE token_strings(model VARCHAR NOT NULL, token INTEGER NOT NULL, text VARCHAR NOT NULL)""",
+    ],
+    # 5: saved circuits (backend/analyses/circuits.py): a name -> a circuit spec
+    [
+        """CREATE TABLE saved_circuits(circuit_id VARCHAR PRIMARY KEY, name VARCHAR NOT NULL,
+               run_key VARCHAR NOT NULL, spec JSON NOT NULL, faithfulness DOUBLE, link JSON,
+               created TIMESTAMP DEFAULT current_timestamp)""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -10,6 +10,7 @@ from backend.saes import list_saes
 
 from .. import figures
 from ..common import check_link_key, fetch, make_spec, navigate
+from ..figures_features import feature_click_overlay
 from ..state import View
 
 
@@ -53,7 +54,14 @@ def render(view: View) -> View:
     st.caption(f"{r.sae_id} at `{r.hook_name}`, {r.d_sae} latents. Mean L0 {r.l0.mean():.1f}; "
                f"median reconstruction error {float(pd.Series(r.recon_error).median()):.3f} of the squared norm. "
                "Position 0 carries the massive activations and reconstructs poorly.")
-    st.plotly_chart(figures.feature_heatmap(r.tokens, r.feature_ids, r.feature_values, r.recon_error), key="feat")
+    fig = figures.feature_heatmap(r.tokens, r.feature_ids, r.feature_values, r.recon_error)
+    rows = [int(t.lstrip("#")) for t in (fig.layout.yaxis.ticktext or ())]   # the heatmap's features, top down
+    feature_click_overlay(fig, rows, len(r.tokens), r.tokens)
+    st.caption("Click a cell to open that feature's dashboard (corpus examples, logit effects, similar features).")
+    event = st.plotly_chart(fig, key=f"feat-{out.run_key}", on_select="rerun", selection_mode="points")
+    points = [p for p in (event.selection.points if event else []) if p.get("curve_number") == 2]
+    if points:
+        navigate(view.replace(page="feature", feature=rows[int(points[0]["y"])], key=""))
     rows = [{"pos": p, "token": figures.fmt_token(t),
              "top features": ", ".join(f"#{f['feature']} ({f['value']:.1f})" for f in feats[:6])}
             for p, (t, feats) in enumerate(zip(r.tokens, r.top_features()))]

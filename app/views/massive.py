@@ -66,4 +66,62 @@ def render(view: View) -> View:
     if r.sink_positions:
         sink_tokens = ", ".join(f"{p}:{figures.fmt_token(r.tokens[p])}" for p in r.sink_positions[:5])
         c2.plotly_chart(figures.sink_heatmap(r.sink_share, sink_tokens), key="sink")
+    _across_corpus(view)
     return view
+
+
+def _across_corpus(view: View) -> None:
+    """Across the corpus: the massive-corpus job's aggregates and the zero/mean ablation."""
+    from backend import massive_corpus as mc
+    from backend.errors import DashboardError
+    from backend.store import default_store
+
+    from .. import figures_neuron
+
+    st.subheader("Across the corpus")
+    store = default_store()
+    job = mc.finished_job(store, view.model)
+    if job is None:
+        st.info("Not computed yet: a resumable job scans corpus windows with the on-the-fly kernel "
+                f"(CLI: `python -m backend massive-corpus --model {view.model}`).", icon=":material/info:")
+        if st.button("Scan 256 corpus windows", key="w_mc_run"):
+            bar = st.progress(0.0, text="starting…")
+            try:
+                mc.run(mc.MassiveCorpusJob(model=view.model),
+                       progress=lambda done, total, msg: bar.progress(done / max(total, 1), text=msg))
+            except DashboardError as e:
+                st.error(str(e), icon=":material/warning:")
+                return
+            st.rerun()
+        return
+    summ = mc.summary(store, job)
+    st.caption(f"{job.n_windows} train windows of {job.length} tokens · criterion |value| ≥ {job.abs_threshold:g} "
+               f"and ≥ {job.ratio_threshold:g} × the sequence's layer median · job `{job.key()}`")
+    if summ["appears"] is None:
+        st.info("In no layer do at least half the sequences have a massive activation under this criterion.")
+    else:
+        dims = ", ".join(f"{d['dim']} (layers {d['appears']}–{d['last']}, mean {d['mean_value']:.0f}, "
+                         f"std {d['mean_std']:.0f})" for d in summ["dims"])
+        st.success(f"Massive activations appear at layer {summ['appears']} and stay through layer "
+                   f"{summ['vanishes_after']} (in ≥ half the sequences), in dimension(s) {dims}.")
+    st.plotly_chart(figures_neuron.massive_corpus_layers(summ["layers"]), key="mc_layers")
+    c1, c2 = st.columns([3, 2])
+    c1.plotly_chart(figures_neuron.massive_corpus_dims(mc.dims(store, job.key())), key="mc_dims")
+    with c2:
+        st.markdown("**Token kinds** carrying them (entries over all layers)")
+        st.dataframe(pd.DataFrame(summ["kinds"]), hide_index=True,
+                     column_config={"share": st.column_config.NumberColumn(format="%.3f")})
+    spec = make_spec(mc.MassiveCorpusAblationSpec, model=view.model, job_key=job.key())
+    out = fetch(spec, "ablation on held-out corpus windows") if spec else None
+    if out is not None:
+        r = out.result
+        c1, c2 = st.columns([2, 3])
+        c1.plotly_chart(figures_neuron.ablation_bars(r.loss_original, r.loss_zero, r.loss_mean, r.layer),
+                        key="mc_ablation")
+        c2.markdown(f"**The paper's intervention** at layer {r.layer} ({r.layer_chosen}) on {r.n_windows} held-out "
+                    f"windows ({r.n_tokens} predicted tokens, {r.n_entries} massive entries changed):\n\n"
+                    f"| | loss (nats) | perplexity |\n|---|---|---|\n"
+                    f"| original | {r.loss_original:.4f} | {r.ppl_original:.2f} |\n"
+                    f"| set to zero | {r.loss_zero:.4f} | {r.ppl_zero:.2f} |\n"
+                    f"| set to the corpus mean | {r.loss_mean:.4f} | {r.ppl_mean:.2f} |\n\n"
+                    "Corpus means used: " + ", ".join(f"dim {d['dim']}: {d['mean']:.1f}" for d in r.dims))

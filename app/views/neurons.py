@@ -7,7 +7,7 @@ import streamlit as st
 from backend import NeuronLogitSpec, NeuronsSpec
 
 from .. import figures
-from ..common import check_link_key, fetch, make_spec, model_dims, synced
+from ..common import check_link_key, fetch, make_spec, model_dims, navigate, synced
 from ..state import View
 
 
@@ -37,6 +37,8 @@ def render(view: View) -> View:
     if points:
         view = view.replace(neuron=int(r.prompt_top_ids[int(points[0]["y"])]))
     if view.neuron >= 0:
+        if st.button(f"Open L{layer}N{view.neuron} over the corpus (top contexts, histogram) →", key="w_to_corpus"):
+            navigate(view.replace(page="neuron", layer=layer, key=""))
         lspec = make_spec(NeuronLogitSpec, model=view.model, layer=layer, neuron=view.neuron)
         lout = fetch(lspec, f"logit effect of L{layer}N{view.neuron}") if lspec else None
         if lout is not None:

@@ -1,0 +1,143 @@
+"""Circuits page: EAP / EAP-IG edge scores, the top-n circuit run exactly (faithfulness);
+click a node or an edge to remove it and rerun; save circuits with links."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+import streamlit as st
+
+from backend.analyses.circuits import CIRCUIT_METRICS, METHODS, CircuitSpec, save_circuit, saved_circuits
+from backend.errors import DashboardError
+
+from .. import figures
+from ..common import check_link_key, fetch, model_dims, navigate, synced
+from ..figures_circuits import circuit_graph, clicked_item
+from ..state import View, view_params
+from .patching import TASKS
+
+METHOD_LABELS = {"eap": "EAP (1 forward + backward)", "eap-ig": "EAP-IG (integrated gradients, 5 steps)"}
+
+
+def _form(view: View) -> View:
+    with st.form("circuit_form"):
+        c1, c2, c3, c4 = st.columns(4)
+        task = c1.selectbox("Task", list(TASKS), format_func=TASKS.get,
+                            index=list(TASKS).index(view.task) if view.task in TASKS else 0)
+        method = c2.selectbox("Method", METHODS, format_func=METHOD_LABELS.get,
+                              index=METHODS.index(view.method) if view.method in METHODS else 0)
+        metric = c3.selectbox("Metric", CIRCUIT_METRICS, format_func=lambda m: figures.METRIC_LABELS[m].split(" (")[0],
+                              index=CIRCUIT_METRICS.index(view.metric) if view.metric in CIRCUIT_METRICS else 0)
+        top_n = c4.number_input("Edges kept (top-n by |score|)", 1, CircuitSpec.MAX_TOP_N,
+                                min(max(view.top_n, 1), CircuitSpec.MAX_TOP_N))
+        c1, c2 = st.columns(2)
+        clean = c1.text_input("Clean prompt", view.clean)
+        corrupt = c2.text_input("Corrupted prompt (same number of tokens)", view.corrupt)
+        c1, c2, c3 = st.columns([1, 1, 2])
+        answer = c1.text_input("Answer (one token)", view.answer)
+        wrong = c2.text_input("Wrong answer (one token)", view.wrong)
+        n_pairs = c3.number_input("Pairs for a built-in task (averaged)", 1, 64, view.n_pairs)
+        if st.form_submit_button("Find circuit", type="primary"):
+            return view.replace(task=task, method=method, metric=metric, top_n=int(top_n), clean=clean,
+                                corrupt=corrupt, answer=answer, wrong=wrong, n_pairs=int(n_pairs),
+                                removed="", circuit="", key="")
+    return view
+
+
+def removed_list(view: View) -> tuple[str, ...]:
+    return tuple(r for r in view.removed.split(";") if r.strip())
+
+
+def spec_of(view: View, removed: tuple[str, ...] | None = None) -> CircuitSpec:
+    kw = dict(metric=view.metric, method=view.method, top_n=view.top_n,
+              removed=removed_list(view) if removed is None else removed)
+    if view.task == "custom":
+        return CircuitSpec(model=view.model, clean=view.clean, corrupt=view.corrupt, answer=view.answer,
+                           wrong=view.wrong, **kw)
+    from backend.models import load_model
+    from backend.tasks import generate
+
+    return CircuitSpec.from_pairs(view.model, generate(load_model(view.model), view.task, n=view.n_pairs), **kw)
+
+
+def render(view: View) -> View:
+    st.header("Circuits")
+    st.caption("Edge attribution patching scores every edge of the graph (embeddings → heads / MLPs → "
+               "logits); the top edges form a circuit, which is then RUN: every edge outside it carries "
+               "the corrupted activation. Faithfulness = (M(circuit) − M(corrupt)) / (M(clean) − M(corrupt)). "
+               "Click a node or an edge (its midpoint) to remove it and rerun.")
+    new = _form(view)
+    if new != view:
+        navigate(new)
+    try:
+        spec = spec_of(view)
+    except DashboardError as e:
+        st.error(str(e), icon=":material/warning:")
+        return view
+    if not check_link_key(view, spec):
+        return view
+    out = fetch(spec, "circuit")
+    if out is None:
+        return view
+    view = view.replace(key=out.run_key)
+    r = out.result
+    removed = removed_list(view)
+    prev = None
+    if removed:
+        prev_out = fetch(spec.replace(removed=removed[:-1]), "circuit before the last removal")
+        prev = prev_out.result.faithfulness if prev_out else None
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("faithfulness", f"{r.faithfulness:.3f}",
+              delta=None if prev is None else f"{r.faithfulness - prev:+.3f}",
+              help="fraction of the clean-vs-corrupt metric gap the circuit recovers, by running it")
+    c2.metric("before the last removal", "–" if prev is None else f"{prev:.3f}")
+    c3.metric("edges / nodes", f"{len(r.edge_score)} / {len(r.nodes)}",
+              help=f"{r.n_selected} edges selected of {r.n_edges_total}; dangling ones pruned")
+    c4.metric("metric: clean / corrupt / circuit",
+              f"{r.clean_metric:.2f} / {r.corrupt_metric:.2f} / {r.circuit_metric:.2f}")
+    st.caption(f"{r.n_pairs} pair(s) · logit difference clean {r.clean_logit_diff:.2f}, corrupted "
+               f"{r.corrupt_logit_diff:.2f} · method {r.method} · metric {r.metric}")
+    info = model_dims(view.model)
+    if info is None:
+        return view
+    title = (f"Circuit: top {r.top_n} edges by |{r.method.upper()} score| (width ∝ |score|; blue +, red −)"
+             + (f", {len(removed)} removed" if removed else ""))
+    fig, items = circuit_graph(r.nodes, r.edge_from, r.edge_to, r.edge_score, info["n_layers"], info["n_heads"], title)
+    event = st.plotly_chart(fig, key=f"circuit-{out.run_key}", on_select="rerun", selection_mode="points")
+    points = event.selection.points if event else []
+    item = clicked_item(points, fig, items) if points else None
+    if item:
+        target = item.split(":", 1)[1]
+        if target not in removed:
+            navigate(view.replace(removed=";".join(removed + (target,)), circuit="", key=""))
+    if removed:
+        st.markdown("**Removed** (in click order): " + ", ".join(f"`{x}`" for x in removed))
+        if st.button("Restore all removed nodes and edges"):
+            navigate(view.replace(removed="", circuit="", key=""))
+    with st.expander(f"Edges of the circuit ({len(r.edge_score)})"):
+        st.dataframe([{"from": str(u), "to": str(d), "score": float(s)}
+                      for u, d, s in zip(r.edge_from, r.edge_to, r.edge_score)], hide_index=True)
+    return _saved(view, spec, r)
+
+
+def _saved(view: View, spec: CircuitSpec, r) -> View:
+    st.subheader("Saved circuits")
+    with st.form("save_circuit"):
+        name = st.text_input("Name this circuit", key=synced("w_circuit_name", ""))
+        if st.form_submit_button("Save circuit"):
+            try:
+                cid = save_circuit(name, spec, r.faithfulness, link=view_params(view.replace(circuit="")))
+                view = view.replace(circuit=cid)
+                st.success(f"Saved as {name!r} ({cid}).")
+            except DashboardError as e:
+                st.error(str(e), icon=":material/warning:")
+    rows = saved_circuits(model=view.model)
+    if not rows:
+        st.caption("No saved circuits yet.")
+    for c in rows:
+        mark = " ← this view" if c["id"] == view.circuit else ""
+        s = c["spec"]
+        st.markdown(f"- [{c['name']}](?{urlencode(c['link'])}) · {s.method}, top {s.top_n}"
+                    f"{', ' + str(len(s.removed)) + ' removed' if s.removed else ''} · faithfulness "
+                    f"{c['faithfulness']:.3f} · `{c['id']}`{mark}")
+    return view

@@ -1,0 +1,54 @@
+"""Feature map: every feature of an SAE placed by UMAP of its decoder direction (cosine),
+coloured by log density; clicking a point opens that feature's dashboard."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from backend.errors import DashboardError, FeatureIndexMissing
+from backend.features_corpus.fmap import build_map, map_data
+from backend.store import default_store
+
+from ..common import navigate
+from ..figures_features import feature_map
+from ..state import View
+from .feature import build_index_button, choose_sae
+
+
+def render(view: View) -> View:
+    st.header("Feature map")
+    sae = choose_sae(view, "w_msae")
+    if sae is None:
+        return view
+    try:
+        data = map_data(default_store(), sae)
+    except FeatureIndexMissing as e:
+        st.info(str(e), icon=":material/map:")
+        if st.button("Build the map now (about a minute)", key="w_build_map"):
+            with st.status("Building the map…") as status:
+                try:
+                    r = build_map(default_store(), sae, progress=lambda m: status.update(label=m))
+                except DashboardError as err:
+                    st.error(str(err), icon=":material/warning:")
+                    return view
+                status.update(label=f"Map built in {r.get('umap_seconds', 0):.0f} s", state="complete")
+            st.rerun()
+        return view
+    except DashboardError as e:
+        st.error(str(e), icon=":material/warning:")
+        return view
+    n = len(data["xy"])
+    if view.feature >= n:
+        st.error(f"Feature {view.feature} does not exist: {sae} has features 0–{n - 1}.", icon=":material/warning:")
+        return view
+    st.caption(f"{n:,} features; UMAP of the decoder directions (cosine, 15 neighbours). Hover: {data['label_source']}. "
+               "Click a point to open its dashboard" + (f"; the star is feature #{view.feature}." if view.feature >= 0 else "."))
+    if data["density"] is None:
+        st.caption("Colour needs the corpus index (densities).")
+        build_index_button(view, "map")
+    fig = feature_map(data["xy"], data["density"], data["labels"], f"Features of {sae}", view.feature)
+    event = st.plotly_chart(fig, key=f"map-{sae}", on_select="rerun", selection_mode="points")
+    points = [p for p in (event.selection.points if event else []) if p.get("curve_number", 0) == 0]
+    if points:
+        navigate(view.replace(page="feature", feature=int(points[0]["point_index"])))
+    return view

@@ -1,0 +1,80 @@
+"""CLI of the feature index, map and search (registered in backend/cli.py).
+
+    python -m backend feature-index --model smollm2-135m --sae all --windows 1024
+    python -m backend feature-map --sae smollm2-135m-L15-resid_pre
+    python -m backend feature-search --sae smollm2-135m-L15-resid_pre --mode token --q " Paris"
+    python -m backend feature --sae smollm2-135m-L15-resid_pre --feature 12     # a dashboard as JSON
+"""
+
+from __future__ import annotations
+
+from ..models import DEFAULT_MODEL
+from .index import DEFAULT_WINDOWS
+
+
+def add_index_args(p) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--sae", default="all", help="an SAE id, or 'all' (every shipped SAE of the model)")
+    p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
+                   help=f"corpus windows of 128 tokens to encode (default {DEFAULT_WINDOWS})")
+    p.add_argument("--corpus", default="default")
+
+
+def run_index(a) -> dict:
+    from ..jobs import tqdm_progress
+    from .index import build_index
+
+    return build_index(a.model, a.sae, a.windows, progress=tqdm_progress("feature index"), corpus_name=a.corpus)
+
+
+def add_map_args(p) -> None:
+    p.add_argument("--sae", required=True, help="an SAE id, or 'all'")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="with --sae all: the model whose SAEs to map")
+    p.add_argument("--no-file", action="store_true", help="store only, do not write feature_map.npz beside the SAE")
+
+
+def run_map(a) -> dict:
+    import sys
+
+    from ..store import default_store
+    from .fmap import build_map
+    from .index import resolve_saes
+
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    return {"maps": [build_map(default_store(), s, write_file=not a.no_file, progress=log)
+                     for s in resolve_saes(a.model, a.sae)]}
+
+
+def add_search_args(p) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--sae", required=True)
+    p.add_argument("--mode", choices=["token", "text"], default="token")
+    p.add_argument("--q", required=True, help="a token (token mode) or a text (text mode)")
+    p.add_argument("--by", choices=["max", "sum"], default="max", help="text mode: rank by max or sum over tokens")
+    p.add_argument("--limit", type=int, default=30)
+
+
+def run_search(a) -> dict:
+    from ..store import default_store
+    from .search import search
+
+    kw = {"limit": a.limit, **({"by": a.by} if a.mode == "text" else {})}
+    return search(default_store(), a.sae, a.mode, a.q, a.model, **kw)
+
+
+def add_feature_args(p) -> None:
+    p.add_argument("--sae", required=True)
+    p.add_argument("--feature", type=int, required=True)
+    p.add_argument("--k", type=int, default=10)
+
+
+def run_feature(a) -> dict:
+    from ..store import default_store
+    from .query import feature_dashboard
+
+    d = feature_dashboard(default_store(), a.sae, a.feature, a.k)
+    ix = d.pop("index")
+    d["index"] = None if ix is None else {"ix": ix.ix, "weights_hash": ix.weights_hash, "n_windows": ix.n_windows,
+                                          "n_tokens": ix.n_tokens, "n_rows": ix.n_rows}
+    d["query_ms"] = round(d.pop("seconds") * 1000, 2)
+    return d

@@ -1,0 +1,464 @@
+"""The corpus index of SAE features: one encoding job for all SAEs of a model.
+
+    build_index("smollm2-135m", ["smollm2-135m-L15-resid_pre", ...], n_windows=1024)
+
+1. Windows. `corpus.windows(model, split, 128)` in a seeded permutation; the first
+   n_windows of it (so a larger n is a superset of a smaller one), processed in (doc, start)
+   order, CHUNK_WINDOWS windows per chunk of the resumable job (backend/jobs.py).
+2. One forward per batch of windows, hooks at every SAE's hook; the forward stops as soon as
+   the deepest hook has fired. Each SAE encodes its activations with the fused TopK kernel
+   (kernels/sae_encode.py): only the k active latents, never the dense [n d_sae] matrix.
+   Position 0 of every window is not encoded (massive activations; the SAEs were trained
+   without it); the window's tokens, position 0 included, are kept for context.
+3. Rows (ix, feature, doc, pos, value, token) with doc/pos in document coordinates go to
+   `feature_acts`; each chunk's rows and its done-mark in one transaction.
+4. Finish (one transaction): two clustered copies, by (ix, feature, value desc) and by
+   (ix, doc, pos); per-feature count, density, max, mean, quantiles, a HIST_BINS-bin histogram
+   of the active values on [0, max]; the tokens at each feature's TOP_TOKEN_EXAMPLES best
+   examples; the unclustered rows are deleted, and older built indexes of the same SAE id
+   (other weights, or superseded) are dropped.
+
+Weight-only tables (no corpus needed; keyed by `sae_key` = "<sae id>@<weights hash>"):
+  logit effects  e_f = (d_f ⊙ γ_final) @ W_U, d_f the feature's effective decoder direction in
+                 the residual stream per unit of its activation (SAELens decode(e_f) − decode(0);
+                 for an attention-output (hook_z) SAE mapped through that layer's W_O). No 1/RMS
+                 factor, no bias: the output-centric description of the feature.
+  similar        the N_SIMILAR features with the highest cosine between decoder rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .. import corpus, jobs
+from ..errors import InvalidSpec, SAEMismatch, UnknownSAE
+
+CONTEXT = 128
+CHUNK_WINDOWS = 16
+BATCH_TOKENS = 2048
+SPLIT = "train"
+SEED = 0
+# 1024 windows ≈ 117 k encoded tokens, ≈ 15 M rows for the four shipped SAEs; at the
+# ~500 tok/s of a quiet 2-core machine about 4 min (benchmarks/bench_feature_store.py).
+DEFAULT_WINDOWS = 1024
+QUANTILES = (0.25, 0.5, 0.75, 0.9, 0.99)
+HIST_BINS = 40
+TOP_TOKEN_EXAMPLES = 20
+N_LOGIT = 10
+N_SIMILAR = 10
+IX_TABLES = ("feature_acts", "feature_acts_by_feature", "feature_acts_by_doc", "feature_windows",
+             "feature_stats", "feature_hist", "feature_top_tokens")
+
+
+# -- keys ---------------------------------------------------------------------------------
+@lru_cache(maxsize=64)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def weights_hash(sae_id: str) -> str:
+    """A hash of the SAE's weights file (of its tensors, for a downloaded release)."""
+    from ..saes import resolve
+
+    kind, ref = resolve(sae_id)
+    if kind == "folder":
+        files = sorted(Path(ref).glob("*.safetensors"))
+        if not files:
+            raise UnknownSAE(f"SAE folder {ref} has no .safetensors weights.")
+        st = files[0].stat()
+        return _file_hash(str(files[0]), st.st_size, st.st_mtime_ns)
+    from ..saes import load_sae
+
+    sae = load_sae(sae_id)
+    h = hashlib.sha256()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        h.update(getattr(sae, name).detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def sae_key(sae_id: str) -> str:
+    return f"{sae_id}@{weights_hash(sae_id)}"
+
+
+def index_job_key(model: str, saes: list[tuple[str, str]], n_windows: int, corpus_name: str,
+                  split: str = SPLIT, context: int = CONTEXT, chunk_windows: int = CHUNK_WINDOWS) -> str:
+    payload = json.dumps({"model": model, "saes": sorted(saes), "n": n_windows, "corpus": corpus_name,
+                          "split": split, "context": context, "seed": SEED, "chunk": chunk_windows,
+                          "v": 1}, sort_keys=True)
+    return "feature_index-" + hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+# -- windows ------------------------------------------------------------------------------
+def select_windows(model: str, n_windows: int, corpus_name: str = corpus.DEFAULT_NAME, root=None,
+                   split: str = SPLIT, context: int = CONTEXT) -> list[tuple[int, int, list[int]]]:
+    """The first n_windows of a seeded permutation of the corpus windows, in (doc, start) order."""
+    wins = corpus.windows(model, split, context, corpus_name, root)
+    order = np.random.default_rng(SEED).permutation(len(wins))[:n_windows]
+    return [wins[i] for i in sorted(order.tolist(), key=lambda i: (wins[i][0], wins[i][1]))]
+
+
+def _batches(wins, max_tokens: int = BATCH_TOKENS):
+    """Indices of windows grouped by length into batches of at most max_tokens (padded)."""
+    order = sorted(range(len(wins)), key=lambda i: len(wins[i][2]))
+    cur: list[int] = []
+    for i in order:
+        if cur and (len(cur) + 1) * len(wins[i][2]) > max_tokens:
+            yield cur
+            cur = []
+        cur.append(i)
+    if cur:
+        yield cur
+
+
+class _Captured(Exception):
+    """Raised once every hook has fired: nothing after the deepest hook needs to run."""
+
+
+def hook_batch(model, hooks: list[str], ids) -> dict:
+    """Activations {hook: [batch pos d]} (hook_z flattened over heads) from one forward that
+    stops right after the last of the hooks."""
+    import torch
+
+    got: dict = {}
+    want = set(hooks)
+
+    def keep(name):
+        def fn(x, hook):
+            got[name] = x.detach().flatten(2) if x.ndim == 4 else x.detach()
+            if set(got) >= want:
+                raise _Captured
+        return fn
+
+    with model.lock, torch.inference_mode():
+        try:
+            model.bridge.run_with_hooks(ids, fwd_hooks=[(h, keep(h)) for h in want], return_type=None)
+        except _Captured:
+            pass
+    missing = want - set(got)
+    if missing:
+        raise SAEMismatch(f"Hooks {sorted(missing)} do not exist in {model.info.model_id}.")
+    return got
+
+
+def encode_windows(model, saes: list[tuple[int, object]], wins) -> dict[str, pa.Table]:
+    """Sparse rows of every SAE for these windows (positions >= 1), and the windows' tokens."""
+    import torch
+
+    from kernels.sae_encode import fused_encode
+
+    hooks = sorted({s.cfg.metadata.hook_name for _, s in saes})
+    parts: list[dict] = []
+    for idx in _batches(wins):
+        t = max(len(wins[i][2]) for i in idx)
+        ids = torch.zeros(len(idx), t, dtype=torch.long)
+        mask = torch.zeros(len(idx), t, dtype=torch.bool)
+        for r, i in enumerate(idx):
+            ids[r, :len(wins[i][2])] = torch.tensor(wins[i][2])
+            mask[r, 1:len(wins[i][2])] = True          # right padding only; position 0 left out
+        acts = hook_batch(model, hooks, model.tensor(ids))
+        b_doc = np.array([wins[i][0] for i in idx], np.int32)
+        b_start = np.array([wins[i][1] for i in idx], np.int32)
+        rr, pp = mask.nonzero(as_tuple=True)                 # [n] batch row and window position
+        doc = b_doc[rr.numpy()]
+        pos = b_start[rr.numpy()] + pp.numpy().astype(np.int32)
+        tok = ids[rr, pp].numpy().astype(np.int32)
+        for ix, sae in saes:
+            x = acts[sae.cfg.metadata.hook_name][mask].float()      # [n d_in]
+            if x.shape[-1] != sae.cfg.d_in:
+                raise SAEMismatch(f"SAE expects width {sae.cfg.d_in}, the hook gives {x.shape[-1]}.")
+            v, f = fused_encode(sae, x)                                # [n k], sorted desc
+            v, f = v.numpy(), f.numpy()
+            keep = v > 0
+            per = keep.sum(1)
+            parts.append({"ix": np.full(int(per.sum()), ix, np.int16), "feature": f[keep].astype(np.int32),
+                          "doc": np.repeat(doc, per), "pos": np.repeat(pos, per), "value": v[keep],
+                          "token": np.repeat(tok, per)})
+    cols = ("ix", "feature", "doc", "pos", "value", "token")
+    merged = {c: np.concatenate([p[c] for p in parts]) if parts else np.zeros(0) for c in cols}
+    order = np.lexsort((merged["feature"], merged["pos"], merged["doc"], merged["ix"]))
+    acts_t = pa.table({c: merged[c][order] for c in cols})
+    win_rows = [(ix, d, s, w) for ix, _ in saes for d, s, w in wins]
+    win_t = pa.table({"ix": pa.array([r[0] for r in win_rows], pa.int16()),
+                      "doc": pa.array([r[1] for r in win_rows], pa.int32()),
+                      "start": pa.array([r[2] for r in win_rows], pa.int32()),
+                      "ids": pa.array([r[3] for r in win_rows], pa.list_(pa.int32()))})
+    return {"feature_acts": acts_t, "feature_windows": win_t}
+
+
+# -- index rows ---------------------------------------------------------------------------
+def _ensure_index_rows(store, job_key: str, model: str, infos: list[dict], n_windows: int,
+                       corpus_name: str) -> dict[str, int]:
+    cur = store.cursor()
+    out = {}
+    with store._write_lock:
+        for info in infos:
+            rows = cur.execute("SELECT ix FROM feature_indexes WHERE job_key = ? AND sae_id = ?",
+                               [job_key, info["sae_id"]]).fetchall()
+            if rows:
+                out[info["sae_id"]] = rows[0][0]
+                continue
+            ix = cur.execute("SELECT coalesce(max(ix), 0) + 1 FROM feature_indexes").fetchall()[0][0]
+            cur.execute("INSERT INTO feature_indexes(ix, sae_id, weights_hash, model, hook_name, d_sae, corpus, "
+                        "split, context, n_windows, job_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [ix, info["sae_id"], info["hash"], model, info["hook_name"], info["d_sae"], corpus_name,
+                         SPLIT, CONTEXT, n_windows, job_key])
+            out[info["sae_id"]] = ix
+    return out
+
+
+def ensure_vocab(store, model) -> None:
+    """The decoded string of every token id of the model (for pages that never load it)."""
+    cur = store.cursor()
+    if cur.execute("SELECT count(*) FROM token_strings WHERE model = ?", [model.info.model_id]).fetchall()[0][0]:
+        return
+    n = model.info.d_vocab
+    texts = [model.tokenizer.decode([i]) for i in range(n)]
+    t = pa.table({"model": pa.array([model.info.model_id] * n), "token": pa.array(range(n), pa.int32()),
+                  "text": pa.array(texts)})
+    with store._write_lock:
+        cur.register("_vocab", t)
+        cur.execute("INSERT INTO token_strings SELECT model, token, text FROM _vocab")
+        cur.unregister("_vocab")
+
+
+def _finish_sql(ix: int, n_tokens: int) -> tuple[list[str], list[list]]:
+    q = "[" + ", ".join(str(x) for x in QUANTILES) + "]"
+    sql = [
+        "INSERT INTO feature_acts_by_feature SELECT ix, feature, doc, pos, value, token FROM feature_acts "
+        "WHERE ix = ? ORDER BY feature, value DESC, doc, pos",
+        "INSERT INTO feature_acts_by_doc SELECT ix, feature, doc, pos, value, token FROM feature_acts "
+        "WHERE ix = ? ORDER BY doc, pos, value DESC",
+        f"INSERT INTO feature_stats SELECT ix, feature, count(*), count(*) / ?::DOUBLE, max(value), avg(value), "
+        f"quantile_cont(value, {q})::FLOAT[] FROM feature_acts WHERE ix = ? GROUP BY ix, feature ORDER BY feature",
+        f"INSERT INTO feature_hist SELECT a.ix, a.feature, least(floor(a.value / s.max * {HIST_BINS}), "
+        f"{HIST_BINS - 1})::SMALLINT AS bin, count(*) FROM feature_acts a JOIN feature_stats s "
+        "ON s.ix = a.ix AND s.feature = a.feature WHERE a.ix = ? GROUP BY ALL ORDER BY a.feature, bin",
+        "INSERT INTO feature_top_tokens SELECT ix, feature, token, count(*)::INTEGER FROM ("
+        "SELECT ix, feature, token, row_number() OVER (PARTITION BY feature ORDER BY value DESC, doc, pos) AS rn "
+        f"FROM feature_acts WHERE ix = ?) WHERE rn <= {TOP_TOKEN_EXAMPLES} GROUP BY ALL ORDER BY feature",
+        "UPDATE feature_indexes SET n_tokens = ?, n_rows = (SELECT count(*) FROM feature_acts WHERE ix = ?), "
+        "built = current_timestamp WHERE ix = ?",
+        "DELETE FROM feature_acts WHERE ix = ?",
+    ]
+    params = [[ix], [ix], [n_tokens, ix], [ix], [ix], [n_tokens, ix, ix], [ix]]
+    return sql, params
+
+
+def _drop_sql(ix: int) -> tuple[list[str], list[list]]:
+    sql = [f"DELETE FROM {t} WHERE ix = ?" for t in IX_TABLES] + ["DELETE FROM feature_indexes WHERE ix = ?"]
+    return sql, [[ix]] * len(sql)
+
+
+def drop_index(store, ix: int) -> None:
+    """Delete an index and its rows (and its job's marks once no index of that job is left)."""
+    cur = store.cursor()
+    job = cur.execute("SELECT job_key FROM feature_indexes WHERE ix = ?", [ix]).fetchall()
+    sql, params = _drop_sql(ix)
+    with store._write_lock:
+        cur.begin()
+        try:
+            for q, p in zip(sql, params):
+                cur.execute(q, p)
+            if job and not cur.execute("SELECT 1 FROM feature_indexes WHERE job_key = ?", [job[0][0]]).fetchall():
+                cur.execute("DELETE FROM job_chunks WHERE job_key = ?", [job[0][0]])
+                cur.execute("DELETE FROM jobs WHERE job_key = ?", [job[0][0]])
+            cur.commit()
+        except Exception:
+            cur.rollback()
+            raise
+
+
+# -- the job ------------------------------------------------------------------------------
+def resolve_saes(model_id: str, sae: str | list[str]) -> list[str]:
+    """'all' → every shipped SAE of the model; an id or a list of ids otherwise."""
+    from ..saes import list_saes, sae_info
+
+    if sae == "all":
+        ids = [s["sae_id"] for s in list_saes(model_id)]
+        if not ids:
+            raise UnknownSAE(f"No shipped SAE for {model_id}.")
+        return ids
+    ids = [sae] if isinstance(sae, str) else list(sae)
+    for s in ids:
+        info = sae_info(s)
+        if info["model"] and info["model"] != model_id:
+            raise SAEMismatch(f"SAE {s!r} was trained on {info['model']!r}, not {model_id!r}.")
+    return ids
+
+
+def build_index(model_id: str, sae: str | list[str], n_windows: int = DEFAULT_WINDOWS, store=None,
+                progress: jobs.Progress | None = None, corpus_name: str = corpus.DEFAULT_NAME, root=None,
+                stop_after: int | None = None, chunk_windows: int = CHUNK_WINDOWS) -> dict:
+    """Encode n_windows corpus windows with every given SAE (one forward for all); resumable.
+    Returns a summary: job key, rows, seconds, tokens per second, per-SAE counts."""
+    from ..saes import load_sae, sae_info
+    from ..store import default_store
+
+    if not isinstance(n_windows, int) or not 1 <= n_windows <= 1_000_000:
+        raise InvalidSpec("The number of windows must be in 1–1,000,000.")
+    store = store or default_store()
+    ids = resolve_saes(model_id, sae)
+    infos = [{**sae_info(s), "sae_id": s, "hash": weights_hash(s)} for s in ids]
+    job_key = index_job_key(model_id, [(i["sae_id"], i["hash"]) for i in infos], n_windows, corpus_name,
+                            chunk_windows=chunk_windows)
+    st = jobs.state(store, job_key)
+    if st is not None and st.finished:
+        return {**st.summary, "already_built": True}
+    wins = select_windows(model_id, n_windows, corpus_name, root)
+    n_chunks = (len(wins) + chunk_windows - 1) // chunk_windows
+    ixs = _ensure_index_rows(store, job_key, model_id, infos, len(wins), corpus_name)
+    from ..models import load_model
+
+    model = load_model(model_id)
+    ensure_vocab(store, model)
+    saes = [(ixs[s], load_sae(s)) for s in ids]
+    t0, new_tokens = time.perf_counter(), 0
+
+    def work(chunk: int) -> dict[str, pa.Table]:
+        nonlocal new_tokens
+        part = wins[chunk * chunk_windows:(chunk + 1) * chunk_windows]
+        new_tokens += sum(len(w[2]) - 1 for w in part)
+        return encode_windows(model, saes, part)
+
+    state = jobs.run_job(store, job_key, "feature_index", model_id,
+                         {"saes": ids, "n_windows": n_windows, "corpus": corpus_name}, n_chunks, work,
+                         progress, stop_after=stop_after)
+    encode_seconds = time.perf_counter() - t0
+    summary = {"job_key": job_key, "model": model_id, "n_windows": len(wins), "chunks_done": state.done,
+               "n_chunks": n_chunks, "encode_seconds": round(encode_seconds, 2), "new_tokens": new_tokens,
+               "tok_per_s": round(new_tokens / encode_seconds, 1) if new_tokens else None, "finished": False}
+    if state.done < n_chunks:
+        return summary
+    for s in ids:
+        ensure_weight_tables(store, s, model)
+    n_tokens = sum(len(w[2]) - 1 for w in wins)
+    cur = store.cursor()
+    per_sae = {}
+    sql, params = [], []
+    for s in ids:
+        ix = ixs[s]
+        rows = cur.execute("SELECT count(*), count(DISTINCT feature) FROM feature_acts WHERE ix = ?",
+                           [ix]).fetchall()[0]
+        per_sae[s] = {"ix": ix, "rows": rows[0], "alive_features": rows[1], "weights_hash": infos[ids.index(s)]["hash"]}
+        q, p = _finish_sql(ix, n_tokens)
+        sql += q
+        params += p
+        for (old,) in cur.execute("SELECT ix FROM feature_indexes WHERE sae_id = ? AND ix <> ? AND built IS NOT NULL",
+                                  [s, ix]).fetchall():
+            q, p = _drop_sql(old)
+            sql += q
+            params += p
+    t1 = time.perf_counter()
+    summary.update(finished=True, n_tokens=n_tokens, rows=sum(v["rows"] for v in per_sae.values()), per_sae=per_sae)
+    jobs.finish(store, job_key, summary, sql=sql, params=params)
+    summary["finish_seconds"] = round(time.perf_counter() - t1, 2)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    return summary
+
+
+# -- weight-only tables -------------------------------------------------------------------
+def feature_directions(model, sae):
+    """[d_sae d_model]: what one unit of each feature's activation adds to the residual stream."""
+    import torch
+
+    from ..sites import Component, Site, hook_name
+
+    hook = sae.cfg.metadata.hook_name
+    with torch.inference_mode():
+        W = sae.W_dec.float()
+        if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+            W = W / W.norm(dim=-1, keepdim=True)
+        z_hooks = {hook_name(Site(Component.Z, layer)): layer for layer in range(model.info.n_layers)}
+        if hook in z_hooks:
+            W_O = model.bridge.W_O[z_hooks[hook]].float()                  # [head d_head d_model]
+            return torch.einsum("fhd,hdm->fm", W.reshape(W.shape[0], *W_O.shape[:2]), W_O)
+        if W.shape[1] != model.info.d_model:
+            raise SAEMismatch(f"Cannot map the decoder of {hook} ({W.shape[1]} wide) to the residual stream.")
+        return W
+
+
+def ensure_weight_tables(store, sae_id: str, model=None) -> str:
+    """Logit effects and similar features of every feature, stored once per weights; the key."""
+    import torch
+
+    key = sae_key(sae_id)
+    cur = store.cursor()
+    if cur.execute("SELECT 1 FROM sae_similar WHERE sae_key = ? LIMIT 1", [key]).fetchall():
+        return key
+    from ..models import load_model
+    from ..saes import load_sae, sae_info
+
+    sae = load_sae(sae_id)
+    model = model or load_model(sae_info(sae_id)["model"] or "smollm2-135m")
+    ensure_vocab(store, model)
+    dirs = feature_directions(model, sae)                                      # [f d_model]
+    with torch.inference_mode():
+        gamma = model.bridge.ln_final._original_component.weight.float()     # [d_model]
+        w_u = model.bridge.unembed._original_component.weight.float()        # [d_vocab d_model]
+        feats, ranks, toks, vals = [], [], [], []
+        for s in range(0, dirs.shape[0], 512):
+            logits = (dirs[s:s + 512] * gamma) @ w_u.T                          # [b d_vocab]
+            top = logits.topk(N_LOGIT, dim=-1)
+            bot = logits.topk(N_LOGIT, dim=-1, largest=False)
+            f = torch.arange(s, s + logits.shape[0]).repeat_interleave(N_LOGIT)
+            r = torch.arange(1, N_LOGIT + 1).repeat(logits.shape[0])
+            feats += [f, f]
+            ranks += [r, -r]
+            toks += [top.indices.reshape(-1), bot.indices.reshape(-1)]
+            vals += [top.values.reshape(-1), bot.values.reshape(-1)]
+        Wn = torch.nn.functional.normalize(sae.W_dec.float(), dim=-1)
+        cos = Wn @ Wn.T                                                          # [f f]
+        cos.fill_diagonal_(-2.0)
+        sim = cos.topk(N_SIMILAR, dim=-1)
+    n = Wn.shape[0]
+    logit_t = pa.table({"sae_key": pa.array([key] * (2 * N_LOGIT * n)),
+                        "feature": torch.cat(feats).numpy().astype(np.int32),
+                        "rank": torch.cat(ranks).numpy().astype(np.int16),
+                        "token": torch.cat(toks).numpy().astype(np.int32),
+                        "value": torch.cat(vals).numpy().astype(np.float32)})
+    sim_t = pa.table({"sae_key": pa.array([key] * (N_SIMILAR * n)),
+                      "feature": np.repeat(np.arange(n, dtype=np.int32), N_SIMILAR),
+                      "rank": np.tile(np.arange(1, N_SIMILAR + 1, dtype=np.int16), n),
+                      "other": sim.indices.numpy().reshape(-1).astype(np.int32),
+                      "cosine": sim.values.numpy().reshape(-1).astype(np.float32)})
+    with store._write_lock:
+        if cur.execute("SELECT 1 FROM sae_similar WHERE sae_key = ? LIMIT 1", [key]).fetchall():
+            return key
+        cur.begin()
+        try:
+            for name, t in (("sae_logit_effects", logit_t), ("sae_similar", sim_t)):
+                cur.register("_w", t)
+                cur.execute(f"INSERT INTO {name} SELECT * FROM _w ORDER BY feature, rank")
+                cur.unregister("_w")
+            cur.commit()
+        except Exception:
+            cur.rollback()
+            raise
+    return key
+
+
+def current_index(store, sae_id: str) -> dict | None:
+    """The built index of this SAE's current weights (the newest), or None. A stale index
+    (other weights) is reported with stale=True so the page can say the SAE was retrained."""
+    h = weights_hash(sae_id)
+    rows = store.cursor().execute(
+        "SELECT ix, weights_hash, model, hook_name, d_sae, corpus, split, context, n_windows, n_tokens, n_rows, "
+        "built FROM feature_indexes WHERE sae_id = ? AND built IS NOT NULL ORDER BY (weights_hash = ?) DESC, "
+        "built DESC LIMIT 1", [sae_id, h]).fetchall()
+    if not rows:
+        return None
+    r = rows[0]
+    return {"ix": r[0], "sae_id": sae_id, "weights_hash": r[1], "model": r[2], "hook_name": r[3], "d_sae": r[4],
+            "corpus": r[5], "split": r[6], "context": r[7], "n_windows": r[8], "n_tokens": r[9], "n_rows": r[10],
+            "built": str(r[11]), "stale": r[1] != h}
