@@ -179,7 +179,8 @@ def test_hook_names_come_from_typed_sites_and_exist(model):
     for comp in Component:
         if comp is Component.RESULT:
             continue  # exists only with use_attn_result
-        names = [hook_name(Site(comp))] if comp in (Component.EMBED, Component.FINAL_NORM) else hook_names(comp, 30)
+        names = ([hook_name(Site(comp))] if comp in (Component.EMBED, Component.FINAL_NORM, Component.FINAL_IN)
+                 else hook_names(comp, 30))
         missing = [n for n in names if n not in model.bridge.hook_dict]
         assert not missing, missing
     with pytest.raises(InvalidSite):
