@@ -148,6 +148,18 @@ def run_job(store, job_key: str, kind: str, model: str, spec: dict, n_chunks: in
     return state(store, job_key)
 
 
+def check_windows(cfg) -> None:
+    """Validate the window fields shared by corpus-job configs (n_windows, length, chunk, split)."""
+    from .errors import InvalidSpec
+
+    for name, lo, hi in (("n_windows", 1, 100_000), ("length", 2, 1024), ("chunk", 1, 256)):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise InvalidSpec(f"{name} must be an integer in {lo}–{hi}, got {v!r}.")
+    if cfg.split not in ("train", "heldout"):
+        raise InvalidSpec(f"split must be 'train' or 'heldout', got {cfg.split!r}.")
+
+
 def tqdm_progress(desc: str):
     """A progress callback drawing a tqdm bar on stderr (the CLI's)."""
     from tqdm import tqdm
@@ -164,5 +176,5 @@ def tqdm_progress(desc: str):
     return update
 
 
-__all__ = ["JobState", "run_job", "state", "write_chunk", "finish", "done_chunks", "tqdm_progress",
+__all__ = ["JobState", "run_job", "state", "write_chunk", "finish", "done_chunks", "tqdm_progress", "check_windows",
 ]

@@ -64,12 +64,7 @@ class MassiveCorpusJob:
     corpus: str = "default"
 
     def __post_init__(self):
-        for name, lo, hi in (("n_windows", 1, 100_000), ("length", 2, 1024), ("chunk", 1, 256)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-                raise InvalidSpec(f"{name} must be an integer in {lo}–{hi}, got {v!r}.")
-        if self.split not in ("train", "heldout"):
-            raise InvalidSpec(f"split must be 'train' or 'heldout', got {self.split!r}.")
+        jobs.check_windows(self)
         for name in ("abs_threshold", "ratio_threshold"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):

@@ -414,17 +414,9 @@ def saved_circuit(cid: str, store=None) -> dict | None:
 # Command line: python -m backend circuit ...
 # ---------------------------------------------------------------------------------------
 def add_cli_args(p) -> None:
-    from ..models import DEFAULT_MODEL
+    from .patching import add_task_args
 
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--clean", default="", help="clean prompt")
-    p.add_argument("--corrupt", default="", help="corrupted prompt (same token length)")
-    p.add_argument("--answer", default="", help="the clean answer, one token, e.g. ' Mary'")
-    p.add_argument("--wrong", default="", help="the wrong answer, one token, e.g. ' John'")
-    p.add_argument("--task", choices=["ioi", "induction", "facts"], default=None,
-                   help="generate a dataset of pairs instead of --clean/--corrupt")
-    p.add_argument("--n-pairs", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    add_task_args(p)
     p.add_argument("--metric", default="logit_diff_norm", help="one of " + ", ".join(CIRCUIT_METRICS))
     p.add_argument("--method", default="eap", help="eap or eap-ig")
     p.add_argument("--ig-steps", type=int, default=5)
@@ -435,13 +427,10 @@ def add_cli_args(p) -> None:
 
 
 def spec_from_args(a) -> CircuitSpec:
-    kw = dict(metric=a.metric, method=a.method, ig_steps=a.ig_steps, top_n=a.top_n,
-              threshold=a.threshold, removed=tuple(a.remove))
-    if a.task:
-        from ..tasks import generate
+    from .patching import spec_from_args as task_spec
 
-        return CircuitSpec.from_pairs(a.model, generate(load_model(a.model), a.task, n=a.n_pairs, seed=a.seed), **kw)
-    return CircuitSpec(model=a.model, clean=a.clean, corrupt=a.corrupt, answer=a.answer, wrong=a.wrong, **kw)
+    return task_spec(CircuitSpec, a, metric=a.metric, method=a.method, ig_steps=a.ig_steps, top_n=a.top_n,
+                     threshold=a.threshold, removed=tuple(a.remove))
 
 
 def run_cli(a) -> dict:

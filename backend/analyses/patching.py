@@ -289,8 +289,8 @@ def compute_intervention(spec: InterventionSpec, model: LoadedModel, progress=No
 # ---------------------------------------------------------------------------------------
 # Command line: python -m backend patch ...
 # ---------------------------------------------------------------------------------------
-def add_cli_args(p, sites=SITES, default_metric: str = "logit_diff_norm") -> None:
-    """Options of a prompt-pair task (shared by `patch` and `atp`)."""
+def add_task_args(p) -> None:
+    """Options naming a prompt-pair task: one pair, or a generated dataset (patch, atp, circuit)."""
     from ..models import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -302,14 +302,20 @@ def add_cli_args(p, sites=SITES, default_metric: str = "logit_diff_norm") -> Non
                    help="generate a dataset of pairs instead of --clean/--corrupt")
     p.add_argument("--n-pairs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+
+
+def add_cli_args(p, sites=SITES, default_metric: str = "logit_diff_norm") -> None:
+    """Options of a sweep over a prompt-pair task (shared by `patch`, `atp` and `atp-star`)."""
+    add_task_args(p)
     p.add_argument("--site", default="resid_pre", help="one of " + ", ".join(sites))
     p.add_argument("--metric", default=default_metric, help="one of " + ", ".join(METRICS))
     p.add_argument("--direction", default="denoising", help="one of " + ", ".join(DIRECTIONS))
 
 
-def spec_from_args(cls, a):
-    """A PatchSpec-like spec (PatchSpec, AtPSpec) from the options of add_cli_args."""
-    kw = dict(site=a.site, metric=a.metric, direction=a.direction)
+def spec_from_args(cls, a, **kw):
+    """A spec with PatchSpec's task fields (PatchSpec, AtPSpec, CircuitSpec...) from the options
+    of add_task_args; `kw` are its other fields (default: the sweep options of add_cli_args)."""
+    kw = kw or dict(site=a.site, metric=a.metric, direction=a.direction)
     if a.task:
         from ..tasks import generate
 
