@@ -32,6 +32,29 @@ def test_every_page_runs_without_exception(page, model):
     assert at.query_params["page"] == [page] or at.query_params["page"] == page
 
 
+@pytest.mark.parametrize("page", ["neuron", "feature", "featuremap", "search", "circuits"])
+def test_corpus_pages_run_on_an_empty_store(page, model):
+    """Pages fed by corpus jobs say what to build instead of failing; circuits computes."""
+    at = _app(page=page, model=DEFAULT_MODEL, layer=2, clean="The capital of France is",
+              corrupt="The capital of Italy is", answer=" Paris", wrong=" Rome", top_n=20)
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    if page == "circuits":
+        assert len(at.get("plotly_chart")) >= 1
+        faith = [m for m in at.metric if m.label == "faithfulness"]
+        assert faith and -5 < float(faith[0].value) < 5
+
+
+def test_atp_star_beside_the_exact_sweep(model):
+    at = _app(page="patching", model=DEFAULT_MODEL, site="head_q", atp=2, clean="The capital of France is",
+              corrupt="The capital of Italy is", answer=" Paris", wrong=" Rome")
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    titles = " ".join(str(c.proto.spec) for c in at.get("plotly_chart"))
+    assert "AtP* estimate" in titles and "AtP and AtP*" in titles
+    assert any("False negatives" in m.value for m in at.markdown)
+
+
 def _errors(at: AppTest) -> str:
     return " | ".join(e.value for e in at.error) + " | ".join(w.value for w in at.warning)
 

@@ -112,7 +112,16 @@ def _across_corpus(view: View) -> None:
         st.dataframe(pd.DataFrame(summ["kinds"]), hide_index=True,
                      column_config={"share": st.column_config.NumberColumn(format="%.3f")})
     spec = make_spec(mc.MassiveCorpusAblationSpec, model=view.model, job_key=job.key())
-    out = fetch(spec, "ablation on held-out corpus windows") if spec else None
+    if spec is None:
+        return
+    import backend
+
+    if backend.lookup(spec) is None and not st.session_state.get("w_mc_ablate"):
+        st.info("The zero-vs-mean ablation on held-out corpus windows has not run yet (three forwards of "
+                f"{spec.n_heldout} windows of {job.length} tokens: well under a minute on a quiet machine).", icon=":material/info:")
+        if not st.button("Run the ablation", key="w_mc_ablate"):
+            return
+    out = fetch(spec, "ablation on held-out corpus windows")
     if out is not None:
         r = out.result
         c1, c2 = st.columns([2, 3])
