@@ -58,7 +58,7 @@ class Source:
 
 
 def corpus_dir(name: str = DEFAULT_NAME, root: Path | None = None) -> Path:
-    return Path(root or settings.DATA_DIR / "corpus") / name
+    return Path(root or settings.corpus_root()) / name
 
 
 # -- splitting ----------------------------------------------------------------------------

@@ -20,6 +20,11 @@ def store_path() -> Path:
     return Path(os.environ.get("DASHBOARD_STORE", DATA_DIR / "store.duckdb"))
 
 
+def corpus_root() -> Path:
+    """Where corpora live (one folder per corpus name): DASHBOARD_CORPUS, default data/corpus."""
+    return Path(os.environ.get("DASHBOARD_CORPUS", DATA_DIR / "corpus"))
+
+
 def cache_dir() -> Path:
     default = Path.home() / ".cache" / "interp-dashboard"
     return Path(os.environ.get("DASHBOARD_CACHE", default))

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 _TMP = tempfile.mkdtemp(prefix="dash-tests-")
 os.environ["DASHBOARD_STORE"] = str(Path(_TMP) / "session-store.duckdb")
+os.environ["DASHBOARD_CORPUS"] = str(Path(_TMP) / "corpus")   # never the developer's data/corpus
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -28,6 +29,18 @@ def model():
     from backend.models import load_model
 
     return load_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def session_corpus(model):
+    """A small default corpus (Python standard-library docstrings: always installed), tokenised
+    for the default model, in the session's DASHBOARD_CORPUS; for tests of corpus jobs."""
+    from backend import corpus
+
+    if not corpus.exists():
+        corpus.build(["stdlib"], max_words=30_000)
+        corpus.tokenize(DEFAULT_MODEL)
+    return corpus.corpus_dir()
 
 
 @pytest.fixture()

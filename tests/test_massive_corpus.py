@@ -13,6 +13,8 @@ from backend.sites import Component, Site, hook_name
 
 from .conftest import DEFAULT_MODEL
 
+pytestmark = pytest.mark.usefixtures("session_corpus")   # a small corpus, built once
+
 JOB = mc.MassiveCorpusJob(model=DEFAULT_MODEL, n_windows=4, chunk=2, length=32)
 
 

@@ -15,6 +15,8 @@ from backend.sites import Component, Site, hook_name
 
 from .conftest import DEFAULT_MODEL, ROOT
 
+pytestmark = pytest.mark.usefixtures("session_corpus")   # a small corpus, built once
+
 JOB = ns.NeuronStatsJob(model=DEFAULT_MODEL, n_windows=4, chunk=2, length=40)
 LAYERS = (0, 11, 29)
 
