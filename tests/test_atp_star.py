@@ -108,3 +108,22 @@ def test_bad_site():
     with pytest.raises(InvalidSite):
         AtPStarSpec(model="smollm2-135m", clean=IOI.clean, corrupt=IOI.corrupt, answer=IOI.answer,
                     wrong=IOI.wrong, site="head_out_pos")
+
+
+def test_cli_reads_the_stored_estimate_and_reports_false_negatives(model, capsys):
+    import json
+
+    from backend.cli import main
+
+    kw = dict(model="smollm2-135m", clean=IOI.clean, corrupt=IOI.corrupt, answer=IOI.answer,
+              wrong=IOI.wrong, site="head_k", metric="logit_diff_norm")
+    run(PatchSpec(**kw))            # the exact sweep the comparison needs (stored once per session)
+    argv = ["atp-star", "--clean", IOI.clean, "--corrupt", IOI.corrupt, "--answer", IOI.answer,
+            "--wrong", IOI.wrong, "--site", "head_k", "--metric", "logit_diff_norm", "--format", "json"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 0          # the second call reads the stored estimate
+    d = json.loads(capsys.readouterr().out)
+    assert d["from_store"] and d["compute_seconds"] == 0 and d["axes"] == ["layer", "kv_head"]
+    assert np.array(d["values"]).shape == np.array(d["graddrop"]).shape == (30, 3)
+    assert set(d["false_negatives"]["methods"]) == {"atp", "graddrop", "atp_qk_fix", "atp_star"}

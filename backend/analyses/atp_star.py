@@ -268,14 +268,9 @@ def add_cli_args(p) -> None:
 
 
 def run_cli(a) -> dict:
-    import sys
+    from .attribution import estimate_cli
 
-    from ..runner import run
-    from .patching import spec_from_args, sweep_payload
-
-    spec = spec_from_args(AtPStarSpec, a)
-    out = run(spec, progress=lambda m: print(m, file=sys.stderr))
-    payload = sweep_payload(spec, out)
+    spec, out, payload = estimate_cli(AtPStarSpec, a)
     payload["atp_deltas"] = np.round(out.result.atp_deltas.astype(np.float64), 6).tolist()
     payload["graddrop"] = np.round(out.result.graddrop.astype(np.float64), 6).tolist()
     cmp = compare_with_exact(spec, out.result)

@@ -197,15 +197,20 @@ def add_cli_args(p) -> None:
     add_task_args(p, sites=ATP_SITES, default_metric="logit_diff")
 
 
-def run_cli(a) -> dict:
+def estimate_cli(cls, a):
+    """(spec, outcome, JSON payload) of an AtP-like estimate from the command line options."""
     import sys
 
     from ..runner import run
     from .patching import spec_from_args, sweep_payload
 
-    spec = spec_from_args(AtPSpec, a)
+    spec = spec_from_args(cls, a)
     out = run(spec, progress=lambda m: print(m, file=sys.stderr))
-    payload = sweep_payload(spec, out)
+    return spec, out, sweep_payload(spec, out)
+
+
+def run_cli(a) -> dict:
+    spec, out, payload = estimate_cli(AtPSpec, a)
     cmp = compare_with_exact(spec, out.result)
     if cmp is not None:
         payload["correlation_with_exact"] = round(cmp["pearson"], 6)
