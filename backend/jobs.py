@@ -18,11 +18,13 @@ Tables (store.py migration 2):
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import re
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, ClassVar
 
 import pyarrow as pa
 
@@ -160,6 +162,27 @@ def check_windows(cfg) -> None:
         raise InvalidSpec(f"split must be 'train' or 'heldout', got {cfg.split!r}.")
 
 
+@dataclass(frozen=True)
+class WindowJob:
+    """Base of a corpus-job config over n_windows windows of `length` tokens of a corpus split,
+    `chunk` windows per chunk. Subclasses add fields and set KIND and VERSION; the job key
+    hashes them all, so a job with other settings is another job."""
+
+    KIND: ClassVar[str] = "job"
+    VERSION: ClassVar[int] = 1
+
+    def __post_init__(self):
+        check_windows(self)
+
+    def key(self) -> str:
+        payload = json.dumps({"v": self.VERSION, **asdict(self)}, sort_keys=True)
+        return f"{self.KIND}-" + hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.n_windows / self.chunk)
+
+
 def tqdm_progress(desc: str):
     """A progress callback drawing a tqdm bar on stderr (the CLI's)."""
     from tqdm import tqdm
@@ -176,5 +199,5 @@ def tqdm_progress(desc: str):
     return update
 
 
-__all__ = ["JobState", "run_job", "state", "write_chunk", "finish", "done_chunks", "tqdm_progress", "check_windows",
+__all__ = ["JobState", "run_job", "state", "write_chunk", "finish", "done_chunks", "tqdm_progress", "check_windows", "WindowJob",
 ]

@@ -25,7 +25,6 @@ copy at that layer with the job's criterion.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -53,7 +52,9 @@ class JobNotRun(DashboardError):
 
 
 @dataclass(frozen=True)
-class MassiveCorpusJob:
+class MassiveCorpusJob(jobs.WindowJob):
+    KIND = KIND
+    VERSION = VERSION
     model: str
     n_windows: int = 256
     split: str = "train"
@@ -64,19 +65,11 @@ class MassiveCorpusJob:
     corpus: str = "default"
 
     def __post_init__(self):
-        jobs.check_windows(self)
+        super().__post_init__()
         for name in ("abs_threshold", "ratio_threshold"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
                 raise InvalidSpec(f"{name} must be a positive number, got {v!r}.")
-
-    def key(self) -> str:
-        payload = json.dumps({"v": VERSION, **asdict(self)}, sort_keys=True)
-        return f"{KIND}-" + hashlib.sha256(payload.encode()).hexdigest()[:20]
-
-    @property
-    def n_chunks(self) -> int:
-        return math.ceil(self.n_windows / self.chunk)
 
 
 def full_windows(model_id: str, split: str, length: int, n: int, corpus: str = "default"):

@@ -43,7 +43,6 @@ Definitions of the final statistics:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -78,10 +77,12 @@ DEFINITION = (f"active ⇔ value > {ACTIVE_FRACTION:g} × the layer's {ACTIVE_QU
 
 
 @dataclass(frozen=True)
-class NeuronStatsJob:
+class NeuronStatsJob(jobs.WindowJob):
     """What a neuron-statistics job reads: N windows of `length` tokens, evenly spaced over the
     corpus split, processed `chunk` windows at a time."""
 
+    KIND = KIND
+    VERSION = VERSION
     model: str
     n_windows: int = DEFAULT_WINDOWS
     split: str = "train"
@@ -89,16 +90,6 @@ class NeuronStatsJob:
     chunk: int = DEFAULT_CHUNK
     corpus: str = "default"
 
-    def __post_init__(self):
-        jobs.check_windows(self)
-
-    def key(self) -> str:
-        payload = json.dumps({"v": VERSION, **asdict(self)}, sort_keys=True)
-        return f"{KIND}-" + hashlib.sha256(payload.encode()).hexdigest()[:20]
-
-    @property
-    def n_chunks(self) -> int:
-        return math.ceil(self.n_windows / self.chunk)
 
 
 def select_windows(job: NeuronStatsJob) -> list[tuple[int, int, list[int]]]:
