@@ -32,9 +32,8 @@ import numpy as np
 from ..errors import InvalidSite, InvalidSpec
 from ..models import LoadedModel
 from ..runner import analysis
-from ..tasks import encode_pairs
-from .attribution import AtPResult, AtPSpec
-from .patching import SITE_AXES, PatchSpec, _metrics
+from .attribution import AtPResult, AtPSpec, estimate_over_pairs
+from .patching import PatchSpec
 
 STAR_SITES = ("resid_pre", "attn_out", "mlp_out", "head_out", "head_q", "head_k", "head_v")
 _COMPONENT = {"resid_pre": "resid_pre", "attn_out": "attn_out", "mlp_out": "mlp_out", "head_out": "z",
@@ -163,52 +162,16 @@ def star_attribution(model: LoadedModel, base_ids, source_ids, site: str, metric
 
 @analysis(AtPStarSpec, AtPStarResult)
 def compute(spec: AtPStarSpec, model: LoadedModel, progress=None) -> AtPStarResult:
-    from kernels import patching as kp
+    def estimate(model, base, src, site, metric):
+        plain, fixed, gd, *rest = star_attribution(model, base, src, site, metric)
+        return ({"plain": plain, "fixed": fixed, "graddrop_abs": gd}, *rest)
 
-    encoded = encode_pairs(model, spec.pairs())
-    info = model.info
-    acc = {"plain": 0.0, "fixed": 0.0, "gd": 0.0}
-    clean_m = corrupt_m = clean_ld = corrupt_ld = 0.0
-    with model.lock:
-        for i, e in enumerate(encoded):
-            if progress and len(encoded) > 1:
-                progress(f"AtP* pair {i + 1} of {len(encoded)}…")
-            base, src = ((e.corrupt_ids, e.clean_ids) if spec.direction == "denoising"
-                         else (e.clean_ids, e.corrupt_ids))
-            metric = _metrics(model, None, e, spec.metric)
-            plain, fixed, gd, base_m, src_m, base_l, src_l = star_attribution(model, base, src, spec.site, metric)
-            ld = kp.LogitDiff(e.answer_id, e.wrong_id)
-            base_ld, src_ld = (float(ld.from_logits(x[None].float())[0]) for x in (base_l, src_l))
-            cm, km, cl, kl = ((src_m, base_m, src_ld, base_ld) if spec.direction == "denoising"
-                              else (base_m, src_m, base_ld, src_ld))
-            acc = {"plain": acc["plain"] + plain, "fixed": acc["fixed"] + fixed, "gd": acc["gd"] + gd}
-            clean_m, corrupt_m, clean_ld, corrupt_ld = clean_m + cm, corrupt_m + km, clean_ld + cl, corrupt_ld + kl
-    n = len(encoded)
-    arr = {k: (v / n).cpu().numpy() for k, v in acc.items()}
-    clean_m, corrupt_m, clean_ld, corrupt_ld = clean_m / n, corrupt_m / n, clean_ld / n, corrupt_ld / n
-    base_m = corrupt_m if spec.direction == "denoising" else clean_m
-    if spec.metric == "logit_diff_norm":
-        gap = clean_m - corrupt_m
-        if abs(gap) < 1e-6:
-            raise InvalidSpec("The clean and corrupted prompts give the same logit difference "
-                              f"({clean_m:.4f}), so the normalised logit difference is undefined.")
-        arr = {k: v / gap if k != "gd" else v / abs(gap) for k, v in arr.items()}
-        base_m = 0.0 if spec.direction == "denoising" else 1.0
-    T = len(encoded[0].clean_ids)
-    axes = list(SITE_AXES[spec.site])
-    heads = (list(range(info.n_heads)) if "head" in axes
-             else list(range(info.n_kv_heads)) if "kv_head" in axes else [])
+    arr, fields = estimate_over_pairs(spec, model, estimate, progress, "AtP*")
+    base_m = fields.pop("base_metric")
     return AtPStarResult(
-        site=spec.site, metric=spec.metric, direction=spec.direction, axes=axes,
-        layers=list(range(info.n_layers)), positions=list(range(T)) if "pos" in axes else [], heads=heads,
-        values=(base_m + arr["fixed"]).astype(np.float32), deltas=arr["fixed"].astype(np.float32),
-        atp_deltas=arr["plain"].astype(np.float32), graddrop=arr["gd"].astype(np.float32),
-        clean_tokens=model.str_tokens(encoded[0].clean_ids),
-        corrupt_tokens=model.str_tokens(encoded[0].corrupt_ids),
-        clean_metric=float(1.0 if spec.metric == "logit_diff_norm" else clean_m),
-        corrupt_metric=float(0.0 if spec.metric == "logit_diff_norm" else corrupt_m),
-        clean_logit_diff=float(clean_ld), corrupt_logit_diff=float(corrupt_ld),
-        n_pairs=n, method="atp*")
+        **fields, values=(base_m + arr["fixed"]).astype(np.float32), deltas=arr["fixed"].astype(np.float32),
+        atp_deltas=arr["plain"].astype(np.float32), graddrop=arr["graddrop_abs"].astype(np.float32),
+        method="atp*")
 
 
 def false_negatives(exact_deltas: np.ndarray, scores: dict[str, np.ndarray], important: float = 0.05,

@@ -111,31 +111,35 @@ def attribution(model: LoadedModel, base_ids, source_ids, site: str, metric) -> 
             logits.detach()[0, -1], src_logits[0, -1])
 
 
-@analysis(AtPSpec, AtPResult)
-def compute(spec: AtPSpec, model: LoadedModel, progress=None) -> AtPResult:
+def estimate_over_pairs(spec, model: LoadedModel, estimate, progress=None, label: str = "AtP") -> tuple[dict, dict]:
+    """Run a gradient estimate on every pair of a PatchSpec-like spec and average it.
+
+    `estimate(model, base_ids, source_ids, site, metric)` returns (arrays: dict of [cells]
+    tensors, M(base), M(source), base logits, source logits). Returns (the averaged arrays, on
+    the sweep's scale: divided by the clean - corrupted gap for logit_diff_norm, arrays whose
+    name ends in "_abs" by its magnitude; the PatchResult fields shared by every estimate)."""
     from kernels import patching as kp
 
     encoded = encode_pairs(model, spec.pairs())
     info = model.info
-    total, clean_m, corrupt_m, clean_ld, corrupt_ld = 0.0, 0.0, 0.0, 0.0, 0.0
+    acc: dict = {}
+    clean_m = corrupt_m = clean_ld = corrupt_ld = 0.0
     with model.lock:
         for i, e in enumerate(encoded):
             if progress and len(encoded) > 1:
-                progress(f"Attribution patching pair {i + 1} of {len(encoded)}…")
+                progress(f"{label}: pair {i + 1} of {len(encoded)}…")
             base, src = ((e.corrupt_ids, e.clean_ids) if spec.direction == "denoising"
                          else (e.clean_ids, e.corrupt_ids))
             metric = _metrics(model, None, e, spec.metric)
-            d, base_m, src_m, base_l, src_l = attribution(model, base, src, spec.site, metric)
+            arrays, base_m, src_m, base_l, src_l = estimate(model, base, src, spec.site, metric)
             ld = kp.LogitDiff(e.answer_id, e.wrong_id)
             base_ld, src_ld = (float(ld.from_logits(x[None].float())[0]) for x in (base_l, src_l))
-            if spec.direction == "denoising":
-                cm, km, cl, kl = src_m, base_m, src_ld, base_ld
-            else:
-                cm, km, cl, kl = base_m, src_m, base_ld, src_ld
-            total = total + d
+            cm, km, cl, kl = ((src_m, base_m, src_ld, base_ld) if spec.direction == "denoising"
+                              else (base_m, src_m, base_ld, src_ld))
+            acc = {k: acc.get(k, 0.0) + v for k, v in arrays.items()}
             clean_m, corrupt_m, clean_ld, corrupt_ld = clean_m + cm, corrupt_m + km, clean_ld + cl, corrupt_ld + kl
     n = len(encoded)
-    deltas = (total / n).cpu().numpy()
+    arr = {k: (v / n).cpu().numpy() for k, v in acc.items()}
     clean_m, corrupt_m, clean_ld, corrupt_ld = clean_m / n, corrupt_m / n, clean_ld / n, corrupt_ld / n
     base_m = corrupt_m if spec.direction == "denoising" else clean_m
     if spec.metric == "logit_diff_norm":
@@ -144,22 +148,34 @@ def compute(spec: AtPSpec, model: LoadedModel, progress=None) -> AtPResult:
             raise InvalidSpec("The clean and corrupted prompts give the same logit difference "
                               f"({clean_m:.4f}), so the normalised logit difference is undefined: "
                               "pick another metric or a corruption that changes the answer.")
-        deltas = deltas / gap
+        arr = {k: v / (abs(gap) if k.endswith("_abs") else gap) for k, v in arr.items()}
         base_m = 0.0 if spec.direction == "denoising" else 1.0
-    values = base_m + deltas
     T = len(encoded[0].clean_ids)
     axes = list(SITE_AXES[spec.site])
-    return AtPResult(
+    fields = dict(
         site=spec.site, metric=spec.metric, direction=spec.direction, axes=axes,
         layers=list(range(info.n_layers)), positions=list(range(T)) if "pos" in axes else [],
-        heads=list(range(info.n_heads)) if "head" in axes else [],
-        values=values.astype(np.float32), deltas=deltas.astype(np.float32),
+        heads=(list(range(info.n_heads)) if "head" in axes
+               else list(range(info.n_kv_heads)) if "kv_head" in axes else []),
         clean_tokens=model.str_tokens(encoded[0].clean_ids),
         corrupt_tokens=model.str_tokens(encoded[0].corrupt_ids),
         clean_metric=float(1.0 if spec.metric == "logit_diff_norm" else clean_m),
         corrupt_metric=float(0.0 if spec.metric == "logit_diff_norm" else corrupt_m),
-        clean_logit_diff=float(clean_ld), corrupt_logit_diff=float(corrupt_ld),
-        n_pairs=n, method="atp")
+        clean_logit_diff=float(clean_ld), corrupt_logit_diff=float(corrupt_ld), n_pairs=n)
+    return arr, {"base_metric": base_m, **fields}
+
+
+@analysis(AtPSpec, AtPResult)
+def compute(spec: AtPSpec, model: LoadedModel, progress=None) -> AtPResult:
+    def estimate(model, base, src, site, metric):
+        d, *rest = attribution(model, base, src, site, metric)
+        return ({"deltas": d}, *rest)
+
+    arr, fields = estimate_over_pairs(spec, model, estimate, progress, "Attribution patching")
+    base_m = fields.pop("base_metric")
+    deltas = arr["deltas"]
+    return AtPResult(**fields, values=(base_m + deltas).astype(np.float32), deltas=deltas.astype(np.float32),
+                     method="atp")
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
