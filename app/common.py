@@ -30,6 +30,16 @@ def fetch(spec, what: str):
     return out
 
 
+def main_result(view: View, spec, what: str) -> tuple[View, object | None]:
+    """A page's main result: the link's key checked against the spec, the outcome fetched, and
+    the view's key set to its run key. (view, None) when there is no valid spec, the link was
+    altered or the run failed (each already said in the page)."""
+    if spec is None or not check_link_key(view, spec):
+        return view, None
+    out = fetch(spec, what)
+    return (view, None) if out is None else (view.replace(key=out.run_key), out)
+
+
 def show_status(out, what: str) -> None:
     if out.from_store:
         st.caption(f"{what}: read from the store in {out.read_seconds * 1000:.1f} ms "

@@ -7,7 +7,7 @@ import streamlit as st
 from backend import AttentionSpec
 
 from .. import figures
-from ..common import check_link_key, fetch, make_spec, model_dims, navigate, synced
+from ..common import main_result, make_spec, model_dims, navigate, synced
 from ..state import View
 
 
@@ -33,11 +33,9 @@ def render(view: View) -> View:
     if (layer, head) != (view.layer, view.head):
         view = view.replace(layer=layer, head=head, key="")
     spec = make_spec(AttentionSpec, model=view.model, text=view.text, layer=layer)
-    if spec is None or not check_link_key(view, spec):
-        return view
-    out = fetch(spec, f"attention of layer {layer}")
+    view, out = main_result(view, spec, f"attention of layer {layer}")
     if out is None:
         return view
     r = out.result
     st.plotly_chart(figures.attention_pattern(r.tokens, r.pattern[head], layer, head), key="pattern")
-    return view.replace(key=out.run_key)
+    return view

@@ -11,7 +11,7 @@ from backend.analyses.circuits import CIRCUIT_METRICS, METHODS, CircuitSpec, sav
 from backend.errors import DashboardError
 
 from .. import figures
-from ..common import check_link_key, fetch, model_dims, navigate, synced
+from ..common import fetch, main_result, model_dims, navigate, synced
 from ..figures_circuits import circuit_graph, clicked_item
 from ..state import View, view_params
 from .patching import TASKS
@@ -74,12 +74,9 @@ def render(view: View) -> View:
     except DashboardError as e:
         st.error(str(e), icon=":material/warning:")
         return view
-    if not check_link_key(view, spec):
-        return view
-    out = fetch(spec, "circuit")
+    view, out = main_result(view, spec, "circuit")
     if out is None:
         return view
-    view = view.replace(key=out.run_key)
     r = out.result
     removed = removed_list(view)
     prev = None

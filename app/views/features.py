@@ -9,7 +9,7 @@ from backend.analyses.features import FeaturesSpec
 from backend.saes import list_saes
 
 from .. import figures
-from ..common import check_link_key, fetch, make_spec, navigate
+from ..common import main_result, make_spec, navigate
 from ..figures_features import feature_click_overlay
 from ..state import View
 
@@ -45,9 +45,7 @@ def render(view: View) -> View:
                          column_config={c: st.column_config.NumberColumn(format="%.3f")
                                         for c in _quality_table(saes).columns[3:]})
     spec = make_spec(FeaturesSpec, model=view.model, sae=view.sae, text=view.text)
-    if spec is None or not check_link_key(view, spec):
-        return view
-    out = fetch(spec, "SAE decomposition")
+    view, out = main_result(view, spec, "SAE decomposition")
     if out is None:
         return view
     r = out.result
@@ -66,4 +64,4 @@ def render(view: View) -> View:
              "top features": ", ".join(f"#{f['feature']} ({f['value']:.1f})" for f in feats[:6])}
             for p, (t, feats) in enumerate(zip(r.tokens, r.top_features()))]
     st.dataframe(pd.DataFrame(rows), hide_index=True)
-    return view.replace(key=out.run_key)
+    return view

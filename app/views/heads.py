@@ -8,16 +8,14 @@ import streamlit as st
 from backend import HeadScoresSpec
 
 from .. import figures
-from ..common import check_link_key, fetch, make_spec, navigate
+from ..common import main_result, make_spec, navigate
 from ..state import View
 
 
 def render(view: View) -> View:
     st.header("Head scores")
     spec = make_spec(HeadScoresSpec, model=view.model)
-    if spec is None or not check_link_key(view, spec):
-        return view
-    out = fetch(spec, "head scores")
+    view, out = main_result(view, spec, "head scores")
     if out is None:
         return view
     r = out.result
@@ -38,4 +36,4 @@ def render(view: View) -> View:
         order = np.argsort(scores, axis=None)[::-1][:5]
         col.markdown(f"**Top {name} heads:** " + ", ".join(
             f"L{i // scores.shape[1]}H{i % scores.shape[1]} ({scores.flat[i]:.2f})" for i in order))
-    return view.replace(key=out.run_key)
+    return view

@@ -8,7 +8,7 @@ import streamlit as st
 from backend import MassiveSpec
 
 from .. import figures
-from ..common import check_link_key, fetch, make_spec, navigate, synced
+from ..common import fetch, main_result, make_spec, navigate, synced
 from ..state import View
 
 
@@ -25,12 +25,9 @@ def render(view: View) -> View:
                 navigate(view.replace(abs_thr=abs_thr, ratio_thr=ratio_thr, key=""))
     spec = make_spec(MassiveSpec, model=view.model, text=view.text, abs_threshold=view.abs_thr,
                      ratio_threshold=view.ratio_thr)
-    if spec is None or not check_link_key(view, spec):
-        return view
-    out = fetch(spec, "massive-activation scan")
+    view, out = main_result(view, spec, "massive-activation scan")
     if out is None:
         return view
-    view = view.replace(key=out.run_key)
     r = out.result
     ratios = r.top_ratios()[:, 0]
     if r.massive:

@@ -7,7 +7,7 @@ import streamlit as st
 from backend import NeuronLogitSpec, NeuronsSpec
 
 from .. import figures
-from ..common import check_link_key, fetch, make_spec, model_dims, navigate, synced
+from ..common import fetch, main_result, make_spec, model_dims, navigate, synced
 from ..state import View
 
 
@@ -24,12 +24,9 @@ def render(view: View) -> View:
     if layer != view.layer:
         view = view.replace(layer=layer, neuron=-1, key="")
     spec = make_spec(NeuronsSpec, model=view.model, text=view.text, layer=layer)
-    if spec is None or not check_link_key(view, spec):
-        return view
-    out = fetch(spec, f"neurons of layer {layer}")
+    view, out = main_result(view, spec, f"neurons of layer {layer}")
     if out is None:
         return view
-    view = view.replace(key=out.run_key)
     r = out.result
     event = st.plotly_chart(figures.neuron_heatmap(r.tokens, r.prompt_top_ids, r.prompt_top_acts, layer),
                             key=f"neurons-{out.run_key}", on_select="rerun", selection_mode="points")

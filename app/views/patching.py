@@ -8,7 +8,7 @@ from backend.analyses.patching import DIRECTIONS, METRICS, SITE_AXES, SITES, Int
 from backend.errors import DashboardError
 
 from .. import figures
-from ..common import check_link_key, fetch, navigate, synced
+from ..common import fetch, main_result, navigate, synced
 from ..state import View
 
 TASKS = {"custom": "your own pair", "ioi": "IOI (names)", "induction": "induction (repeated tokens)",
@@ -75,12 +75,9 @@ def render(view: View) -> View:
     except DashboardError as e:
         st.error(str(e), icon=":material/warning:")
         return view
-    if not check_link_key(view, spec):
-        return view
-    out = fetch(spec, f"{view.site} patching sweep")
+    view, out = main_result(view, spec, f"{view.site} patching sweep")
     if out is None:
         return view
-    view = view.replace(key=out.run_key)
     r = out.result
     st.markdown(f"**{r.n_pairs} pair(s)** · clean metric {r.clean_metric:.3f} · corrupted {r.corrupt_metric:.3f}"
                 f" · logit difference clean {r.clean_logit_diff:.2f}, corrupted {r.corrupt_logit_diff:.2f}")

@@ -7,20 +7,17 @@ import streamlit as st
 from backend import PromptSpec, TokenLensSpec
 
 from .. import figures
-from ..common import check_link_key, fetch, make_spec, synced, token_chips
+from ..common import fetch, main_result, make_spec, synced, token_chips
 from ..state import LENS_MODES, View
 
 
 def render(view: View) -> View:
     st.header("Prompt & logit lens")
     spec = make_spec(PromptSpec, model=view.model, text=view.text)
-    if spec is None or not check_link_key(view, spec):
-        return view
-    out = fetch(spec, "prompt analysis")
+    view, out = main_result(view, spec, "prompt analysis")
     if out is None:
         return view
     r = out.result
-    view = view.replace(key=out.run_key)
     st.subheader(f"{len(r.tokens)} tokens")
     token_chips(r.tokens)
     left, right = st.columns([1, 3])

@@ -31,7 +31,7 @@ from ..errors import InvalidSite, InvalidSpec
 from ..models import LoadedModel
 from ..runner import analysis
 from ..tasks import encode_pairs
-from .patching import SITE_AXES, PatchResult, PatchSpec, _metrics
+from .patching import SITE_AXES, PatchResult, PatchSpec, _metrics, normalising_gap
 
 ATP_SITES = ("resid_pre", "attn_out", "mlp_out", "head_out")
 _COMPONENT = {"resid_pre": "resid_pre", "attn_out": "attn_out", "mlp_out": "mlp_out", "head_out": "z"}
@@ -143,11 +143,7 @@ def estimate_over_pairs(spec, model: LoadedModel, estimate, progress=None, label
     clean_m, corrupt_m, clean_ld, corrupt_ld = clean_m / n, corrupt_m / n, clean_ld / n, corrupt_ld / n
     base_m = corrupt_m if spec.direction == "denoising" else clean_m
     if spec.metric == "logit_diff_norm":
-        gap = clean_m - corrupt_m
-        if abs(gap) < 1e-6:
-            raise InvalidSpec("The clean and corrupted prompts give the same logit difference "
-                              f"({clean_m:.4f}), so the normalised logit difference is undefined: "
-                              "pick another metric or a corruption that changes the answer.")
+        gap = normalising_gap(clean_m, corrupt_m)
         arr = {k: v / (abs(gap) if k.endswith("_abs") else gap) for k, v in arr.items()}
         base_m = 0.0 if spec.direction == "denoising" else 1.0
     T = len(encoded[0].clean_ids)

@@ -147,6 +147,17 @@ def _run_pair(model: LoadedModel, fm, e: EncodedPair, spec: PatchSpec):
     return out.values, out.base, out.source, lds[0], lds[1]
 
 
+def normalising_gap(clean_m: float, corrupt_m: float) -> float:
+    """LD(clean) - LD(corrupted), the denominator of the normalised logit difference; InvalidSpec
+    when the corruption does not move the logit difference."""
+    gap = clean_m - corrupt_m
+    if abs(gap) < 1e-6:
+        raise InvalidSpec("The clean and corrupted prompts give the same logit difference "
+                          f"({clean_m:.4f}), so the normalised logit difference is undefined: "
+                          "pick another metric or a corruption that changes the answer.")
+    return gap
+
+
 @analysis(PatchSpec, PatchResult)
 def compute(spec: PatchSpec, model: LoadedModel, progress=None) -> PatchResult:
     from kernels import patching as kp
@@ -166,12 +177,7 @@ def compute(spec: PatchSpec, model: LoadedModel, progress=None) -> PatchResult:
     values = (total / n).cpu().numpy()
     clean_m, corrupt_m, clean_ld, corrupt_ld = clean_m / n, corrupt_m / n, clean_ld / n, corrupt_ld / n
     if spec.metric == "logit_diff_norm":
-        gap = clean_m - corrupt_m
-        if abs(gap) < 1e-6:
-            raise InvalidSpec("The clean and corrupted prompts give the same logit difference "
-                              f"({clean_m:.4f}), so the normalised logit difference is undefined: "
-                              "pick another metric or a corruption that changes the answer.")
-        values = (values - corrupt_m) / gap
+        values = (values - corrupt_m) / normalising_gap(clean_m, corrupt_m)
     T = len(encoded[0].clean_ids)
     axes = list(SITE_AXES[spec.site])
     return PatchResult(
