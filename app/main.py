@@ -16,7 +16,7 @@ import streamlit as st  # noqa: E402
 from app import views  # noqa: E402
 from app.common import apply_pending_view, link_of  # noqa: E402
 from app.state import DEFAULT_MODEL, PAGES, PROMPT_PAGES, View, read_view, view_params  # noqa: E402
-from backend.models import offline_model_ids  # noqa: E402
+from backend.model import offline_model_ids  # noqa: E402
 
 st.set_page_config(page_title="Inside the model", page_icon="🔬", layout="wide")
 

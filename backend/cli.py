@@ -15,7 +15,7 @@ import sys
 from typing import Any, Callable
 
 from .errors import DashboardError
-from .models import DEFAULT_MODEL
+from .model import DEFAULT_MODEL
 
 def _outcome_fields(out) -> dict[str, Any]:
     return {"run_key": out.run_key, "from_store": out.from_store,
@@ -47,7 +47,7 @@ def _add_models(p: argparse.ArgumentParser) -> None:
 
 
 def _run_models(a: argparse.Namespace) -> dict:
-    from .models import available_models
+    from .model import available_models
 
     return {"default": DEFAULT_MODEL, "offline": available_models(),
             "hub": "any TransformerLens model name or Hugging Face repo id, when online"}

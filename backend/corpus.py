@@ -392,7 +392,7 @@ def tokenize(model_id: str, name: str = DEFAULT_NAME, root: Path | None = None,
         return path
     docs = documents(name, root)
     if tokenizer is None:
-        from .models import load_model
+        from .model import load_model
         m = load_model(model_id)
         tokenizer, prepend_bos = m.tokenizer, m.info.prepend_bos
     texts = docs["text"].to_pylist()
@@ -474,7 +474,7 @@ def add_cli_args(p) -> None:
 
 
 def run_cli(a) -> dict:
-    from .models import DEFAULT_MODEL
+    from .model import DEFAULT_MODEL
 
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     if a.action == "build":

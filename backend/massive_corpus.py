@@ -155,7 +155,7 @@ def _tensor(ids: np.ndarray):
 
 
 def run(job: MassiveCorpusJob, store=None, progress=None, stop_after: int | None = None, model=None) -> dict:
-    from .models import load_model
+    from .model import load_model
     from .store import default_store
 
     store = store or default_store()
@@ -374,7 +374,7 @@ def compute_ablation(spec: MassiveCorpusAblationSpec, model, progress=None) -> M
 
 
 def add_cli_args(p) -> None:
-    from .models import DEFAULT_MODEL
+    from .model import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--windows", type=int, default=256, help="train windows scanned (full length, evenly spaced)")

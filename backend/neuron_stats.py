@@ -275,7 +275,7 @@ def job_spec(store, job: NeuronStatsJob) -> dict | None:
 def run(job: NeuronStatsJob, store=None, progress=None, stop_after: int | None = None,
         model=None) -> dict:
     """Run (or resume) a neuron-statistics job and finish it; returns its summary (or state)."""
-    from .models import load_model
+    from .model import load_model
     from .store import default_store
 
     store = store or default_store()
@@ -516,7 +516,7 @@ def neuron_stats(store, job_key: str, layer: int, neuron: int) -> dict | None:
 
 
 def add_cli_args(p) -> None:
-    from .models import DEFAULT_MODEL
+    from .model import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="corpus windows (evenly spaced)")

@@ -78,7 +78,7 @@ def run(spec: Spec, store: Store | None = None, progress: Callable[[str], None] 
         hit = lookup(spec, store)
         if hit is not None:
             return hit
-        from .models import load_model  # imported late: a store hit never needs torch
+        from .model import load_model  # imported late: a store hit never needs torch
 
         model = load_model(spec.model, progress=progress)
         t = time.perf_counter()
@@ -96,7 +96,7 @@ def model_info(model_id: str, store: Store | None = None) -> dict:
     store = store or default_store()
     info = store.get_model_info(model_id)
     if info is None:
-        from .models import load_model
+        from .model import load_model
 
         info = load_model(model_id).info.to_dict()
         store.put_model_info(model_id, info)

@@ -84,7 +84,7 @@ def load_sae(sae: str, root: Path | None = None):
             if kind == "folder":
                 obj = SAE.load_from_disk(ref, device=settings.device(), dtype="float32")
             else:
-                from .models import _network_up
+                from .model import _network_up
 
                 if not _network_up():
                     raise SAEUnavailableOffline(f"SAE {sae!r} must be downloaded and this machine is "

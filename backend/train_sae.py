@@ -420,7 +420,7 @@ def train(cfg: TrainConfig, out_dir: Path | None = None, work: Path | None = Non
     """Collect activations once, train every SAE of cfg.sites, measure and save them."""
     import torch
 
-    from .models import load_model
+    from .model import load_model
 
     out_dir = Path(out_dir or SAE_DIR)
     work = Path(work or settings.cache_dir() / "sae-train" / cfg.cache_key())

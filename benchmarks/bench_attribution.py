@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from backend.analyses import attribution as atp  # noqa: E402
 from backend.analyses import patching  # noqa: E402
-from backend.models import load_model  # noqa: E402
+from backend.model import load_model  # noqa: E402
 
 IOI = ("When Mary and John went to the store, John gave a drink to",
        "When Mary and John went to the store, Mary gave a drink to", " Mary", " John")

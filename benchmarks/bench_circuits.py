@@ -40,7 +40,7 @@ def main():
     ap.add_argument("--top-n", type=int, nargs="*", default=[50, 100, 200, 400, 800, 1600])
     a = ap.parse_args()
     from backend.analyses.circuits import EdgeScoresSpec, _kernel_metric, faithfulness_curve, prune, select_edges
-    from backend.models import load_model
+    from backend.model import load_model
     from backend.tasks import encode_pairs
     from kernels import circuits as kc
     from kernels import patching as kp

@@ -31,7 +31,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from backend import AttentionSpec, PromptSpec, lookup, run
-    from backend.models import OFFLINE_MODELS, converted_dir, load_model
+    from backend.model import OFFLINE_MODELS, converted_dir, load_model
     from backend.store import Store
 
     t = time.perf_counter()

@@ -124,7 +124,7 @@ def child(method: str, n_tokens: int) -> None:
     """Fresh process: warm up on a short prompt, then measure one call on the long one."""
     import torch
 
-    from backend.models import load_model
+    from backend.model import load_model
 
     torch.set_num_threads(2)
     model = load_model("smollm2-135m")
@@ -156,7 +156,7 @@ def main() -> None:
 
     import torch
 
-    from backend.models import load_model
+    from backend.model import load_model
 
     model = load_model("smollm2-135m")
     tokens = long_tokens(model, a.tokens)

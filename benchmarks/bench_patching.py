@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from backend.models import load_model  # noqa: E402
+from backend.model import load_model  # noqa: E402
 from backend.analyses.patching import PatchSpec, intervene  # noqa: E402
 from backend.tasks import PromptPair, encode_pair  # noqa: E402
 from kernels import patching as kp  # noqa: E402

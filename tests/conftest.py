@@ -26,7 +26,7 @@ DEFAULT_MODEL = "smollm2-135m"
 @pytest.fixture(scope="session")
 def model():
     """The real default model, loaded once per test session."""
-    from backend.models import load_model
+    from backend.model import load_model
 
     return load_model(DEFAULT_MODEL)
 

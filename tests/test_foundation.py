@@ -31,7 +31,7 @@ def test_bridge_logits_equal_hugging_face(model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from backend.models import OFFLINE_MODELS, converted_dir
+    from backend.model import OFFLINE_MODELS, converted_dir
 
     hf = AutoModelForCausalLM.from_pretrained(converted_dir(OFFLINE_MODELS[DEFAULT_MODEL]), dtype=torch.float32,
                                               attn_implementation="eager")
@@ -154,7 +154,7 @@ def test_concurrent_sessions_get_their_own_results(store):
     for t in texts:  # each equals a sequential recomputation in a fresh store
         assert results[t].tokens[0] == t.split()[0]
         solo = runner.ANALYSES["prompt"].compute(PromptSpec(model=DEFAULT_MODEL, text=t),
-                                                 __import__("backend.models").models.load_model(DEFAULT_MODEL))
+                                                 __import__("backend.model").model.load_model(DEFAULT_MODEL))
         np.testing.assert_allclose(results[t].lens_probs, solo.lens_probs, atol=1e-6)
 
 

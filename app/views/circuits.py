@@ -54,7 +54,7 @@ def spec_of(view: View, removed: tuple[str, ...] | None = None) -> CircuitSpec:
     if view.task == "custom":
         return CircuitSpec(model=view.model, clean=view.clean, corrupt=view.corrupt, answer=view.answer,
                            wrong=view.wrong, **kw)
-    from backend.models import load_model
+    from backend.model import load_model
     from backend.tasks import generate
 
     return CircuitSpec.from_pairs(view.model, generate(load_model(view.model), view.task, n=view.n_pairs), **kw)

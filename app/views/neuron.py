@@ -154,7 +154,7 @@ def _tokenizer(model_id: str):
     """The model's tokenizer.json through `tokenizers` (no torch, no model load)."""
     from tokenizers import Tokenizer
 
-    from backend.models import OFFLINE_MODELS, converted_dir
+    from backend.model import OFFLINE_MODELS, converted_dir
     return Tokenizer.from_file(str(converted_dir(OFFLINE_MODELS[model_id]) / "tokenizer.json"))
 
 

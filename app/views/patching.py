@@ -57,7 +57,7 @@ def _spec(view: View) -> PatchSpec:
 
 
 def _pairs(view: View):
-    from backend.models import load_model
+    from backend.model import load_model
     from backend.tasks import generate
 
     return generate(load_model(view.model), view.task, n=view.n_pairs)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidSite, InvalidSpec
-from ..models import LoadedModel
+from ..model import LoadedModel
 from ..runner import analysis
 from .attribution import AtPResult, AtPSpec, estimate_over_pairs
 from .patching import PatchSpec

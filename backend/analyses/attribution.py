@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidSite, InvalidSpec
-from ..models import LoadedModel
+from ..model import LoadedModel
 from ..runner import analysis
 from ..tasks import encode_pairs
 from .patching import SITE_AXES, PatchResult, PatchSpec, _metrics, normalising_gap

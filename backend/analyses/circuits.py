@@ -28,7 +28,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import InvalidSpec
-from ..models import LoadedModel, load_model
+from ..model import LoadedModel, load_model
 from ..runner import analysis
 from ..spec import Result, Spec
 from ..tasks import PromptPair, encode_pairs

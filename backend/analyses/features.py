@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidSpec, SAEMismatch
-from ..models import LoadedModel
+from ..model import LoadedModel
 from ..runner import analysis
 from ..spec import Result, Spec, check_text
 
@@ -115,7 +115,7 @@ def compute(spec: FeaturesSpec, model: LoadedModel, progress=None) -> FeaturesRe
 
 
 def add_cli_args(p) -> None:
-    from ..models import DEFAULT_MODEL
+    from ..model import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--sae", required=True, help="SAE id (python -m backend saes), folder or release/id")

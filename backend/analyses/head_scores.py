@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidSpec
-from ..models import LoadedModel
+from ..model import LoadedModel
 from ..runner import analysis
 from ..sites import Component, hook_names
 from ..spec import Result, Spec

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import EmptyPrompt, InvalidSpec, NoMassiveActivations
-from ..models import LoadedModel
+from ..model import LoadedModel
 from ..runner import analysis
 from ..sites import Component, Site, hook_name
 from ..spec import Result, Spec, check_text
@@ -300,7 +300,7 @@ def _safe_exp(x: float) -> float:
 
 
 def add_cli_args(p) -> None:
-    from ..models import DEFAULT_MODEL
+    from ..model import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--text", required=True)
@@ -339,7 +339,7 @@ def run_cli(a) -> dict:
 
 
 def add_ablation_cli_args(p) -> None:
-    from ..models import DEFAULT_MODEL
+    from ..model import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--text", action="append", default=[], help="a held-out text (repeatable)")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidSite, InvalidSpec
-from ..models import LoadedModel
+from ..model import LoadedModel
 from ..runner import analysis
 from ..sites import Component, Site, hook_name
 from ..spec import Result, Spec, check_text
@@ -234,7 +234,7 @@ def compute_logit(spec: NeuronLogitSpec, model: LoadedModel, progress=None) -> N
 
 
 def add_cli_args(p) -> None:
-    from ..models import DEFAULT_MODEL
+    from ..model import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--text", required=True)

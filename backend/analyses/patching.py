@@ -27,7 +27,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import EmptyDataset, InvalidSite, InvalidSpec
-from ..models import LoadedModel, load_model
+from ..model import LoadedModel, load_model
 from ..runner import analysis
 from ..spec import Result, Spec
 from ..tasks import EncodedPair, PromptPair, encode_pairs
@@ -297,7 +297,7 @@ def compute_intervention(spec: InterventionSpec, model: LoadedModel, progress=No
 # ---------------------------------------------------------------------------------------
 def add_task_args(p) -> None:
     """Options naming a prompt-pair task: one pair, or a generated dataset (patch, atp, circuit)."""
-    from ..models import DEFAULT_MODEL
+    from ..model import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--clean", default="", help="clean prompt")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidSpec
-from ..models import LoadedModel, logits_from_resid
+from ..model import LoadedModel
 from ..runner import analysis
 from ..sites import Component, Site, hook_name
 from ..spec import Result, Spec, check_text
@@ -67,7 +67,7 @@ def compute(spec: PromptSpec, model: LoadedModel, progress=None) -> PromptResult
     lens_p, lens_i = [], []
     with model.lock, torch.inference_mode():
         for layer_resid in resid:  # one layer at a time: [pos d_vocab] stays small
-            p = logits_from_resid(model, layer_resid).softmax(-1).topk(spec.lens_k)
+            p = model.logits_from_resid(layer_resid).softmax(-1).topk(spec.lens_k)
             lens_p.append(p.values)
             lens_i.append(p.indices)
     lens_ids = torch.stack(lens_i).cpu().numpy()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidSpec
-from ..models import LoadedModel, logits_from_resid
+from ..model import LoadedModel
 from ..runner import analysis
 from ..spec import Result, Spec, check_text
 from .prompt import residual_stack
@@ -54,7 +54,7 @@ def compute(spec: TokenLensSpec, model: LoadedModel, progress=None) -> TokenLens
     probs, ranks = [], []
     with model.lock, torch.inference_mode():
         for layer_resid in resid:
-            logits = logits_from_resid(model, layer_resid)               # [pos d_vocab]
+            logits = model.logits_from_resid(layer_resid)               # [pos d_vocab]
             probs.append(logits.softmax(-1)[:, target])
             ranks.append((logits > logits[:, target:target + 1]).sum(-1))
     return TokenLensResult(

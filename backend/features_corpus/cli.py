@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from ..models import DEFAULT_MODEL
+from ..model import DEFAULT_MODEL
 from .index import DEFAULT_WINDOWS
 
 

@@ -318,7 +318,7 @@ def build_index(model_id: str, sae: str | list[str], n_windows: int = DEFAULT_WI
     wins = select_windows(model_id, n_windows, corpus_name, root)
     n_chunks = (len(wins) + chunk_windows - 1) // chunk_windows
     ixs = _ensure_index_rows(store, job_key, model_id, infos, len(wins), corpus_name)
-    from ..models import load_model
+    from ..model import load_model
 
     model = load_model(model_id)
     ensure_vocab(store, model)
@@ -396,7 +396,7 @@ def ensure_weight_tables(store, sae_id: str, model=None) -> str:
     cur = store.cursor()
     if cur.execute("SELECT 1 FROM sae_similar WHERE sae_key = ? LIMIT 1", [key]).fetchall():
         return key
-    from ..models import load_model
+    from ..model import load_model
     from ..saes import load_sae, sae_info
 
     sae = load_sae(sae_id)

@@ -16,7 +16,7 @@ from .index import TOP_TOKEN_EXAMPLES, ensure_vocab, ensure_weight_tables, sae_k
 def _tokens_for(store, model: str, q: str) -> list[tuple[int, str]]:
     cur = store.cursor()
     if not cur.execute("SELECT 1 FROM token_strings WHERE model = ? LIMIT 1", [model]).fetchall():
-        from ..models import load_model
+        from ..model import load_model
 
         ensure_vocab(store, load_model(model))
     variants = sorted({q, " " + q.lstrip(" ")})

