@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from urllib.parse import urlencode
 
 import streamlit as st
@@ -37,7 +38,31 @@ def main_result(view: View, spec, what: str) -> tuple[View, object | None]:
     if spec is None or not check_link_key(view, spec):
         return view, None
     out = fetch(spec, what)
-    return (view, None) if out is None else (view.replace(key=out.run_key), out)
+    if out is None:
+        return view, None
+    downloads(out.run_key, spec.KIND)
+    return view.replace(key=out.run_key), out
+
+
+def downloads(run_key: str, kind: str) -> None:
+    """Download buttons for a stored result: its JSON and, where the kind has figures, the main
+    figure as HTML (the files are made only when a button is pressed)."""
+    from app.exports import BUILDERS
+    from backend import export
+
+    def result_json() -> bytes:
+        return json.dumps(export.result_record(run_key), ensure_ascii=False).encode()
+
+    def figure_html() -> str:
+        fig = next(iter(export.figures_of(run_key).values()))
+        return fig.to_html(include_plotlyjs=True, full_html=True)
+
+    row = st.container(horizontal=True)
+    row.download_button("Result (JSON)", result_json, file_name=f"{run_key}.json", mime="application/json",
+                            key=f"dl-json-{run_key}", on_click="ignore", icon=":material/download:")
+    if kind in BUILDERS:
+        row.download_button("Figure (HTML)", figure_html, file_name=f"{run_key}.html", mime="text/html",
+                                key=f"dl-html-{run_key}", on_click="ignore", icon=":material/download:")
 
 
 def show_status(out, what: str) -> None:

@@ -16,9 +16,27 @@ import streamlit as st  # noqa: E402
 from app import views  # noqa: E402
 from app.common import apply_pending_view, link_of  # noqa: E402
 from app.state import DEFAULT_MODEL, PAGES, PROMPT_PAGES, View, read_view, view_params  # noqa: E402
+from backend.errors import DashboardError  # noqa: E402
 from backend.model import offline_model_ids  # noqa: E402
 
 st.set_page_config(page_title="Inside the model", page_icon="🔬", layout="wide")
+
+
+@st.cache_resource
+def serve_store():
+    """Open the store once per process and serve it to CLI calls (backend/serve.py), so scripts
+    run while the dashboard is open and their results show here at the next rerun."""
+    from backend import serve, settings
+    from backend.store import default_store
+
+    default_store()   # raises (and is retried at the next run) when the store cannot be opened
+    return str(serve.start(settings.store_path()))
+
+
+try:
+    serve_store()
+except DashboardError as e:
+    st.error(str(e), icon=":material/database:")
 
 if "view" not in st.session_state:  # first run of this session: the URL is the truth
     view, problems = read_view(st.query_params.to_dict())

@@ -92,6 +92,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable | str, Callable | str]] = {
                 "backend.features_corpus.cli:add_feature_args", "backend.features_corpus.cli:run_feature"),
     "circuit": ("edge-level circuit (EAP / EAP-IG scores, top-n edges) and its faithfulness, run exactly",
                 "backend.analyses.circuits:add_cli_args", "backend.analyses.circuits:run_cli"),
+    "export": ("take things out of the store: a result (JSON), a table (Parquet), a figure (HTML/PNG), a feature",
+               "backend.export:add_cli_args", "backend.export:run_cli"),
 }
 
 
@@ -120,8 +122,7 @@ def _resolve(fn: Callable | str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def _parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, add, _) in SUBCOMMANDS.items():
@@ -129,17 +130,60 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == name:  # only the chosen subcommand's module is imported
             _resolve(add)(p)
         p.add_argument("--format", choices=["json", "text"], default="text")
-    a = parser.parse_args(argv)
+    return parser
+
+
+def execute(argv: list[str]) -> tuple[int, dict]:
+    """Run one CLI call in this process: (0, payload) or (2, {"error": ...}). Used by `main` and
+    by the dashboard's store server (backend/serve.py) for calls forwarded to it."""
+    try:
+        a = _parser(argv).parse_args(argv)
+    except SystemExit as e:  # argparse already printed its usage message
+        return 2, {"error": {"type": "UsageError", "code": "usage", "message": f"bad arguments (exit {e.code})"}}
+    try:
+        return 0, _resolve(SUBCOMMANDS[a.command][2])(a)
+    except DashboardError as e:
+        return 2, {"error": e.to_dict()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import StoreLocked
+
+    argv = sys.argv[1:] if argv is None else argv
+    a = _parser(argv).parse_args(argv)
     try:
         payload = _resolve(SUBCOMMANDS[a.command][2])(a)
+        code = 0
+    except StoreLocked as e:
+        # The store is held by a running dashboard: hand the call to it (backend/serve.py).
+        from . import serve, settings
+
+        if serve.holder(settings.store_path()) is None:
+            return _fail(a, e)
+        _log(f"The store is held by the dashboard: running this call in its process…")
+        try:
+            code, payload = serve.forward(argv, settings.store_path())
+        except DashboardError as e2:
+            return _fail(a, e2)
     except DashboardError as e:
+        return _fail(a, e)
+    if code != 0:
+        err = payload.get("error", {})
         if a.format == "json":
-            print(json.dumps({"error": e.to_dict()}))
+            print(json.dumps({"error": err}))
         else:
-            print(f"error ({type(e).__name__}): {e}", file=sys.stderr)
-        return 2
+            print(f"error ({err.get('type')}): {err.get('message')}", file=sys.stderr)
+        return code
     if a.format == "json":
         print(json.dumps(payload, ensure_ascii=False))
     else:
         _print_text(payload)
     return 0
+
+
+def _fail(a, e: DashboardError) -> int:
+    if a.format == "json":
+        print(json.dumps({"error": e.to_dict()}))
+    else:
+        print(f"error ({type(e).__name__}): {e}", file=sys.stderr)
+    return 2

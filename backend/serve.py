@@ -1,0 +1,152 @@
+"""One store for the dashboard and the command line: the CLI hands its work to the dashboard.
+
+DuckDB lets one process at a time open a database file for writing, and a running dashboard
+holds its store. Rather than have every reader and writer open and close the file around
+each query (a page makes dozens; each open costs ~15 ms and any long write would still lock
+the others out), the process that holds the store serves it: the dashboard starts a small
+HTTP server on the loopback interface and writes `<store>.server.json` (port, pid and a
+random token, readable by its user only). A CLI call that finds the store locked reads that
+file and sends its argument list to the dashboard, which runs the very same subcommand in its
+own process, against its own open store, and sends back the JSON payload. So:
+
+- nothing is lost or written twice when the CLI and the dashboard (or two CLIs) write at once:
+  every write goes through the one process's store, whose writes are serialised there and
+  each done in one transaction;
+- the dashboard shows what the CLI computed at its next rerun, without a restart: it is the
+  same store connection;
+- a forwarded job runs in a thread of the dashboard; it takes the model's lock like any page
+  computation, while stored views (reads) stay interactive in every session.
+
+The token keeps other local users from driving the dashboard's process; the server binds
+127.0.0.1 only. Without a running dashboard the CLI opens the store itself, as before.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import secrets
+import threading
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from .errors import DashboardError, StoreLocked
+
+_server: ThreadingHTTPServer | None = None
+_guard = threading.Lock()
+
+
+def server_file(store_path: Path) -> Path:
+    return Path(str(store_path) + ".server.json")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    token = ""
+
+    def log_message(self, *args):  # quiet: the dashboard's log is for the dashboard
+        pass
+
+    def _reply(self, code: int, body: dict) -> None:
+        data = json.dumps(body, ensure_ascii=False).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/health":
+            return self._reply(200, {"ok": True, "pid": os.getpid()})
+        self._reply(404, {"error": {"type": "NotFound", "code": "not_found", "message": self.path}})
+
+    def do_POST(self):
+        try:
+            n = int(self.headers.get("Content-Length", "0"))
+            req = json.loads(self.rfile.read(n) or b"{}")
+        except (ValueError, json.JSONDecodeError):
+            return self._reply(400, {"error": {"type": "BadRequest", "code": "bad_request", "message": "not JSON"}})
+        if not secrets.compare_digest(str(req.get("token", "")), self.token):
+            return self._reply(403, {"error": {"type": "Forbidden", "code": "forbidden", "message": "bad token"}})
+        argv = req.get("argv")
+        if self.path != "/run" or not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            return self._reply(400, {"error": {"type": "BadRequest", "code": "bad_request",
+                                               "message": "POST /run with {token, argv: [str]}"}})
+        from .cli import execute
+
+        code, payload = execute(argv)
+        self._reply(200, {"code": code, "payload": payload})
+
+
+def start(store_path: Path) -> Path:
+    """Serve the store this process holds (once per process); returns the server file."""
+    global _server
+    store_path = Path(store_path).resolve()
+    info_path = server_file(store_path)
+    with _guard:
+        if _server is None:
+            token = secrets.token_hex(16)
+            handler = type("Handler", (_Handler,), {"token": token})
+            _server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+            _server.daemon_threads = True
+            threading.Thread(target=_server.serve_forever, name="store-server", daemon=True).start()
+            info = {"port": _server.server_address[1], "pid": os.getpid(), "token": token,
+                    "store": str(store_path)}
+            tmp = info_path.with_name(info_path.name + f".{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(info, fh)
+            os.replace(tmp, info_path)
+            atexit.register(_remove, info_path, os.getpid())
+    return info_path
+
+
+def _remove(info_path: Path, pid: int) -> None:
+    try:
+        if json.loads(info_path.read_text()).get("pid") == pid:
+            info_path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def holder(store_path: Path) -> dict | None:
+    """The server info of the live process serving this store, or None."""
+    path = server_file(Path(store_path).resolve())
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and _alive(int(info.get("pid", -1))) else None
+
+
+def forward(argv: list[str], store_path: Path, timeout: float | None = None) -> tuple[int, dict]:
+    """Run a CLI call in the process that holds the store; (exit code, payload)."""
+    info = holder(store_path)
+    if info is None:
+        raise StoreLocked(f"The store {store_path} is in use by another process that does not serve it "
+                          "(another command?). Wait for it, or set DASHBOARD_STORE to another file.")
+    body = json.dumps({"token": info["token"], "argv": argv}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{info['port']}/run", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            out = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise StoreLocked(f"The store {store_path} is held by the dashboard (pid {info['pid']}), which did not "
+                          f"answer ({e}).") from None
+    return int(out["code"]), out["payload"]
+
+
+__all__ = ["start", "forward", "holder", "server_file", "DashboardError"]
