@@ -125,16 +125,51 @@ def finish(store, job_key: str, summary: dict[str, Any], sql: list[str] | None =
             raise
 
 
+@dataclass(frozen=True)
+class Remote:
+    """How a worker process rebuilds a job's `work(chunk)`: `factory` ("module:function") is
+    called once per worker with `args` (plain, picklable values: the job config, thresholds…)
+    and returns the work function, so each worker loads the model once."""
+
+    factory: str
+    args: tuple = ()
+
+    def build(self) -> Callable[[int], dict[str, pa.Table]]:
+        import importlib
+
+        module, name = self.factory.split(":")
+        return getattr(importlib.import_module(module), name)(*self.args)
+
+
+ENGINES = ("local", "ray")
+
+
 def run_job(store, job_key: str, kind: str, model: str, spec: dict, n_chunks: int,
-            work: Callable[[int], dict[str, pa.Table]], progress: Progress | None = None,
-            stop_after: int | None = None) -> JobState:
-    """Run the chunks not yet done, in order. `stop_after` (tests, time-boxed page runs) stops
-    after that many new chunks, leaving the job resumable."""
+            work: Callable[[int], dict[str, pa.Table]] | None, progress: Progress | None = None,
+            stop_after: int | None = None, engine: str = "local", remote: Remote | None = None,
+            workers: int | None = None) -> JobState:
+    """Run the chunks not yet done. `stop_after` (tests, time-boxed page runs) stops after that
+    many new chunks, leaving the job resumable.
+
+    engine "local" runs `work` here, in chunk order. engine "ray" runs the chunks as Ray tasks on
+    actors built from `remote` (backend/ray_engine.py): each writes its chunk as Parquet shards,
+    and this process merges every complete shard into the store with its done-mark, in one
+    transaction per chunk, exactly as the local engine writes its rows."""
+    if engine not in ENGINES:
+        raise StoreError(f"Unknown engine {engine!r}; use one of {', '.join(ENGINES)}.")
     _register(store, job_key, kind, model, spec, n_chunks)
     done = done_chunks(store, job_key)
-    new = 0
     if progress:
         progress(len(done), n_chunks, f"{kind}: {len(done)}/{n_chunks} chunks done")
+    if engine == "ray":
+        if remote is None:
+            raise StoreError(f"The {kind} job cannot run on Ray: it gives no remote work factory.")
+        from .ray_engine import run_chunks
+
+        run_chunks(store, job_key, kind, n_chunks, done, remote, progress=progress, stop_after=stop_after,
+                   workers=workers)
+        return state(store, job_key)
+    new = 0
     for chunk in range(n_chunks):
         if chunk in done:
             continue
@@ -183,6 +218,13 @@ class WindowJob:
         return math.ceil(self.n_windows / self.chunk)
 
 
+def add_engine_args(p) -> None:
+    """--engine local|ray for a corpus job's subcommand (Ray: RAY_ADDRESS, else a local instance)."""
+    p.add_argument("--engine", choices=ENGINES, default="local",
+                   help="local: this process; ray: Ray tasks (RAY_ADDRESS when set, else a local Ray; "
+                        "DASHBOARD_RAY_WORKERS workers, default 2)")
+
+
 def tqdm_progress(desc: str):
     """A progress callback drawing a tqdm bar on stderr (the CLI's)."""
     from tqdm import tqdm
@@ -199,5 +241,5 @@ def tqdm_progress(desc: str):
     return update
 
 
-__all__ = ["JobState", "run_job", "state", "write_chunk", "finish", "done_chunks", "tqdm_progress", "check_windows", "WindowJob",
+__all__ = ["JobState", "Remote", "ENGINES", "run_job", "state", "write_chunk", "finish", "done_chunks", "tqdm_progress", "add_engine_args", "check_windows", "WindowJob",
 ]

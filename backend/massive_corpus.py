@@ -154,7 +154,19 @@ def _tensor(ids: np.ndarray):
     return torch.as_tensor(ids, dtype=torch.long)
 
 
-def run(job: MassiveCorpusJob, store=None, progress=None, stop_after: int | None = None, model=None) -> dict:
+def chunk_worker(job_fields: dict, key: str):
+    """The job's work function rebuilt in another process (a Ray worker)."""
+    from .model import load_model
+
+    job = MassiveCorpusJob(**job_fields)
+    model = load_model(job.model)
+    wins = full_windows(job.model, job.split, job.length, job.n_windows, job.corpus)
+    chunks = [wins[i:i + job.chunk] for i in range(0, len(wins), job.chunk)]
+    return lambda c: chunk_rows(model, chunks[c], job, key, c)
+
+
+def run(job: MassiveCorpusJob, store=None, progress=None, stop_after: int | None = None, model=None,
+        engine: str = "local") -> dict:
     from .model import load_model
     from .store import default_store
 
@@ -163,13 +175,14 @@ def run(job: MassiveCorpusJob, store=None, progress=None, stop_after: int | None
     st = jobs.state(store, key)
     if st is not None and st.finished:
         return summary(store, job)
-    model = model or load_model(job.model)
+    model = model or (None if engine == "ray" else load_model(job.model))   # Ray workers load their own
     wins = full_windows(job.model, job.split, job.length, job.n_windows, job.corpus)
     chunks = [wins[i:i + job.chunk] for i in range(0, len(wins), job.chunk)]
     t0 = time.perf_counter()
     st = jobs.run_job(store, key, KIND, job.model, asdict(job), len(chunks),
                       lambda c: chunk_rows(model, chunks[c], job, key, c), progress=progress,
-                      stop_after=stop_after)
+                      stop_after=stop_after, engine=engine,
+                      remote=jobs.Remote("backend.massive_corpus:chunk_worker", (asdict(job), key)))
     if st.done < st.n_chunks:
         return {"job_key": key, "finished": False, "done": st.done, "n_chunks": st.n_chunks}
     seconds = time.perf_counter() - t0
@@ -385,6 +398,7 @@ def add_cli_args(p) -> None:
     p.add_argument("--heldout", type=int, default=32, help="held-out windows for the ablation (0: skip it)")
     p.add_argument("--layer", type=int, default=None, help="ablation layer (default: where they appear)")
     p.add_argument("--stop-after", type=int, default=None)
+    jobs.add_engine_args(p)
 
 
 def run_cli(a) -> dict:
@@ -393,7 +407,7 @@ def run_cli(a) -> dict:
     job = MassiveCorpusJob(model=a.model, n_windows=a.windows, length=a.length, chunk=a.chunk,
                            abs_threshold=a.abs_threshold, ratio_threshold=a.ratio_threshold)
     t = time.perf_counter()
-    out = run(job, progress=jobs.tqdm_progress("massive-corpus"), stop_after=a.stop_after)
+    out = run(job, progress=jobs.tqdm_progress("massive-corpus"), stop_after=a.stop_after, engine=a.engine)
     out["wall_seconds"] = round(time.perf_counter() - t, 2)
     if out.get("finished") and a.heldout:
         ab = run_spec(MassiveCorpusAblationSpec(model=a.model, job_key=job.key(), n_heldout=a.heldout,

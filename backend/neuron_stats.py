@@ -272,8 +272,20 @@ def job_spec(store, job: NeuronStatsJob) -> dict | None:
     return json.loads(rows[0][0]) if rows else None
 
 
+def chunk_worker(job_fields: dict, thresholds: list[float], key: str):
+    """The job's work function rebuilt in another process (a Ray worker): same windows, same
+    chunks, the model loaded there once."""
+    from .model import load_model
+
+    job = NeuronStatsJob(**job_fields)
+    model = load_model(job.model)
+    wins = select_windows(job)
+    chunks = [wins[i:i + job.chunk] for i in range(0, len(wins), job.chunk)]
+    return lambda c: chunk_rows(model, chunks[c], thresholds, key, c)
+
+
 def run(job: NeuronStatsJob, store=None, progress=None, stop_after: int | None = None,
-        model=None) -> dict:
+        model=None, engine: str = "local") -> dict:
     """Run (or resume) a neuron-statistics job and finish it; returns its summary (or state)."""
     from .model import load_model
     from .store import default_store
@@ -298,7 +310,8 @@ def run(job: NeuronStatsJob, store=None, progress=None, stop_after: int | None =
     t0 = time.perf_counter()
     st = jobs.run_job(store, key, KIND, job.model, spec, len(chunks),
                       lambda c: chunk_rows(model, chunks[c], thresholds, key, c),
-                      progress=progress, stop_after=stop_after)
+                      progress=progress, stop_after=stop_after, engine=engine,
+                      remote=jobs.Remote("backend.neuron_stats:chunk_worker", (asdict(job), thresholds, key)))
     seconds = time.perf_counter() - t0
     if st.done < st.n_chunks:
         return {"job_key": key, "finished": False, "done": st.done, "n_chunks": st.n_chunks}
@@ -525,6 +538,7 @@ def add_cli_args(p) -> None:
     p.add_argument("--split", default="train", choices=["train", "heldout"])
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many new chunks")
     p.add_argument("--layer", type=int, default=None, help="also print this layer's notable neurons")
+    jobs.add_engine_args(p)
 
 
 def run_cli(a) -> dict:
@@ -532,7 +546,7 @@ def run_cli(a) -> dict:
 
     job = NeuronStatsJob(model=a.model, n_windows=a.windows, split=a.split, length=a.length, chunk=a.chunk)
     t = time.perf_counter()
-    out = run(job, progress=jobs.tqdm_progress("neuron-stats"), stop_after=a.stop_after)
+    out = run(job, progress=jobs.tqdm_progress("neuron-stats"), stop_after=a.stop_after, engine=a.engine)
     out["wall_seconds"] = round(time.perf_counter() - t, 2)
     if out.get("finished") and out.get("tokens") and out.get("seconds_last_run"):
         out["tokens_per_second"] = round(out["tokens"] / out["seconds_last_run"], 1)

@@ -1,0 +1,196 @@
+"""Corpus-job chunks as Ray tasks: the same `work(chunk)` on a laptop or on a cluster.
+
+`run_chunks` (called by jobs.run_job with engine="ray") connects to Ray (`RAY_ADDRESS` when
+set, else a local instance with one CPU per worker), starts one actor per worker (each builds
+the job's work function once, so it loads the model once; it takes a GPU when the cluster
+offers one and DASHBOARD_RAY_GPUS asks for it), and hands out the chunks not yet done.
+
+A worker writes its chunk's tables as Parquet files in a shard folder
+(`<shards>/<job key>/chunk-000012/<table>.parquet`) and then, only after every file is
+complete, the folder's DONE mark. The driver merges each finished shard into the store:
+DuckDB reads the Parquet files and the rows go in with the chunk's done-mark in ONE
+transaction (jobs.write_chunk), then the shard is deleted. So:
+- a worker killed mid-chunk leaves a shard without DONE: the chunk is run again (on a new
+  actor in the same run, or at the next run);
+- a driver killed after workers finished leaves complete shards: the next run merges them
+  without recomputing;
+- a shard merged but not yet deleted is recognised by the store's done-mark and dropped.
+No row is lost or written twice, and the rows are those the local engine writes.
+
+Shards live beside the store (`<store dir>/shards`, or DASHBOARD_SHARDS); on a cluster it must
+be a folder every node sees (NFS, a mounted bucket), as must the corpus.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import deque
+from pathlib import Path
+
+from . import settings
+from .errors import DashboardError
+
+MAX_RETRIES = 3
+
+
+class RayUnavailable(DashboardError):
+    code = "ray_unavailable"
+
+
+def shard_root() -> Path:
+    return Path(os.environ.get("DASHBOARD_SHARDS", settings.store_path().parent / "shards"))
+
+
+def chunk_dir(root: Path, job_key: str, chunk: int) -> Path:
+    return root / job_key / f"chunk-{chunk:06d}"
+
+
+def connect(workers: int) -> None:
+    """Connect to RAY_ADDRESS, or start a local Ray with `workers` CPUs (once per process)."""
+    try:
+        import ray
+    except ImportError:
+        raise RayUnavailable("--engine ray needs Ray: pip install ray.") from None
+    if ray.is_initialized():
+        return
+    # Workers import `backend` and read the same settings as this process.
+    env = {k: v for k, v in os.environ.items() if k.startswith("DASHBOARD_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(settings.ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    os.environ["PYTHONPATH"] = env["PYTHONPATH"]          # a local Ray's workers inherit it
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")    # no token notice for a local instance
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+    else:
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+
+
+def _worker_class():
+    import ray
+
+    @ray.remote
+    class ChunkWorker:
+        """Builds the job's work function once (model loaded once), then runs chunks."""
+
+        def __init__(self, remote, root: str, job_key: str, threads: int):
+            import torch
+
+            torch.set_num_threads(threads)
+            t = time.perf_counter()
+            self.work = remote.build()
+            self.build_seconds = time.perf_counter() - t
+            self.root, self.job_key = Path(root), job_key
+
+        def run(self, chunk: int) -> tuple[int, float, float]:
+            import pyarrow.parquet as pq
+
+            t = time.perf_counter()
+            tables = self.work(chunk)
+            compute = time.perf_counter() - t
+            out = chunk_dir(self.root, self.job_key, chunk)
+            shutil.rmtree(out, ignore_errors=True)      # a partial shard of a killed worker
+            out.mkdir(parents=True)
+            for name, table in tables.items():
+                pq.write_table(table, out / f"{name}.parquet")
+            (out / "DONE").write_text(f"{compute:.6f}")
+            return chunk, compute, time.perf_counter() - t
+
+        def ready(self) -> float:
+            return self.build_seconds
+
+    return ChunkWorker
+
+
+def read_shard(path: Path) -> dict:
+    """The tables of a complete shard, read by DuckDB."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        return {f.stem: con.sql(f"SELECT * FROM read_parquet('{str(f).replace(chr(39), chr(39) * 2)}')").to_arrow_table()
+                for f in sorted(path.glob("*.parquet"))}
+    finally:
+        con.close()
+
+
+def _merge(store, job_key: str, chunk: int, path: Path, seconds: float) -> None:
+    from .jobs import write_chunk
+
+    write_chunk(store, job_key, chunk, read_shard(path), seconds)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_chunks(store, job_key: str, kind: str, n_chunks: int, done: set[int], remote, progress=None,
+               stop_after: int | None = None, workers: int | None = None, stats: dict | None = None) -> dict:
+    """Run the chunks not in `done` on Ray actors and merge their shards into the store.
+    Returns timing statistics (also filled into `stats` if given)."""
+    workers = max(1, int(workers or os.environ.get("DASHBOARD_RAY_WORKERS", 2)))
+    root = shard_root()
+    stats = stats if stats is not None else {}
+    # Shards a previous run completed but did not merge: merge them now, no recompute.
+    for chunk in range(n_chunks):
+        path = chunk_dir(root, job_key, chunk)
+        if chunk in done:
+            shutil.rmtree(path, ignore_errors=True)
+        elif (path / "DONE").exists():
+            _merge(store, job_key, chunk, path, float((path / "DONE").read_text() or 0))
+            done.add(chunk)
+    todo = deque(c for c in range(n_chunks) if c not in done)
+    if stop_after is not None:
+        todo = deque(list(todo)[:stop_after])
+    stats.update(chunks=len(todo), compute_seconds=0.0, task_seconds=0.0, merge_seconds=0.0)
+    if not todo:
+        return stats
+    connect(workers)
+    import ray
+
+    Worker = _worker_class()
+    threads = int(os.environ.get("DASHBOARD_RAY_THREADS", 1))
+    gpus = float(os.environ.get("DASHBOARD_RAY_GPUS", 0))
+    make = lambda: Worker.options(num_cpus=threads, num_gpus=gpus).remote(remote, str(root), job_key, threads)  # noqa: E731
+    actors = [make() for _ in range(min(workers, len(todo)))]
+    t0 = time.perf_counter()
+    ray.get([a.ready.remote() for a in actors])
+    stats["start_seconds"] = time.perf_counter() - t0
+    in_flight: dict = {}
+    retries: dict[int, int] = {}
+
+    def submit(actor) -> None:
+        if todo:
+            chunk = todo.popleft()
+            in_flight[actor.run.remote(chunk)] = (actor, chunk, time.perf_counter())
+
+    for a in actors:
+        submit(a)
+    try:
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            actor, chunk, started = in_flight.pop(ready[0])
+            try:
+                _, compute, task = ray.get(ready[0])
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
+                retries[chunk] = retries.get(chunk, 0) + 1
+                if retries[chunk] > MAX_RETRIES:
+                    raise
+                todo.appendleft(chunk)          # run it again on a fresh actor
+                actor = make()
+                actors.append(actor)
+                submit(actor)
+                continue
+            stats["compute_seconds"] += compute
+            stats["task_seconds"] += time.perf_counter() - started
+            t = time.perf_counter()
+            _merge(store, job_key, chunk, chunk_dir(root, job_key, chunk), compute)
+            stats["merge_seconds"] += time.perf_counter() - t
+            done.add(chunk)
+            if progress:
+                progress(len(done), n_chunks, f"{kind}: chunk {chunk + 1}/{n_chunks} (ray)")
+            submit(actor)
+    finally:
+        for a in actors:
+            ray.kill(a)
+    stats["wall_seconds"] = time.perf_counter() - t0
+    return stats

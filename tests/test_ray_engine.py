@@ -1,0 +1,136 @@
+"""Corpus jobs on Ray (a real local Ray instance): the same rows as the local engine; a worker
+killed mid-chunk and a driver killed after workers finished both resume with no row lost or
+written twice."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict
+
+import pyarrow as pa
+import pytest
+
+from backend import jobs
+from backend import massive_corpus as mc
+from backend import neuron_stats as ns
+from backend import ray_engine
+from backend.store import Store
+
+from .conftest import DEFAULT_MODEL
+
+pytestmark = [pytest.mark.model, pytest.mark.usefixtures("session_corpus")]
+
+JOB = ns.NeuronStatsJob(model=DEFAULT_MODEL, n_windows=6, chunk=2, length=32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local(tmp_path_factory):
+    import os
+
+    import ray
+
+    os.environ["DASHBOARD_SHARDS"] = str(tmp_path_factory.mktemp("shards"))
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _rows(store: Store, table: str, key: str) -> list[tuple]:
+    cols = [r[0] for r in store.cursor().execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
+        [table]).fetchall()]
+    order = ", ".join(c for c in ("chunk", "layer", "neuron", "dim", "kind", "rank") if c in cols)
+    return store.cursor().execute(f"SELECT * FROM {table} WHERE job_key = ? ORDER BY {order}", [key]).fetchall()
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """Ray workers run one thread each; the local run does too here, so that the float sums of
+    the model's matmuls happen in the same order and the rows compare bitwise."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def local_run(model, tmp_path_factory):
+    store = Store(tmp_path_factory.mktemp("local") / "s.duckdb")
+    with threads(1):
+        summary = ns.run(JOB, store=store, model=model)
+    yield store, summary
+    store.close()
+
+
+def test_ray_engine_gives_the_local_rows(local_run, tmp_path):
+    local, local_summary = local_run
+    store = Store(tmp_path / "ray.duckdb")
+    with threads(1):   # the driver measures the activity thresholds (workers use them as given)
+        summary = ns.run(JOB, store=store, engine="ray")
+    key = JOB.key()
+    for table in ("neuron_stats", "neuron_top", "neuron_hist"):
+        assert _rows(store, table, key) == _rows(local, table, key), table
+    assert summary["finished"] and summary.get("n_chunks", 3) == local_summary.get("n_chunks", 3)
+    assert not any(ray_engine.shard_root().glob(f"{key}/chunk-*")), "merged shards are deleted"
+    store.close()
+
+
+def test_massive_corpus_on_ray_equals_local(model, tmp_path):
+    job = mc.MassiveCorpusJob(model=DEFAULT_MODEL, n_windows=4, length=32, chunk=2)
+    a, b = Store(tmp_path / "a.duckdb"), Store(tmp_path / "b.duckdb")
+    with threads(1):
+        mc.run(job, store=a, model=model)
+    mc.run(job, store=b, engine="ray")
+    for table in ("massive_part", "massive_layer_part"):
+        assert _rows(a, table, job.key()) == _rows(b, table, job.key()), table
+    a.close()
+    b.close()
+
+
+def test_killed_worker_and_killed_driver_resume_without_lost_or_doubled_rows(local_run, model, tmp_path):
+    local, _ = local_run
+    key = JOB.key()
+    spec = ns.job_spec(local, JOB)
+    thresholds = spec["thresholds"]
+    n_chunks = 3
+    root = ray_engine.shard_root()
+
+    # A previous driver died after its workers finished chunk 0 (a complete shard) and while a
+    # worker was writing chunk 2 (a shard without its DONE mark).
+    work = ns.chunk_worker(asdict(JOB), thresholds, key)
+    import pyarrow.parquet as pq
+
+    with threads(1):
+        shards = {c: work(c) for c in (0, 2)}
+    for chunk, complete in ((0, True), (2, False)):
+        d = ray_engine.chunk_dir(root, key, chunk)
+        d.mkdir(parents=True, exist_ok=True)
+        for name, table in shards[chunk].items():
+            pq.write_table(table if complete else table.slice(0, 1), d / f"{name}.parquet")
+        if complete:
+            (d / "DONE").write_text("1.0")
+
+    # This run: the worker that takes chunk 1 dies mid-chunk; the chunk is run again elsewhere.
+    store = Store(tmp_path / "resume.duckdb")
+    remote = jobs.Remote("tests.ray_helpers:dying_worker", (asdict(JOB), thresholds, key, str(tmp_path / "died")))
+    st = jobs.run_job(store, key, ns.KIND, JOB.model, spec, n_chunks, None, engine="ray", remote=remote)
+    assert st.done == n_chunks and (tmp_path / "died").exists()
+    assert _rows(store, "neuron_part", key) == _rows(local, "neuron_part", key)
+    big = store.cursor().execute("SELECT count(*), count(DISTINCT (chunk, layer)) FROM neuron_part_big "
+                                 "WHERE job_key = ?", [key]).fetchall()[0]
+    assert big == (n_chunks * model.info.n_layers,) * 2   # (the local store merged and dropped them)
+    counts = store.cursor().execute("SELECT chunk, count(*) FROM job_chunks WHERE job_key = ? GROUP BY 1 ORDER BY 1",
+                                    [key]).fetchall()
+    assert counts == [(0, 1), (1, 1), (2, 1)]
+    store.close()
+
+
+def test_a_job_without_a_remote_factory_says_so(store):
+    from backend.errors import StoreError
+
+    with pytest.raises(StoreError, match="cannot run on Ray"):
+        jobs.run_job(store, "x-1", "x", DEFAULT_MODEL, {}, 1, lambda c: {"t": pa.table({})}, engine="ray")
