@@ -92,6 +92,10 @@ SUBCOMMANDS: dict[str, tuple[str, Callable | str, Callable | str]] = {
                 "backend.features_corpus.cli:add_feature_args", "backend.features_corpus.cli:run_feature"),
     "circuit": ("edge-level circuit (EAP / EAP-IG scores, top-n edges) and its faithfulness, run exactly",
                 "backend.analyses.circuits:add_cli_args", "backend.analyses.circuits:run_cli"),
+    "direction": ("make a direction (diff-means, caa, actadd, probe, sae) at a site and layer; stored",
+                  "backend.analyses.directions:add_cli_args", "backend.analyses.directions:run_cli"),
+    "steer": ("generate with and without a direction (or SAE feature) added or ablated, side by side",
+              "backend.analyses.steering:add_cli_args", "backend.analyses.steering:run_cli"),
 }
 
 
