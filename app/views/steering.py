@@ -214,14 +214,13 @@ def _steered(view: View, t: dict) -> View:
     if out is None:
         return view
     r = out.result
-    c = st.columns(4)
+    c = st.columns(3)
     c[0].metric("strength", f"{r.strength:g}" if r.mode == "add" else "ablated")
     c[1].metric("relative to ‖resid‖", f"{r.relative_strength:.3f}" if r.mode == "add" else "–",
                 help="strength × ‖vector‖ / mean ‖activation‖ at the hook over the prompt (position 0 left out)")
     c[2].metric("mean ‖activation‖ at the hook", f"{r.mean_resid_norm:.1f}")
-    c[3].metric("hook", r.hook_name)
     what = ("direction projected out of every resid_pre, attn_out and mlp_out" if r.mode == "ablate"
-            else f"+{r.strength:g} × direction at {POSITION_LABELS[view.spos]}")
+            else f"+{r.strength:g} × direction at {r.hook_name}, {POSITION_LABELS[view.spos]}")
     left, right = st.columns(2)
     with left:
         st.markdown("**Default**")

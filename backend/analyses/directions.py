@@ -390,7 +390,11 @@ def contrast_scores(pos, neg, test_fraction: float, seed: int):
     pp = (pos[:, te_p] * u[:, None]).sum(-1) - mid                        # [L n_test_p]
     pn = (neg[:, te_n] * u[:, None]).sum(-1) - mid
     acc = ((pp > 0).double().sum(1) + (pn <= 0).double().sum(1)) / (pp.shape[1] + pn.shape[1])
-    var = (pp.var(1, unbiased=False) + pn.var(1, unbiased=False)) / 2
+    # d′ of the held-out projections over the within-class spread of every example (a held-out
+    # side may hold a single example, whose own variance is 0)
+    ap = (pos * u[:, None]).sum(-1)
+    an = (neg * u[:, None]).sum(-1)
+    var = (ap.var(1, unbiased=False) * n_p + an.var(1, unbiased=False) * n_n) / (n_p + n_n)
     sep = (pp.mean(1) - pn.mean(1)) / var.sqrt().clamp_min(1e-12)
     return acc.numpy(), sep.numpy(), how
 
