@@ -18,7 +18,8 @@ DEFAULT_TEXT = "When Mary and John went to the store, John gave a drink to"
 PAGES = {"prompt": "Prompt & logit lens", "attention": "Attention patterns", "heads": "Head scores",
          "patching": "Activation patching", "massive": "Massive activations", "features": "SAE features",
          "neurons": "Neurons", "neuron": "Neuron (corpus)", "feature": "Feature dashboard",
-         "featuremap": "Feature map", "search": "Feature search", "circuits": "Circuits"}
+         "featuremap": "Feature map", "search": "Feature search", "circuits": "Circuits",
+         "steering": "Directions & steering"}
 # Pages that use the prompt box in the sidebar.
 PROMPT_PAGES = ("prompt", "attention", "massive", "features", "neurons")
 # Query parameters of newer pages: page -> the View fields its link carries (the generic rule;
@@ -30,12 +31,15 @@ PAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "search": ("sae", "mode", "q"),
     "circuits": ("task", "n_pairs", "clean", "corrupt", "answer", "wrong", "metric", "method",
                  "top_n", "removed", "circuit"),
+    "steering": ("dkey", "sae", "feature", "prompt", "strength", "smode", "spos", "chat", "max_new", "temp",
+                 "seed", "steer"),
 }
 IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"
 IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 LENS_MODES = {"top": "Top token", "token": "Chosen token"}
-INT_FIELDS = ("layer", "head", "n_pairs", "pos", "neuron", "atp", "feature", "top_n")
-FLOAT_FIELDS = ("abs_thr", "ratio_thr")
+INT_FIELDS = ("layer", "head", "n_pairs", "pos", "neuron", "atp", "feature", "top_n", "chat", "max_new", "seed",
+              "steer")
+FLOAT_FIELDS = ("abs_thr", "ratio_thr", "strength", "temp")
 
 
 @dataclass
@@ -71,6 +75,17 @@ class View:
     top_n: int = 50         # edges kept
     removed: str = ""       # nodes/edges removed by clicks, ";"-separated
     circuit: str = ""       # a saved circuit's id
+    # directions & steering
+    dkey: str = ""          # a stored direction's key ("" with feature >= 0: steer with the SAE feature)
+    prompt: str = "I went for a walk today and the weather"
+    strength: float = 6.0
+    smode: str = "add"      # "add" or "ablate"
+    spos: str = "all"       # "all", "from-instruction" or "prefix"
+    chat: int = 0           # 1: the prompt goes into the chat template
+    max_new: int = 32
+    temp: float = 0.0
+    seed: int = 0
+    steer: int = 0          # 1: show (run on a miss) the steered generation of these fields
     # massive activations
     abs_thr: float = 100.0
     ratio_thr: float = 1000.0

@@ -94,6 +94,10 @@ SUBCOMMANDS: dict[str, tuple[str, Callable | str, Callable | str]] = {
                 "backend.analyses.circuits:add_cli_args", "backend.analyses.circuits:run_cli"),
     "export": ("take things out of the store: a result (JSON), a table (Parquet), a figure (HTML/PNG), a feature",
                "backend.export:add_cli_args", "backend.export:run_cli"),
+    "direction": ("make a direction (diff-means, caa, actadd, probe, sae) at a site and layer; stored",
+                  "backend.analyses.directions:add_cli_args", "backend.analyses.directions:run_cli"),
+    "steer": ("generate with and without a direction (or SAE feature) added or ablated, side by side",
+              "backend.analyses.steering:add_cli_args", "backend.analyses.steering:run_cli"),
 }
 
 

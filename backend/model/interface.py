@@ -246,3 +246,19 @@ class LoadedModel:
 
         return generate(self, prompts, max_new_tokens, temperature=temperature, seed=seed,
                         interventions=interventions, use_cache=use_cache, stop_at_eos=stop_at_eos)
+
+    # -- added by steer --
+    def reference_hf_model(self):
+        """A separate Hugging Face copy of this model (float32, eager attention), not wrapped
+        by the bridge and sharing no tensor with it: for reference checks against
+        `output_hidden_states` and for weight edits (orthogonalisation) on a copy. ~0.5 GB."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from .loading import OFFLINE_MODELS, converted_dir
+
+        m = OFFLINE_MODELS.get(self.info.model_id)
+        path = str(converted_dir(m)) if m is not None else self.info.hf_name
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+        return hf.to(settings.device()).eval()
+    # -- end steer --

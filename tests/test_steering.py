@@ -1,0 +1,232 @@
+"""Uses of a direction: steered generation with the KV cache equals it without, strength 0
+equals no steering, hook ablation equals the weight-orthogonalised model, evaluations, the
+steer CLI and its bad inputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+
+from backend import cli
+from backend.analyses import directions as D
+from backend.analyses import steering as S
+from backend.analyses import steering_eval as E
+from backend.runner import run
+from backend.sites import Component, hook_names
+from backend.store import default_store
+
+pytestmark = pytest.mark.model
+PROMPT = "I went for a walk today and the weather"
+
+
+@pytest.fixture(scope="module")
+def sentiment(model):
+    """A sentiment diff-means direction at resid_pre 10 (stored) and its key."""
+    sets = D.shipped("sentiment")
+    spec = D.DirectionSpec(model=model.info.model_id, method="diff-means", site="resid_pre", layer=10,
+                           positive=tuple(sets["positive"]), negative=tuple(sets["negative"]), source="shipped:sentiment")
+    return run(spec).run_key
+
+
+def test_steered_generation_cached_equals_uncached(model, sentiment):
+    t = S.target_of(model, sentiment)
+    ids = model.encode(PROMPT)
+    base = model.generate([ids], 10)[0]
+    for window in ({"start": 0, "end": None, "prefix": False},           # every position
+                   {"start": len(ids) - 1, "end": None, "prefix": False}):  # from the instruction on
+        hooks = [S.add_intervention(t, 8.0, slice(None), **window)]
+        cached = model.generate([ids], 10, interventions=hooks, use_cache=True)[0]
+        plain = model.generate([ids], 10, interventions=hooks, use_cache=False)[0]
+        assert cached == plain
+        assert cached != base           # the steer does something, also to generated tokens
+    act = run(D.DirectionSpec(model=model.info.model_id, method="actadd", site="resid_pre", layer=6,
+                              positive=(" Love",), negative=(" Hate",))).run_key
+    ta = S.target_of(model, act)
+    hooks = [S.add_intervention(ta, 10.0, slice(None), prefix=True)]
+    assert (model.generate([ids], 8, interventions=hooks, use_cache=True)
+            == model.generate([ids], 8, interventions=hooks, use_cache=False))
+    # a hook the lean forward does not serve: the wrapped Hugging Face model with a cache
+    from backend.model.generate import _LeanLlama
+    from backend.sites import Site, hook_name
+    final = hook_name(Site(Component.FINAL_NORM))
+    assert not _LeanLlama.supports(model, [final]) and _LeanLlama.supports(model, [t.hook])
+    hooks = [(final, lambda x, pos, hook: x * 1.5)]
+    assert (model.generate([ids], 6, interventions=hooks, use_cache=True)
+            == model.generate([ids], 6, interventions=hooks, use_cache=False))
+    import torch
+    with torch.inference_mode():
+        lean = _LeanLlama(model).forward(model.tensor(ids), 0, {})
+        assert (lean - model.logits(model.tensor(ids))[:, -1]).abs().max().item() < 1e-3
+    # sampled: same seed, same tokens, cached or not; a batch row samples as it does alone
+    hooks = [S.add_intervention(t, 4.0, slice(None))]
+    a = model.generate([ids, ids], 8, temperature=0.8, seed=5, interventions=hooks)
+    b = model.generate([ids], 8, temperature=0.8, seed=5, interventions=hooks, use_cache=False)
+    assert a[0] == a[1] == b[0]
+
+
+def test_strength_zero_is_unsteered(model, sentiment):
+    out = run(S.SteerSpec(model=model.info.model_id, prompt=PROMPT, direction=sentiment, strength=0.0,
+                          max_new_tokens=12))
+    r = out.result
+    assert r.steered_tokens == r.default_tokens == model.generate([model.encode(PROMPT)], 12)[0]
+    assert r.steered == r.default and r.relative_strength == 0.0
+    r6 = run(S.SteerSpec(model=model.info.model_id, prompt=PROMPT, direction=sentiment, strength=6.0,
+                         max_new_tokens=12)).result
+    assert r6.default_tokens == r.default_tokens and r6.steered_tokens != r6.default_tokens
+    assert r6.relative_strength == pytest.approx(6.0 * r6.direction_norm / r6.mean_resid_norm)
+
+
+def _orthogonalised(ref, r, untie: bool = True):
+    """A copy of the HF model with embedding, o_proj and down_proj orthogonalised against r̂
+    (W ← W − r̂ r̂ᵀ W on the output side). untie=False edits the tied matrix in place of the
+    embedding, so the unembedding is orthogonalised too."""
+    import torch
+
+    m = copy.deepcopy(ref)
+    u = torch.as_tensor(r, dtype=torch.float32)
+    with torch.no_grad():
+        E_ = m.model.embed_tokens.weight                                  # [vocab d]: rows write to the residual
+        new_e = E_ - (E_ @ u)[:, None] * u
+        if untie:
+            m.model.embed_tokens.weight = torch.nn.Parameter(new_e.clone())   # lm_head keeps the original
+        else:
+            E_.copy_(new_e)
+        for layer in m.model.layers:
+            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):     # nn.Linear [d_model d_in]
+                W = lin.weight
+                W.copy_(W - torch.outer(u, u @ W))
+    return m
+
+
+def test_ablation_equals_weight_orthogonalisation(model, sentiment):
+    import torch
+
+    t = S.target_of(model, sentiment)
+    ref = model.reference_hf_model()
+    assert ref.model.embed_tokens.weight.data_ptr() == ref.lm_head.weight.data_ptr()   # tied
+    ids = model.encode("The cat sat on the mat, and the dog was very happy about it.")
+    hooks = S.ablation_interventions(model, t.unit)
+    with torch.inference_mode():
+        hooked = model.run_with_hooks(model.tensor(ids), fwd_hooks=S.as_hooks(hooks))[0].float()
+        plain = model.logits(model.tensor(ids))[0].float()
+        ortho = _orthogonalised(ref, t.unit.numpy())
+        assert ortho.lm_head.weight.data_ptr() != ortho.model.embed_tokens.weight.data_ptr()
+        w_logits = ortho(torch.tensor([ids])).logits[0].float()
+        tied = _orthogonalised(ref, t.unit.numpy(), untie=False)(torch.tensor([ids])).logits[0].float()
+    assert (hooked - w_logits).abs().max().item() < 1e-3
+    assert (hooked - plain).abs().max().item() > 1e-2               # the ablation does change the logits
+    assert (tied - w_logits).abs().max().item() > 1e-2              # the tied edit is another model
+
+    # after ablation nothing is left along r̂ at any layer
+    seen = {}
+    names = hook_names(Component.RESID_POST, model.info.n_layers) + hook_names(Component.RESID_PRE, model.info.n_layers)
+
+    def keep(x, hook):
+        seen[hook.name] = x.detach().clone()
+    with torch.inference_mode():
+        model.run_with_hooks(model.tensor(ids), fwd_hooks=S.as_hooks(hooks) + [(n, keep) for n in names])
+    assert len(seen) == len(names)
+    for n, x in seen.items():
+        proj = (x[0].float() @ t.unit).abs()
+        assert (proj / x[0].norm(dim=-1)).max().item() < 1e-5, n
+
+
+def test_sae_feature_steer_and_projection(model, sentiment):
+    spec = S.SteerSpec(model=model.info.model_id, prompt=PROMPT, sae="smollm2-135m-L23-z", feature=3,
+                       strength=5.0, max_new_tokens=4)
+    r = run(spec).result
+    assert r.hook_name == "blocks.23.attn.hook_z" and len(r.steered_tokens) <= 4
+    p = run(S.ProjectionSpec(model=model.info.model_id, direction=sentiment, prompt=PROMPT)).result
+    assert p.projection.shape == (model.info.n_layers, len(model.encode(PROMPT))) and p.own_row == 10
+    import torch
+    x = model.capture(model.tensor(model.encode(PROMPT)), ["blocks.10.hook_resid_pre"])["blocks.10.hook_resid_pre"][0]
+    t = S.target_of(model, sentiment)
+    np.testing.assert_allclose(p.projection[10], (x.float() @ t.unit).numpy(), rtol=1e-5, atol=1e-4)
+    probe = run(D.shipped_spec(model.info.model_id, "truefalse", layer=14)).run_key
+    ps = run(S.ProjectionSpec(model=model.info.model_id, direction=probe, prompt="The capital of Japan is Tokyo.")).result
+    assert ps.probe_score.shape == (len(ps.tokens),) and ((ps.probe_score >= 0) & (ps.probe_score <= 1)).all()
+    assert torch is not None
+
+
+def test_evaluations(model, sentiment):
+    caa = run(D.shipped_spec(model.info.model_id, "optimism", layer=10)).run_key
+    held = tuple(tuple(p) for p in D.shipped("optimism", "heldout")["pairs"])
+    b = run(E.BehaviourSpec(model=model.info.model_id, direction=caa, pairs=held, multipliers=(-2.0, 0.0, 2.0))).result
+    assert b.behaviour.shape == (3,) and b.per_question.shape == (3, len(held))
+    assert ((b.behaviour >= 0) & (b.behaviour <= 1)).all()
+    # multiplier 0: the unsteered letter probabilities, computed directly
+    q, a, o = held[0]
+    ids, j = D.answer_position(model, q, a)
+    ids_o, jo = D.answer_position(model, q, o)
+    p = model.logits(model.tensor(ids[:j]))[0, -1].float().softmax(-1)
+    assert b.per_question[1, 0] == pytest.approx(float(p[ids[j]] / (p[ids[j]] + p[ids_o[jo]])), rel=1e-4)
+
+    ref = run(D.shipped_spec(model.info.model_id, "refusal", layer=12, position="post-instruction")).run_key
+    r = run(E.RefusalSpec(model=model.info.model_id, direction=ref, harmful=("How can I cheat at cards?",),
+                          harmless=("How do I bake bread?",), strength=4.0, max_new_tokens=6)).result
+    assert r.harmful_text.shape == (1, 3) and r.harmful_rate.shape == (3,)
+    base = model.generate([D.user_chat(model, "How do I bake bread?")], 6)[0]
+    assert r.harmless_text[0, 0] == model.decode(base)
+    assert E.refuses("I'm sorry, but I can't help with that.") and not E.refuses("Sure! Here is how.")
+
+    s0 = run(E.SideEffectsSpec(model=model.info.model_id, direction=sentiment, strength=0.0)).result
+    assert s0.kl_mean == 0.0 and s0.ce_default == s0.ce_steered and s0.text_source == "shipped"
+    s8 = run(E.SideEffectsSpec(model=model.info.model_id, direction=sentiment, strength=8.0)).result
+    assert s8.kl_mean > 0 and s8.ce_default == s0.ce_default and math.isfinite(s8.ce_steered)
+
+
+def _cli(capsys, *args) -> tuple[int, dict]:
+    code = cli.main(list(args) + ["--format", "json"])
+    return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_steer_cli(model, sentiment, capsys):
+    code, d = _cli(capsys, "steer", "--model", model.info.model_id, "--prompt", PROMPT, "--direction", sentiment,
+                   "--strength", "6", "--max-new-tokens", "8", "--temperature", "0")
+    assert code == 0
+    assert {"default", "steered", "default_tokens", "steered_tokens", "run_key"} <= set(d)
+    assert len(d["default_tokens"]) == 8 and d["default"] == model.decode(d["default_tokens"])
+    assert d["steered"] == model.decode(d["steered_tokens"]) and d["steered_tokens"] != d["default_tokens"]
+    code, again = _cli(capsys, "steer", "--model", model.info.model_id, "--prompt", PROMPT, "--direction", sentiment,
+                       "--strength", "6", "--max-new-tokens", "8", "--temperature", "0")
+    assert again["from_store"] and again["run_key"] == d["run_key"] and again["steered_tokens"] == d["steered_tokens"]
+    code, ab = _cli(capsys, "steer", "--model", model.info.model_id, "--prompt", PROMPT, "--direction", sentiment,
+                    "--strength", "123", "--mode", "ablate", "--max-new-tokens", "4")
+    assert code == 0 and ab["strength"] == 0.0 and ab["mode"] == "ablate"
+    code, sae = _cli(capsys, "steer", "--prompt", PROMPT, "--sae", "smollm2-135m-L15-resid_pre", "--feature", "178",
+                     "--strength", "20", "--max-new-tokens", "4")
+    assert code == 0 and sae["hook_name"] == "blocks.15.hook_resid_pre"
+
+
+def test_bad_steer_inputs(model, sentiment, capsys):
+    store = default_store()
+    _, r = D.load_direction(sentiment)
+    meta, arrays = r.to_record()
+    other = D.DirectionSpec(model="gemma3-270m", method="diff-means", positive=("a",), negative=("b",), layer=1)
+    store.put(other.key(), other.KIND, other.model, other.to_json(), meta, arrays, 0.0)
+    narrow = D.DirectionSpec(model=model.info.model_id, method="diff-means", positive=("narrow",), negative=("b",))
+    store.put(narrow.key(), narrow.KIND, narrow.model, narrow.to_json(), {**meta, "shape": [100], "d_model": 100},
+              {**arrays, "vector": arrays["vector"][:100]}, 0.0)
+    before = store.count_runs()
+    base = ["steer", "--prompt", PROMPT, "--max-new-tokens", "4"]
+    cases = [
+        (["--direction", sentiment, "--strength", "nan"], "out_of_range"),
+        (["--direction", sentiment, "--strength", "inf"], "out_of_range"),
+        (["--direction", sentiment, "--strength", "1", "--max-new-tokens", "0"], "out_of_range"),
+        (["--direction", sentiment, "--strength", "1", "--max-new-tokens", "100000"], "out_of_range"),
+        (["--direction", "direction-nope", "--strength", "1"], "unknown_direction"),
+        (["--direction", other.key(), "--strength", "1"], "direction_mismatch"),
+        (["--direction", narrow.key(), "--strength", "1"], "direction_mismatch"),
+        (["--strength", "1"], "invalid_spec"),
+        (["--sae", "smollm2-135m-L23-z", "--feature", "3", "--mode", "ablate"], "invalid_site"),
+    ]
+    for args, code in cases:
+        rc, d = _cli(capsys, *base, *args)
+        assert rc == 2 and d["error"]["code"] == code, (args, d)
+    assert store.count_runs() == before
+    with pytest.raises(D.EmptySet):
+        E.RefusalSpec(model=model.info.model_id, direction=sentiment, harmful=(), harmless=("x",))
