@@ -77,10 +77,10 @@ def _output_views(view: View, sc: dict, d: dict) -> None:
                "mean change of the next-token logits.")
     c1, c2 = st.columns(2)
     with c1:
-        st.plotly_chart(diverging_tokens(tc["plus_increased"], tc["plus_decreased"], f"TokenChange at +c", "Δ logit"),
+        st.plotly_chart(diverging_tokens(tc["plus_increased"], tc["plus_decreased"], "TokenChange at +c", "Δ logit"),
                         key="tc_plus")
     with c2:
-        st.plotly_chart(diverging_tokens(tc["minus_increased"], tc["minus_decreased"], f"TokenChange at −c", "Δ logit"),
+        st.plotly_chart(diverging_tokens(tc["minus_increased"], tc["minus_decreased"], "TokenChange at −c", "Δ logit"),
                         key="tc_minus")
 
 
