@@ -27,8 +27,8 @@ PROMPT_PAGES = ("prompt", "attention", "massive", "features", "neurons")
 PAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "neuron": ("layer", "neuron"),
     "feature": ("sae", "feature"),
-    "featuremap": ("sae", "feature"),
-    "search": ("sae", "mode", "q"),
+    "featuremap": ("sae", "feature", "colour"),
+    "search": ("sae", "mode", "q", "sort", "min_out"),
     "circuits": ("task", "n_pairs", "clean", "corrupt", "answer", "wrong", "metric", "method",
                  "top_n", "removed", "circuit"),
     "steering": ("dkey", "sae", "feature", "prompt", "strength", "smode", "spos", "chat", "max_new", "temp",
@@ -70,6 +70,9 @@ class View:
     feature: int = -1       # chosen SAE feature (-1: none)
     mode: str = "token"     # feature search: "token" or "text"
     q: str = ""             # feature search query
+    sort: str = ""          # feature search: "", "output_score", "input_score" or "density"
+    min_out: str = ""       # feature search: minimum output score ("" = none)
+    colour: str = "density"  # feature map: "density", "output_score" or "input_score"
     # circuits
     method: str = "eap"     # "eap" or "eap-ig"
     top_n: int = 50         # edges kept

@@ -90,6 +90,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable | str, Callable | str]] = {
                        "backend.features_corpus.cli:add_search_args", "backend.features_corpus.cli:run_search"),
     "feature": ("a feature's dashboard from the index: top/quantile examples, histogram, logit effects, similar",
                 "backend.features_corpus.cli:add_feature_args", "backend.features_corpus.cli:run_feature"),
+    "feature-scores": ("VocabProj, TokenChange, input and output scores and a label for every SAE feature (resumable)",
+                       "backend.features_corpus.cli:add_scores_args", "backend.features_corpus.cli:run_scores"),
     "circuit": ("edge-level circuit (EAP / EAP-IG scores, top-n edges) and its faithfulness, run exactly",
                 "backend.analyses.circuits:add_cli_args", "backend.analyses.circuits:run_cli"),
     "export": ("take things out of the store: a result (JSON), a table (Parquet), a figure (HTML/PNG), a feature",

@@ -1,5 +1,7 @@
 """Feature dashboard: one SAE feature over the corpus (top and quantile examples, histogram,
-density), its logit effects and the features with the most similar decoder directions."""
+density) beside its output-centric descriptions (VocabProj, TokenChange), its label, input and
+output score badges, a link to steer with it, and the features with the most similar decoder
+directions."""
 
 from __future__ import annotations
 
@@ -8,13 +10,78 @@ import streamlit as st
 from backend.errors import DashboardError
 from backend.features_corpus import DEFAULT_WINDOWS
 from backend.features_corpus.query import check_feature, feature_dashboard
+from backend.features_corpus.scores import feature_scores, score_table
 from backend.saes import list_saes, sae_info
 from backend.store import default_store
 
 from .. import figures
 from ..common import navigate, synced
-from ..figures_features import activation_histogram, example_html
+from ..figures_features import activation_histogram, diverging_tokens, example_html, score_scatter, token_chips
 from ..state import View
+
+LABEL_NOTE = ("Label: the tokens at its top corpus examples (fires on) and its top VocabProj tokens (promotes), "
+              "listed from stored evidence, not an explanation written by a model.")
+
+
+def steer_link(sae: str, feature: int) -> str:
+    """The steering page with this feature's decoder direction (that page reads sae + feature)."""
+    from urllib.parse import urlencode
+
+    return "?" + urlencode({"page": "steering", "sae": sae, "feature": feature})
+
+
+def _fmt(x) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def _badges(sc: dict) -> None:
+    o, i = sc["output_score"], sc["input_score"]
+    od, idt = sc["output_score_detail"], sc["input_score_detail"]
+    b = st.columns([1, 1, 2])
+    with b[0]:
+        st.badge(f"output score {_fmt(o)}", icon=":material/campaign:",
+                 color="green" if (o or 0) >= 0.1 else "gray" if o is None else "orange")
+        if od:
+            st.caption(f"adding 10·a_max (a_max {od['a_max']:.2f}) at the last token of “{od['prompt']}”: "
+                       f"best lens token {od['best_token']!r}, p {od['max_prob']:.3f}, rank {od['best_rank']}")
+    with b[1]:
+        st.badge(f"input score {_fmt(i)}", icon=":material/input:",
+                 color="blue" if (i or 0) >= 0.5 else "gray" if i is None else "violet")
+        if idt:
+            st.caption(f"{idt['hits']} of its top {idt['examples']} examples sit on a lens token"
+                       + ("" if idt["examples"] >= idt["min_examples"] else f" (fewer than {idt['min_examples']}: no score)"))
+    with b[2]:
+        st.link_button("Steer with this feature", steer_link(sc["sae_id"], sc["feature"]), icon=":material/tune:")
+
+
+def _output_views(view: View, sc: dict, d: dict) -> None:
+    """VocabProj and TokenChange (the output-centric descriptions)."""
+    vp = sc["vocab_proj"]
+    if vp is not None:
+        st.plotly_chart(diverging_tokens(vp["top"][:15], vp["bottom"][:15],
+                                         f"Logit effects (VocabProj) of feature #{view.feature}: W_U · final_norm(d)",
+                                         "logit of the normalised direction"), key="vocab_proj")
+        with st.expander(f"VocabProj: all top and bottom {len(vp['top'])} tokens"):
+            st.markdown(token_chips(vp["top"], "#d8f0d8"), unsafe_allow_html=True)
+            st.markdown(token_chips(vp["bottom"], "#f6d6d6"), unsafe_allow_html=True)
+    else:
+        st.plotly_chart(figures.logit_effect_bars(d["logits"]["promoted"], d["logits"]["suppressed"],
+                                                  f"Logit effects of feature #{view.feature}: (decoder direction ⊙ final "
+                                                  "norm weight) @ W_U"), key="logits")
+    tc = sc["token_change"]
+    if tc is None:
+        st.caption("TokenChange not computed yet.")
+        return
+    st.caption(f"TokenChange: ±c·d added at every position ≥ 1 of {tc['windows']} held-out windows of "
+               f"{tc['window_len']} tokens, c = {tc['c']:.2f} ({tc['c_source']}: 10 × its median active value); "
+               "mean change of the next-token logits.")
+    c1, c2 = st.columns(2)
+    with c1:
+        st.plotly_chart(diverging_tokens(tc["plus_increased"], tc["plus_decreased"], "TokenChange at +c", "Δ logit"),
+                        key="tc_plus")
+    with c2:
+        st.plotly_chart(diverging_tokens(tc["minus_increased"], tc["minus_decreased"], "TokenChange at −c", "Δ logit"),
+                        key="tc_minus")
 
 
 def choose_sae(view: View, key: str) -> str | None:
@@ -68,10 +135,33 @@ def render(view: View) -> View:
         st.error(str(e), icon=":material/warning:")
         return view
     st.subheader(f"Feature #{view.feature} of {sae}")
+    try:
+        sc = feature_scores(default_store(), sae, view.feature, compute=False)
+    except DashboardError as e:
+        st.error(str(e), icon=":material/warning:")
+        return view
+    sc.update(sae_id=sae, feature=view.feature)
+    if sc["label"]:
+        st.markdown(f"**{sc['label']}**")
+        st.caption(LABEL_NOTE)
+    _badges(sc)
+    if sc["missing"]:
+        st.caption(f"Not stored yet: {', '.join(sc['missing'])}. `python -m backend feature-scores --sae {sae}` computes "
+                   "them for every feature" + (" (the input score and TokenChange need the corpus index)."
+                                               if sc.get("no_index") else "."))
+        if st.button("Compute this feature's scores now (loads the model, about a minute)", key="w_score_one"):
+            with st.spinner("Computing VocabProj, output score, TokenChange…"):
+                try:
+                    feature_scores(default_store(), sae, view.feature, compute=True)
+                except DashboardError as e:
+                    st.error(str(e), icon=":material/warning:")
+                    return view
+            st.rerun()
     index = d["index"]
     if index is None:
         st.warning(d["missing"], icon=":material/database:")
         build_index_button(view, "feature")
+        _output_views(view, sc, d)
     else:
         s = d["stats"]
         c = st.columns(5)
@@ -81,12 +171,18 @@ def render(view: View) -> View:
         c[3].metric("mean when active", f"{s['mean']:.2f}")
         c[4].metric("median when active", f"{s['quantiles'][0.5]:.2f}")
         st.caption(f"Index: {index.describe()}. Dashboard read in {d['seconds'] * 1000:.0f} ms.")
-        if s["n"] == 0:
-            st.info("This feature never fires on the indexed windows (a dead or very rare latent).")
-        else:
-            st.markdown("**Top activating examples** (token shaded by activation, the example's token framed; "
-                        "hover a token for its value)")
-            st.markdown("".join(example_html(ex, s["max"]) for ex in d["top"]), unsafe_allow_html=True)
+        left, right = st.columns([3, 2])
+        with left:
+            if s["n"] == 0:
+                st.info("This feature never fires on the indexed windows (a dead or very rare latent).")
+            else:
+                st.markdown("**Top activating examples** (token shaded by activation, the example's token framed; "
+                            "hover a token for its value)")
+                st.markdown("".join(example_html(ex, s["max"]) for ex in d["top"]), unsafe_allow_html=True)
+        with right:
+            st.markdown("**What it makes the model say**")
+            _output_views(view, sc, d)
+        if s["n"]:
             st.plotly_chart(activation_histogram(d["histogram"]["edges"], d["histogram"]["counts"], view.feature,
                                                  s["density"], index.n_tokens), key="hist")
             with st.expander("Examples by activation quantile band", expanded=True):
@@ -95,9 +191,13 @@ def render(view: View) -> View:
                         st.markdown(f"*{band['label']} of active values ({band['lo']:.2f}–{band['hi']:.2f})*")
                         st.markdown("".join(example_html(ex, s["max"]) for ex in band["examples"]),
                                     unsafe_allow_html=True)
-    st.plotly_chart(figures.logit_effect_bars(d["logits"]["promoted"], d["logits"]["suppressed"],
-                                              f"Logit effects of feature #{view.feature}: (decoder direction ⊙ final "
-                                              "norm weight) @ W_U"), key="logits")
+    with st.expander("Input vs output score of every feature of this SAE"):
+        t = score_table(default_store(), sae)
+        if t["n_output"] and t["n_input"]:
+            st.plotly_chart(score_scatter(t["input_score"], t["output_score"], t["label"],
+                                          f"Input vs output score, {sae}", view.feature), key="scatter")
+        else:
+            st.caption(f"Needs both scores: {t['n_output']:,} output and {t['n_input']:,} input scores stored.")
     st.markdown("**Most similar decoder directions** (cosine); click to open")
     cols = st.columns(5)
     for i, sim in enumerate(d["similar"]):

@@ -1,5 +1,6 @@
 """Feature map: every feature of an SAE placed by UMAP of its decoder direction (cosine),
-coloured by log density; clicking a point opens that feature's dashboard."""
+coloured by log density, output score or input score, its label on hover; clicking a point
+opens that feature's dashboard."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import streamlit as st
 
 from backend.errors import DashboardError, FeatureIndexMissing
 from backend.features_corpus.fmap import build_map, map_data
+from backend.features_corpus.scores import score_table
 from backend.store import default_store
 
 from ..common import navigate
-from ..figures_features import feature_map
+from ..figures_features import MAP_COLOURS, feature_map
 from ..state import View
 from .feature import build_index_button, choose_sae
 
@@ -41,13 +43,26 @@ def render(view: View) -> View:
     if view.feature >= n:
         st.error(f"Feature {view.feature} does not exist: {sae} has features 0–{n - 1}.", icon=":material/warning:")
         return view
-    st.caption(f"{n:,} features; UMAP of the decoder directions (cosine, 15 neighbours). Hover: {data['label_source']}. "
+    if view.colour not in MAP_COLOURS:
+        st.error(f"Unknown map colour {view.colour!r}: use one of {', '.join(MAP_COLOURS)}.", icon=":material/warning:")
+        return view
+    colour = st.radio("Colour by", list(MAP_COLOURS), format_func=lambda c: c.replace("_", " "), horizontal=True,
+                      index=list(MAP_COLOURS).index(view.colour), key="w_mcolour")
+    if colour != view.colour:
+        view = view.replace(colour=colour)
+    t = score_table(default_store(), sae)
+    labels = [lbl or old for lbl, old in zip(t["label"], data["labels"])]
+    st.caption(f"{n:,} features; UMAP of the decoder directions (cosine, 15 neighbours). Hover: its label "
+               + ("(tokens at its top corpus examples · top VocabProj tokens)" if t["n_vocab"] else
+                  f"({data['label_source']}; no scores stored yet: `python -m backend feature-scores --sae {sae}`)")
+               + f", density and scores ({t['n_output']:,} output, {t['n_input']:,} input scores stored). "
                "Click a point to open its dashboard" + (f"; the star is feature #{view.feature}." if view.feature >= 0 else "."))
-    if data["density"] is None:
+    if data["density"] is None and view.colour == "density":
         st.caption("Colour needs the corpus index (densities).")
         build_index_button(view, "map")
-    fig = feature_map(data["xy"], data["density"], data["labels"], f"Features of {sae}", view.feature)
-    event = st.plotly_chart(fig, key=f"map-{sae}", on_select="rerun", selection_mode="points")
+    fig = feature_map(data["xy"], data["density"], labels, f"Features of {sae}", view.feature, colour=view.colour,
+                      scores={"output_score": t["output_score"], "input_score": t["input_score"]})
+    event = st.plotly_chart(fig, key=f"map-{sae}-{view.colour}", on_select="rerun", selection_mode="points")
     points = [p for p in (event.selection.points if event else []) if p.get("curve_number", 0) == 0]
     if points:
         navigate(view.replace(page="feature", feature=int(points[0]["point_index"])))

@@ -1,4 +1,5 @@
-"""SAE features page: which latents of a sparse autoencoder fire on each token of the prompt."""
+"""SAE features page: which latents of a sparse autoencoder fire on each token of the prompt,
+each with its label (stored by `feature-scores`) on hover and in the table."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import pandas as pd
 import streamlit as st
 
 from backend.analyses.features import FeaturesSpec
+from backend.errors import DashboardError
+from backend.features_corpus.scores import labels as feature_labels
 from backend.saes import list_saes
+from backend.store import default_store
 
 from .. import figures
 from ..common import main_result, make_spec, navigate
@@ -54,14 +58,23 @@ def render(view: View) -> View:
                "Position 0 carries the massive activations and reconstructs poorly.")
     fig = figures.feature_heatmap(r.tokens, r.feature_ids, r.feature_values, r.recon_error)
     rows = [int(t.lstrip("#")) for t in (fig.layout.yaxis.ticktext or ())]   # the heatmap's features, top down
-    feature_click_overlay(fig, rows, len(r.tokens), r.tokens)
+    try:
+        names = feature_labels(default_store(), r.sae_id)
+    except DashboardError:
+        names = {}
+    feature_click_overlay(fig, rows, len(r.tokens), r.tokens, names)
     st.caption("Click a cell to open that feature's dashboard (corpus examples, logit effects, similar features).")
     event = st.plotly_chart(fig, key=f"feat-{out.run_key}", on_select="rerun", selection_mode="points")
     points = [p for p in (event.selection.points if event else []) if p.get("curve_number") == 2]
     if points:
         navigate(view.replace(page="feature", feature=rows[int(points[0]["y"])], key=""))
+    short = lambda f: names.get(f, "").split(" · promotes: ")[0].removeprefix("fires on: ")  # noqa: E731
     rows = [{"pos": p, "token": figures.fmt_token(t),
-             "top features": ", ".join(f"#{f['feature']} ({f['value']:.1f})" for f in feats[:6])}
+             "top features": " | ".join(f"#{f['feature']} ({f['value']:.1f})" + (f" {short(f['feature'])}"
+                                        if names.get(f["feature"]) else "") for f in feats[:5])}
             for p, (t, feats) in enumerate(zip(r.tokens, r.top_features()))]
+    if names:
+        st.caption("Beside each feature: the tokens it fires on at its top corpus examples (hover the heatmap for the "
+                   "full label with the tokens it promotes).")
     st.dataframe(pd.DataFrame(rows), hide_index=True)
     return view

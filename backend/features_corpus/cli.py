@@ -4,6 +4,7 @@
     python -m backend feature-map --sae smollm2-135m-L15-resid_pre
     python -m backend feature-search --sae smollm2-135m-L15-resid_pre --mode token --q " Paris"
     python -m backend feature --sae smollm2-135m-L15-resid_pre --feature 12     # a dashboard as JSON
+    python -m backend feature-scores --sae all        # VocabProj, scores, TokenChange of every feature
 """
 
 from __future__ import annotations
@@ -49,9 +50,13 @@ def add_search_args(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--sae", required=True)
     p.add_argument("--mode", choices=["token", "text"], default="token")
-    p.add_argument("--q", required=True, help="a token (token mode) or a text (text mode)")
+    p.add_argument("--q", default="", help="a token (token mode) or a text (text mode); without it and with "
+                                           "--sort: every feature of the SAE, ranked")
     p.add_argument("--by", choices=["max", "sum"], default="max", help="text mode: rank by max or sum over tokens")
     p.add_argument("--limit", type=int, default=30)
+    p.add_argument("--sort", choices=["output_score", "input_score", "density"], default=None,
+                   help="rank the results by this score (highest first; features without it last)")
+    p.add_argument("--min-output-score", type=float, default=None, help="keep features whose output score is at least this")
 
 
 def run_search(a) -> dict:
@@ -59,22 +64,53 @@ def run_search(a) -> dict:
     from .search import search
 
     kw = {"limit": a.limit, **({"by": a.by} if a.mode == "text" else {})}
-    return search(default_store(), a.sae, a.mode, a.q, a.model, **kw)
+    return search(default_store(), a.sae, a.mode, a.q, a.model, sort=a.sort, min_output_score=a.min_output_score, **kw)
 
 
 def add_feature_args(p) -> None:
     p.add_argument("--sae", required=True)
     p.add_argument("--feature", type=int, required=True)
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--no-compute", action="store_true",
+                   help="do not compute missing scores (they are null and listed in scores_missing)")
 
 
 def run_feature(a) -> dict:
     from ..store import default_store
     from .query import feature_dashboard
+    from .scores import feature_scores
 
+    sc = feature_scores(default_store(), a.sae, a.feature, compute=not a.no_compute)
     d = feature_dashboard(default_store(), a.sae, a.feature, a.k)
+    for k in ("label", "vocab_proj", "token_change", "input_score", "output_score", "input_score_detail",
+              "output_score_detail"):
+        d[k] = sc[k]
+    d["scores_missing"] = sc["missing"]
     ix = d.pop("index")
     d["index"] = None if ix is None else {"ix": ix.ix, "weights_hash": ix.weights_hash, "n_windows": ix.n_windows,
                                           "n_tokens": ix.n_tokens, "n_rows": ix.n_rows}
     d["query_ms"] = round(d.pop("seconds") * 1000, 2)
     return d
+
+
+def add_scores_args(p) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--sae", default="all", help="an SAE id, or 'all' (every shipped SAE of the model)")
+    p.add_argument("--corpus", default="default", help="corpus of the TokenChange held-out windows")
+    p.add_argument("--parts", default="vocab,output,input,token_change",
+                   help="comma-separated subset of vocab,output,input,token_change")
+    p.add_argument("--features", type=int, default=None, help="only the first N features of each SAE (trials)")
+
+
+def run_scores(a) -> dict:
+    from ..errors import InvalidSpec
+    from ..jobs import tqdm_progress
+    from .scores import build_scores
+
+    parts = tuple(x.strip() for x in a.parts.split(",") if x.strip())
+    bad = [x for x in parts if x not in ("vocab", "output", "input", "token_change")]
+    if bad or not parts:
+        raise InvalidSpec(f"Unknown parts {bad}: use a subset of vocab,output,input,token_change.")
+    if a.features is not None and a.features < 1:
+        raise InvalidSpec("--features must be at least 1.")
+    return build_scores(a.model, a.sae, progress=tqdm_progress, corpus_name=a.corpus, parts=parts, features=a.features)

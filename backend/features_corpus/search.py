@@ -5,6 +5,10 @@ A token query is matched against the decoded vocabulary (`token_strings`), as ty
 with a leading space (" Paris" and "Paris" are different tokens; both are searched).
 A text query runs the per-prompt SAE analysis (FeaturesSpec: stored, so the link reopens
 from the store) and aggregates each feature over the positions >= 1, as the index does.
+Every result carries the feature's label, output and input score (backend/features_corpus/
+scores.py; None until `feature-scores` has stored them); `sort` ranks by one of SORTS (highest
+first, features without it last), `min_output_score` filters, and with no query and a sort
+the whole SAE is ranked ("features that steer well": sort by output score).
 """
 
 from __future__ import annotations
@@ -110,12 +114,65 @@ def search_text(store, sae_id: str, text: str, model: str, by: str = "max", limi
             "skipped_position_0": bool(skip)}
 
 
-def search(store, sae_id: str, mode: str, q: str, model: str = "smollm2-135m", **kw) -> dict:
+SORTS = ("output_score", "input_score", "density")
+
+
+def _annotate(store, sae_id: str, rows: list[dict], table: dict | None = None) -> dict:
+    """Label, output and input score (and density where missing) on each result row."""
+    import math
+
+    from .scores import score_table
+
+    t = table or score_table(store, sae_id)
+    num = lambda a, f: None if math.isnan(a[f]) else float(a[f])  # noqa: E731
+    for r in rows:
+        f = r["feature"]
+        r["label"] = t["label"][f] or None
+        r["output_score"] = num(t["output_score"], f)
+        r["input_score"] = num(t["input_score"], f)
+        if r.get("density") is None:
+            r["density"] = num(t["density"], f)
+    return t
+
+
+def _rank(rows: list[dict], sort: str | None, min_output_score: float | None) -> list[dict]:
+    if min_output_score is not None:
+        rows = [r for r in rows if r["output_score"] is not None and r["output_score"] >= min_output_score]
+    if sort is not None:
+        rows = sorted(rows, key=lambda r: (r[sort] is None, -(r[sort] or 0.0), r["feature"]))
+    return rows
+
+
+def rank_features(store, sae_id: str, sort: str, min_output_score: float | None = None, limit: int = 50) -> dict:
+    """Every feature of the SAE ranked by a score (no query)."""
+    from .scores import score_table
+
+    t = score_table(store, sae_id)
+    rows = [{"feature": f} for f in range(len(t["label"]))]
+    _annotate(store, sae_id, rows, t)
+    rows = _rank(rows, sort, min_output_score)
+    return {"mode": "scores", "query": "", "sort": sort, "min_output_score": min_output_score, "results": rows[:limit],
+            "n_found": len(rows), "indexed": t["indexed"], "n_scored": t["n_output"], "n_input_scored": t["n_input"]}
+
+
+def search(store, sae_id: str, mode: str, q: str, model: str = "smollm2-135m", sort: str | None = None,
+           min_output_score: float | None = None, **kw) -> dict:
+    if sort is not None and sort not in SORTS:
+        raise InvalidSpec(f"Sort by one of {', '.join(SORTS)}, not {sort!r}.")
+    if mode not in ("token", "text"):
+        raise InvalidSpec(f"Unknown search mode {mode!r}: use 'token' or 'text'.")
+    if (not isinstance(q, str) or not q.strip()) and (sort is not None or min_output_score is not None):
+        return rank_features(store, sae_id, sort or "output_score", min_output_score, kw.get("limit", 50))
+    limit = kw.pop("limit", 50)
     if mode == "token":
-        return search_token(store, sae_id, q, **kw)
-    if mode == "text":
-        return search_text(store, sae_id, q, model, **kw)
-    raise InvalidSpec(f"Unknown search mode {mode!r}: use 'token' or 'text'.")
+        out = search_token(store, sae_id, q, limit=10**9, **kw)
+    else:
+        out = search_text(store, sae_id, q, model, limit=10**9, **kw)
+    t = _annotate(store, sae_id, out["results"])
+    rows = _rank(out["results"], sort, min_output_score)
+    out.update(results=rows[:limit], n_found=len(rows), sort=sort, min_output_score=min_output_score,
+               n_scored=t["n_output"])
+    return out
 
 
-__all__ = ["search", "search_token", "search_text", "sae_key"]
+__all__ = ["search", "search_token", "search_text", "rank_features", "sae_key", "SORTS"]

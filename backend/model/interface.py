@@ -262,3 +262,54 @@ class LoadedModel:
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
         return hf.to(settings.device()).eval()
     # -- end steer --
+
+    # -- added by scores --
+    def run_from(self, layer: int, resid, names: Sequence[str], fwd_hooks: Iterable[Hook] = ()) -> dict:
+        """Continue a forward from the residual stream entering block `layer`.
+
+        `resid` [batch pos d_model] (positions 0..pos-1, no padding) runs through blocks
+        layer.. with `fwd_hooks` held; returns {name: activation} at `names` (hooks of those
+        blocks or of the final norm), stopping after the deepest of them. Earlier blocks never
+        run, so many variants of the later computation from one captured resid_pre cost only
+        the later blocks. Equal to a full forward (tests/test_feature_scores.py); the bridge
+        has no start_at_layer, so the Hugging Face decoder runs from `inputs_embeds` with its
+        layer list cut to [layer:] for the duration of the call (under the model's lock).
+        """
+        import torch
+
+        from ..errors import InvalidSite
+
+        inner = getattr(self.bridge.original_model, "model", None)
+        layers = getattr(inner, "layers", None)
+        if not isinstance(layers, torch.nn.ModuleList) or not 0 <= layer < len(layers):
+            raise InvalidSite(f"Cannot start {self.info.model_id} at block {layer}.")
+        want = list(dict.fromkeys(names))
+        points = self.hook_points()
+        missing = [n for n in want if n not in points]
+        if missing:
+            raise InvalidSite(f"Hooks {missing} do not exist in {self.info.model_id}.")
+        by_point = {id(points[n]): n for n in want}
+        got: dict = {}
+
+        def keep(x, hook):
+            name = by_point.get(id(hook))
+            if name is not None:
+                got[name] = x.detach()
+                if len(got) == len(want):
+                    raise _Captured
+            return None
+
+        wanted = set(want)
+        hooks = list(fwd_hooks) + [(lambda n: n in wanted, keep)]
+        with self.lock, torch.inference_mode(), self.bridge.hooks(fwd_hooks=hooks):
+            inner.layers = torch.nn.ModuleList(list(layers)[layer:])
+            try:
+                inner(inputs_embeds=resid, use_cache=False)
+            except _Captured:
+                pass
+            finally:
+                inner.layers = layers
+        lost = [n for n in want if n not in got]
+        if lost:
+            raise RuntimeError(f"hooks {lost} did not fire")
+        return {n: got[n] for n in want}
