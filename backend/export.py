@@ -227,6 +227,7 @@ def feature_record(sae_id: str, feature: int, store: Store | None = None) -> dic
     label, marked as generated), logit effects (pos/neg strings and values), the histogram
     and density. What our dashboard has beyond that comes under "extra"."""
     from .features_corpus.query import feature_dashboard
+    from .features_corpus.scores import feature_scores
     from .saes import sae_info
 
     store = store or default_store()
@@ -234,6 +235,8 @@ def feature_record(sae_id: str, feature: int, store: Store | None = None) -> dic
     d.pop("index", None)
     d.pop("seconds", None)
     d["model"] = sae_info(sae_id)["model"]
+    scores = feature_scores(store, sae_id, int(feature), compute=False)   # what is stored; never computes
+    d.update({k: scores.get(k) for k in ("label", "vocab_proj", "token_change", "input_score", "output_score")})
     return neuronpedia_shape(sae_id, int(feature), d)
 
 

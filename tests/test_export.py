@@ -73,14 +73,17 @@ def test_bad_requests_are_typed_errors_and_write_nothing(store, prompt_run, tmp_
 
 
 def test_feature_in_neuronpedia_shape(store, model):
-    from backend.features_corpus.query import feature_dashboard
     from backend.saes import list_saes
 
     sae = list_saes("smollm2-135m")[0]["sae_id"]
-    d = feature_dashboard(store, sae, 3)
-    d.pop("index", None)
-    rec = export.neuronpedia_shape(sae, 3, {**d, "model": "smollm2-135m", "label": "fires on: x"})
+    rec = export.feature_record(sae, 3, store=store)     # no index, no scores yet: weights-only parts
     assert rec["index"] == "3" and rec["layer"] == sae and rec["modelId"] == "smollm2-135m"
     assert len(rec["pos_str"]) == len(rec["pos_values"]) > 0 and len(rec["neg_str"]) > 0
-    assert rec["explanations"][0]["typeName"] == "generated"
+    assert rec["activations"] == [] and rec["explanations"] == []
+    labelled = export.neuronpedia_shape(sae, 3, {"model": "smollm2-135m", "label": "fires on: x",
+                                                 "top": [{"tokens": ["a", "b"], "acts": [None, 2.0], "value": 2.0,
+                                                          "focus": 1, "doc": 0, "pos": 5}]})
+    assert labelled["explanations"][0]["typeName"] == "generated"
+    assert labelled["activations"][0] == {"tokens": ["a", "b"], "values": [0.0, 2.0], "maxValue": 2.0,
+                                          "maxValueTokenIndex": 1, "doc": 0, "pos": 5}
     json.dumps(rec)   # JSON-able as it is

@@ -5,6 +5,8 @@ directions."""
 
 from __future__ import annotations
 
+import json
+
 import streamlit as st
 
 from backend.errors import DashboardError
@@ -52,6 +54,16 @@ def _badges(sc: dict) -> None:
                        + ("" if idt["examples"] >= idt["min_examples"] else f" (fewer than {idt['min_examples']}: no score)"))
     with b[2]:
         st.link_button("Steer with this feature", steer_link(sc["sae_id"], sc["feature"]), icon=":material/tune:")
+        sae, feature = sc["sae_id"], sc["feature"]
+
+        def neuronpedia_json() -> bytes:
+            from backend import export
+
+            return json.dumps(export.feature_record(sae, feature), ensure_ascii=False).encode()
+
+        st.download_button("Export (Neuronpedia-like JSON)", neuronpedia_json, file_name=f"{sae}-{feature}.json",
+                           mime="application/json", on_click="ignore", icon=":material/download:",
+                           key=f"dl-feature-{sae}-{feature}")
 
 
 def _output_views(view: View, sc: dict, d: dict) -> None:
