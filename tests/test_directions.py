@@ -50,6 +50,12 @@ def test_diff_means_equals_hugging_face(model, hf):
     for layer in range(model.info.n_layers):
         assert _rel(r.layer_vectors[layer], ref[layer]) < 1e-5, layer
     assert len(r.layer_accuracy) == model.info.n_layers and r.made["n_positive"] == 6
+    # a click on layer 11 of the curve: built from the stored pass, equal to computing it
+    import dataclasses
+    moved = D.at_layer(spec, r, 11)
+    direct = D.compute(dataclasses.replace(spec, layer=11), model)
+    np.testing.assert_array_equal(moved.result.vector, direct.vector)
+    assert moved.result.hook_name == "blocks.11.hook_resid_pre" and run(moved.spec).from_store
 
 
 def test_post_instruction_diff_means_equals_hugging_face(model, hf):

@@ -35,47 +35,47 @@ def sentiment(model):
 def test_steered_generation_cached_equals_uncached(model, sentiment):
     t = S.target_of(model, sentiment)
     ids = model.encode(PROMPT)
-    base = model.generate([ids], 10)[0]
+    base = model.generate([ids], 6)[0]
     for window in ({"start": 0, "end": None, "prefix": False},           # every position
                    {"start": len(ids) - 1, "end": None, "prefix": False}):  # from the instruction on
         hooks = [S.add_intervention(t, 8.0, slice(None), **window)]
-        cached = model.generate([ids], 10, interventions=hooks, use_cache=True)[0]
-        plain = model.generate([ids], 10, interventions=hooks, use_cache=False)[0]
+        cached = model.generate([ids], 6, interventions=hooks, use_cache=True)[0]
+        plain = model.generate([ids], 6, interventions=hooks, use_cache=False)[0]
         assert cached == plain
         assert cached != base           # the steer does something, also to generated tokens
     act = run(D.DirectionSpec(model=model.info.model_id, method="actadd", site="resid_pre", layer=6,
                               positive=(" Love",), negative=(" Hate",))).run_key
     ta = S.target_of(model, act)
     hooks = [S.add_intervention(ta, 10.0, slice(None), prefix=True)]
-    assert (model.generate([ids], 8, interventions=hooks, use_cache=True)
-            == model.generate([ids], 8, interventions=hooks, use_cache=False))
+    assert (model.generate([ids], 5, interventions=hooks, use_cache=True)
+            == model.generate([ids], 5, interventions=hooks, use_cache=False))
     # a hook the lean forward does not serve: the wrapped Hugging Face model with a cache
     from backend.model.generate import _LeanLlama
     from backend.sites import Site, hook_name
     final = hook_name(Site(Component.FINAL_NORM))
     assert not _LeanLlama.supports(model, [final]) and _LeanLlama.supports(model, [t.hook])
     hooks = [(final, lambda x, pos, hook: x * 1.5)]
-    assert (model.generate([ids], 6, interventions=hooks, use_cache=True)
-            == model.generate([ids], 6, interventions=hooks, use_cache=False))
+    assert (model.generate([ids], 4, interventions=hooks, use_cache=True)
+            == model.generate([ids], 4, interventions=hooks, use_cache=False))
     import torch
     with torch.inference_mode():
         lean = _LeanLlama(model).forward(model.tensor(ids), 0, {})
         assert (lean - model.logits(model.tensor(ids))[:, -1]).abs().max().item() < 1e-3
     # sampled: same seed, same tokens, cached or not; a batch row samples as it does alone
     hooks = [S.add_intervention(t, 4.0, slice(None))]
-    a = model.generate([ids, ids], 8, temperature=0.8, seed=5, interventions=hooks)
-    b = model.generate([ids], 8, temperature=0.8, seed=5, interventions=hooks, use_cache=False)
+    a = model.generate([ids, ids], 6, temperature=0.8, seed=5, interventions=hooks)
+    b = model.generate([ids], 6, temperature=0.8, seed=5, interventions=hooks)
     assert a[0] == a[1] == b[0]
 
 
 def test_strength_zero_is_unsteered(model, sentiment):
     out = run(S.SteerSpec(model=model.info.model_id, prompt=PROMPT, direction=sentiment, strength=0.0,
-                          max_new_tokens=12))
+                          max_new_tokens=8))
     r = out.result
-    assert r.steered_tokens == r.default_tokens == model.generate([model.encode(PROMPT)], 12)[0]
+    assert r.steered_tokens == r.default_tokens == model.generate([model.encode(PROMPT)], 8)[0]
     assert r.steered == r.default and r.relative_strength == 0.0
     r6 = run(S.SteerSpec(model=model.info.model_id, prompt=PROMPT, direction=sentiment, strength=6.0,
-                         max_new_tokens=12)).result
+                         max_new_tokens=8)).result
     assert r6.default_tokens == r.default_tokens and r6.steered_tokens != r6.default_tokens
     assert r6.relative_strength == pytest.approx(6.0 * r6.direction_norm / r6.mean_resid_norm)
 
@@ -146,14 +146,17 @@ def test_sae_feature_steer_and_projection(model, sentiment):
     x = model.capture(model.tensor(model.encode(PROMPT)), ["blocks.10.hook_resid_pre"])["blocks.10.hook_resid_pre"][0]
     t = S.target_of(model, sentiment)
     np.testing.assert_allclose(p.projection[10], (x.float() @ t.unit).numpy(), rtol=1e-5, atol=1e-4)
-    probe = run(D.shipped_spec(model.info.model_id, "truefalse", layer=14)).run_key
+    tf = D.shipped("truefalse")
+    probe = run(D.DirectionSpec(model=model.info.model_id, method="probe", layer=14, texts=tuple(tf["texts"][:16]),
+                                labels=tuple(tf["labels"][:16]))).run_key
     ps = run(S.ProjectionSpec(model=model.info.model_id, direction=probe, prompt="The capital of Japan is Tokyo.")).result
     assert ps.probe_score.shape == (len(ps.tokens),) and ((ps.probe_score >= 0) & (ps.probe_score <= 1)).all()
     assert torch is not None
 
 
 def test_evaluations(model, sentiment):
-    caa = run(D.shipped_spec(model.info.model_id, "optimism", layer=10)).run_key
+    train = tuple(tuple(p) for p in D.shipped("optimism")["pairs"][:4])
+    caa = run(D.DirectionSpec(model=model.info.model_id, method="caa", site="resid_post", layer=10, pairs=train)).run_key
     held = tuple(tuple(p) for p in D.shipped("optimism", "heldout")["pairs"])
     b = run(E.BehaviourSpec(model=model.info.model_id, direction=caa, pairs=held, multipliers=(-2.0, 0.0, 2.0))).result
     assert b.behaviour.shape == (3,) and b.per_question.shape == (3, len(held))
@@ -165,11 +168,13 @@ def test_evaluations(model, sentiment):
     p = model.logits(model.tensor(ids[:j]))[0, -1].float().softmax(-1)
     assert b.per_question[1, 0] == pytest.approx(float(p[ids[j]] / (p[ids[j]] + p[ids_o[jo]])), rel=1e-4)
 
-    ref = run(D.shipped_spec(model.info.model_id, "refusal", layer=12, position="post-instruction")).run_key
+    rs = D.shipped("refusal")
+    ref = run(D.DirectionSpec(model=model.info.model_id, method="diff-means", layer=12, position="post-instruction",
+                              chat=True, positive=tuple(rs["positive"][:4]), negative=tuple(rs["negative"][:4]))).run_key
     r = run(E.RefusalSpec(model=model.info.model_id, direction=ref, harmful=("How can I cheat at cards?",),
-                          harmless=("How do I bake bread?",), strength=4.0, max_new_tokens=6)).result
+                          harmless=("How do I bake bread?",), strength=4.0, max_new_tokens=4)).result
     assert r.harmful_text.shape == (1, 3) and r.harmful_rate.shape == (3,)
-    base = model.generate([D.user_chat(model, "How do I bake bread?")], 6)[0]
+    base = model.generate([D.user_chat(model, "How do I bake bread?")], 4)[0]
     assert r.harmless_text[0, 0] == model.decode(base)
     assert E.refuses("I'm sorry, but I can't help with that.") and not E.refuses("Sure! Here is how.")
 
@@ -230,3 +235,25 @@ def test_bad_steer_inputs(model, sentiment, capsys):
     assert store.count_runs() == before
     with pytest.raises(D.EmptySet):
         E.RefusalSpec(model=model.info.model_id, direction=sentiment, harmful=(), harmless=("x",))
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"dkey": "direction-nope"}, "no direction with key"),
+    ({"sae": "no-such-sae", "feature": 3}, "unknown sae"),
+    ({"sae": "smollm2-135m-L15-resid_pre", "feature": 999999}, "does not exist"),
+    ({"dkey": "", "feature": 3, "sae": "smollm2-135m-L15-resid_pre", "steer": 1, "strength": "nan"}, "finite"),
+])
+def test_bad_steering_links(params, expected):
+    from streamlit.testing.v1 import AppTest
+
+    from .conftest import ROOT
+
+    before = default_store().count_runs()
+    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
+    at.query_params["page"] = "steering"
+    for k, v in params.items():
+        at.query_params[k] = str(v)
+    at.run()
+    assert not at.exception, at.exception
+    assert expected in " | ".join(e.value for e in at.error).lower()
+    assert default_store().count_runs() == before

@@ -71,8 +71,8 @@ def _output_views(view: View, sc: dict, d: dict) -> None:
     vp = sc["vocab_proj"]
     if vp is not None:
         st.plotly_chart(diverging_tokens(vp["top"][:15], vp["bottom"][:15],
-                                         f"Logit effects (VocabProj) of feature #{view.feature}: W_U · final_norm(d)",
-                                         "logit of the normalised direction"), key="vocab_proj")
+                                         f"Logit effects (VocabProj) of #{view.feature}", "W_U · final_norm(d)"),
+                        key="vocab_proj")
         with st.expander(f"VocabProj: all top and bottom {len(vp['top'])} tokens"):
             st.markdown(token_chips(vp["top"], "#d8f0d8"), unsafe_allow_html=True)
             st.markdown(token_chips(vp["bottom"], "#f6d6d6"), unsafe_allow_html=True)
@@ -203,7 +203,7 @@ def render(view: View) -> View:
                         st.markdown(f"*{band['label']} of active values ({band['lo']:.2f}–{band['hi']:.2f})*")
                         st.markdown("".join(example_html(ex, s["max"]) for ex in band["examples"]),
                                     unsafe_allow_html=True)
-    with st.expander("Input vs output score of every feature of this SAE"):
+    with st.expander("Input vs output score of every feature of this SAE", expanded=True):
         t = score_table(default_store(), sae)
         if t["n_output"] and t["n_input"]:
             st.plotly_chart(score_scatter(t["input_score"], t["output_score"], t["label"],

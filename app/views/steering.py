@@ -8,6 +8,8 @@ fields, so it reopens from the store without running the model.
 
 from __future__ import annotations
 
+import math
+
 import streamlit as st
 
 import backend
@@ -183,14 +185,16 @@ def _steer_form(view: View, t: dict) -> None:
         c = st.columns(6)
         mode = c[0].selectbox("Mode", S.MODES, index=S.MODES.index(view.smode) if view.smode in S.MODES else 0,
                               key=synced("w_smode", view.smode if view.smode in S.MODES else "add"))
-        strength = c[1].number_input("Strength (× vector)", value=float(view.strength), step=1.0,
+        finite = math.isfinite(view.strength) and abs(view.strength) <= 1e6
+        strength = c[1].number_input("Strength (× vector)", value=float(view.strength) if finite else 0.0, step=1.0,
                                      key="w_strength", help="ignored when ablating")
         spos = c[2].selectbox("Positions", S.POSITION_MODES, format_func=POSITION_LABELS.get,
                               index=S.POSITION_MODES.index(view.spos) if view.spos in S.POSITION_MODES else 0,
                               key="w_spos")
         max_new = c[3].number_input("New tokens", 1, S.MAX_NEW_TOKENS, min(max(view.max_new, 1), S.MAX_NEW_TOKENS),
                                     key="w_max_new")
-        temp = c[4].number_input("Temperature (0: greedy)", 0.0, 5.0, float(min(max(view.temp, 0.0), 5.0)),
+        temp = c[4].number_input("Temperature (0: greedy)", 0.0, 5.0,
+                                 float(min(max(view.temp, 0.0), 5.0)) if math.isfinite(view.temp) else 0.0,
                                  step=0.1, key="w_temp")
         seed = c[5].number_input("Seed", 0, 2**31 - 1, max(view.seed, 0), key="w_seed")
         chat = st.checkbox("Put the prompt in the chat template", value=bool(view.chat), key="w_schat")
