@@ -2,22 +2,29 @@
 
     python -m backend train-sae --model smollm2-135m            # the shipped set (see PLAN)
     python -m backend train-sae --sites resid_pre:15 --tokens 20000 --width 1024 --out /tmp/saes
+    python -m backend train-sae --collect-only --tokens 1200000 # only the activation cache
+    python -m backend train-sae --only 3 --compare old-saes/    # one site; old SAEs measured beside
 
-1. Activations. Windows of the corpus's train split (never crossing a document) run through
-   the model once, hooks at every site to train on, stopping after the deepest hooked block
-   (run_with_hooks(stop_at_layer=...)). Position 0 of every window is dropped: the first
-   token of a sequence carries the model's massive activations (|x| ~ 10^4 from layer 15 on,
-   FINDINGS), which no reconstruction objective should spend latents on. The same position
-   is left untouched when the SAE is spliced in for the CE metrics. Activations are kept as
-   float16 shards in the cache directory, so an interrupted collection resumes shard-wise.
-2. Training. Each SAE is a TopK SAE (k latents per token) trained with SAELens's SAETrainer
-   over an iterator of activation batches drawn from the cache (seeded permutation per
-   epoch). SAETrainer checkpoints (weights, optimiser, scheduler, sparsity counters) land in
-   the work directory; a rerun resumes from the last one.
-3. Quality, on held-out documents and on EVAL_TEXTS (short modern texts unlike the training
-   mix), stored as quality.json beside the weights: L0, variance explained, CE loss clean /
-   with the SAE spliced in / zero-ablated / mean-ablated, CE recovered (vs zero and vs
-   mean), delta loss, dead and dense latent fractions. Weights are saved in SAELens's folder
+1. Activations. Windows of the corpus's train split (never crossing a document), in a seeded
+   random order cut into chunks of ~32 k tokens, run through the model once for all sites:
+   LoadedModel.capture stops the forward as soon as the deepest site has fired. Position 0 of
+   every window is dropped: the first token carries the model's massive activations (|x| ~
+   10^4 from layer 15 on, FINDINGS), which no reconstruction objective should spend latents
+   on; the same position is left untouched when the SAE is spliced in for the CE metrics.
+   Chunks are float16 .npz files in the work directory; a larger or interrupted run reuses
+   every finished chunk, and collect-<split>.json records tokens/s.
+2. Training. Each SAE is a TopK SAE (k latents per token, k_z for hook_z) with the aux-k loss
+   on dead latents, trained with SAELens's SAETrainer over an iterator of batches drawn from
+   the cache (seeded permutation per epoch). Checkpoints land in the work directory; a rerun
+   resumes from the last one. Sites can be trained in separate processes (`--only`).
+3. Quality, stored as quality.json beside the weights, always with position 0 left out: on
+   the held-out activation cache (L0, variance explained, error per token, dead and dense
+   latents, dead counted over `dead_tokens` more training activations), on held-out windows
+   of every kind of corpus text (per kind and pooled, with CE loss clean / SAE spliced in /
+   zero- / mean-ablated, CE recovered, delta loss) and on the project's own out-of-corpus
+   passages in tests/passages ("unlike_training", per passage too); "worst" holds the worst
+   kind and passage. With --compare, the earlier SAEs of the same ids are measured on the
+   same data and reported beside, as "previous". Weights are saved in SAELens's folder
    format in float16, and the metrics are measured with those float16 weights.
 """
 
@@ -30,7 +37,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -51,16 +58,16 @@ class TrainConfig:
     model: str = "smollm2-135m"
     sites: tuple[tuple[str, int], ...] = tuple((c.value, layer) for c, layer in PLAN)
     corpus: str = corpus.DEFAULT_NAME
-    train_tokens: int = 250_000       # unique activations cached for training (per site)
-    heldout_tokens: int = 30_000      # held-out activations for L0 / VE / dead / dense
-    ce_windows: int = 16              # held-out windows for the CE metrics
+    train_tokens: int = 290_000       # unique activations cached for training (per site; whole chunks)
+    heldout_tokens: int = 40_000      # held-out activations for L0 / VE / dead / dense
+    ce_windows: int = 5               # held-out windows per corpus kind for the CE metrics
     context: int = 128
     width: int = 4608                 # d_sae
     k: int = 48                       # active latents per token (residual stream SAEs)
     k_z: int = 64                     # ... for hook_z SAEs (attention outputs need more)
     aux_coefficient: float = 1 / 16   # TopK aux-k loss on dead latents
     dead_tokens: int = 100_000        # training activations added to the held-out ones for "dead"
-    epochs: float = 2.0
+    epochs: float = 1.5
     batch: int = 512
     lr: float = 1e-3
     seed: int = 0
@@ -140,7 +147,8 @@ def _chunks(cfg: TrainConfig, split: str, n_tokens: int, root=None) -> list[list
 
 
 def collect(model, cfg: TrainConfig, split: str, n_tokens: int, work: Path, root=None,
-            progress: Callable[[str], None] | None = None) -> list[np.ndarray]:
+            progress: Callable[[str], None] | None = None,
+            load: Iterable[int] | None = None) -> list[np.ndarray | None]:
     """float16 activations [n d] per site for positions >= 1 of sampled windows, all sites
     from one forward per batch that stops after the deepest site. Cached per chunk (an
     interrupted or a larger run resumes chunk-wise); tokens/s goes to collect-<split>.json."""
@@ -180,8 +188,9 @@ def collect(model, cfg: TrainConfig, split: str, n_tokens: int, work: Path, root
         (work / f"collect-{split}.json").write_text(json.dumps(stats))
     if progress:
         progress(f"activations ({split}): {json.dumps(stats)}")
+    keep = set(range(len(sites)) if load is None else load)   # load only the sites asked for
     return [np.concatenate([np.load(out_dir / f"chunk{c:05d}.npz")[f"s{j}"] for c in range(len(chunks))])
-            for j in range(len(sites))]
+            if j in keep else None for j in range(len(sites))]
 
 
 # -- training -----------------------------------------------------------------------------
@@ -388,7 +397,7 @@ class EvalData:
 
 
 def eval_data(model, cfg: TrainConfig, root=None, passages_dir: Path | None = None,
-              windows_per_kind: int = 8) -> EvalData:
+              windows_per_kind: int | None = None) -> EvalData:
     """Held-out windows of every kind in the corpus (`windows_per_kind` each, seeded) and the
     out-of-corpus passages, with activations at every site of cfg and clean losses."""
     sites = [Site(Component(c), layer) for c, layer in cfg.sites]
@@ -397,6 +406,7 @@ def eval_data(model, cfg: TrainConfig, root=None, passages_dir: Path | None = No
     kind_of_doc = {d: kind_of_src.get(s, "other")
                    for d, s in zip(docs["doc_id"].to_pylist(), docs["source"].to_pylist())}
     wins = corpus.windows(cfg.model, "heldout", cfg.context, cfg.corpus, root)
+    windows_per_kind = windows_per_kind or cfg.ce_windows
     rng = np.random.default_rng(cfg.seed + 7)
     seqs: dict[str, list[list[int]]] = {}
     for kind in corpus.KINDS:
@@ -425,7 +435,7 @@ def _pooled(names: list[str], ed: EvalData, j: int):
 
 
 def quality(model, cfg: TrainConfig, sae_dir: Path, j: int, heldout_acts: np.ndarray,
-            mean_act, ed: EvalData) -> dict:
+            mean_act, ed: EvalData, dead_acts: np.ndarray | None = None) -> dict:
     """The figures of one SAE (site j of cfg.sites): on the held-out activation cache
     (L0, variance explained, error per token, dead / dense), pooled over the held-out
     windows of every kind ("heldout", with CE), per kind, pooled over the test passages
@@ -443,13 +453,29 @@ def quality(model, cfg: TrainConfig, sae_dir: Path, j: int, heldout_acts: np.nda
         del m["dead_fraction"], m["dense_fraction"]
         return {**m, **ce_metrics(model, sae, site, seqs, mean_act, clean)}
 
+    def pooled_ce(parts: list[dict]) -> dict:
+        """CE figures of several sets pooled (token-weighted), as if measured together."""
+        n = sum(p["ce_tokens"] for p in parts)
+        out = {f"ce_{k}": sum(p[f"ce_{k}"] * p["ce_tokens"] for p in parts) / n
+               for k in ("clean", "sae", "zero", "mean")}
+        c, s_, z, m = (out[f"ce_{k}"] for k in ("clean", "sae", "zero", "mean"))
+        out.update(ce_tokens=n, delta_loss=s_ - c, ce_recovered=(z - s_) / (z - c),
+                   ce_recovered_vs_mean=(m - s_) / (m - c))
+        return out
+
     held = [n for n in ed.seqs if n.startswith("heldout:")]
     pas = [n for n in ed.seqs if n.startswith("passage:")]
     big = activation_metrics(sae, heldout_acts, cfg.dense_threshold)
+    if dead_acts is not None:   # dead / dense over more tokens than the held-out cache
+        more = activation_metrics(sae, dead_acts, cfg.dense_threshold)
+        big.update(dead_fraction=more["dead_fraction"], dense_fraction=more["dense_fraction"])
     by_kind = {n.split(":", 1)[1]: one([n]) for n in held}
     by_passage = {n.split(":", 1)[1]: activation_metrics(sae, ed.acts[n][j], cfg.dense_threshold)
                   for n in pas}
-    q = {"heldout": {**one(held), **{k: big[k] for k in ("dead_fraction", "dense_fraction")},
+    pooled_held = activation_metrics(sae, np.concatenate([ed.acts[n][j] for n in held]), cfg.dense_threshold)
+    del pooled_held["dead_fraction"], pooled_held["dense_fraction"]
+    q = {"heldout": {**pooled_held, **pooled_ce(list(by_kind.values())),
+                     **{k: big[k] for k in ("dead_fraction", "dense_fraction")},
                      "cache": big},
          "heldout_by_kind": by_kind,
          "unlike_training": one(pas) if pas else {},
@@ -510,8 +536,8 @@ def train(cfg: TrainConfig, out_dir: Path | None = None, work: Path | None = Non
     _check_sites(model, cfg)
     corpus.tokenize(cfg.model, cfg.corpus, root)
     t0 = time.perf_counter()
-    train_acts = collect(model, cfg, "train", cfg.train_tokens, work, root, progress)
-    held_acts = collect(model, cfg, "heldout", cfg.heldout_tokens, work, root, progress)
+    train_acts = collect(model, cfg, "train", cfg.train_tokens, work, root, progress, only)
+    held_acts = collect(model, cfg, "heldout", cfg.heldout_tokens, work, root, progress, only)
     collect_s = time.perf_counter() - t0
     rates = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("collect-*.json"))}
     if collect_only:
@@ -534,7 +560,7 @@ def train(cfg: TrainConfig, out_dir: Path | None = None, work: Path | None = Non
             train_s = time.perf_counter() - t
             mean_act = torch.from_numpy(np.asarray(train_acts[j][:50_000], dtype=np.float32)).mean(0)
             dead_acts = np.concatenate([held_acts[j], train_acts[j][-cfg.dead_tokens:]])
-            q = quality(model, cfg, dest, j, dead_acts, mean_act, ed)
+            q = quality(model, cfg, dest, j, held_acts[j], mean_act, ed, dead_acts)
             report = {"sae_id": sid, "hook_name": hook_name(site), "model": cfg.model,
                       "architecture": "topk", "k": k, "d_in": int(train_acts[j].shape[1]),
                       "d_sae": cfg.width, "weights_dtype": "float16",
@@ -555,8 +581,8 @@ def train(cfg: TrainConfig, out_dir: Path | None = None, work: Path | None = Non
                                      "first_position": "left out"},
                       "quality": q}
             if compare is not None and (Path(compare) / sid).is_dir():
-                report["previous"] = _previous(model, cfg, Path(compare), sid, j, dead_acts,
-                                               mean_act, ed, work)
+                report["previous"] = _previous(model, cfg, Path(compare), sid, j, held_acts[j],
+                                               dead_acts, mean_act, ed, work)
             (dest / "quality.json").write_text(json.dumps(report, indent=1))
             if progress:
                 progress(f"{sid}: {json.dumps(q['worst'])}")
@@ -564,12 +590,14 @@ def train(cfg: TrainConfig, out_dir: Path | None = None, work: Path | None = Non
     return reports
 
 
-def _previous(model, cfg, folder: Path, sid: str, j: int, dead_acts, mean_act, ed, work: Path) -> dict:
+def _previous(model, cfg, folder: Path, sid: str, j: int, held_acts, dead_acts, mean_act, ed,
+              work: Path) -> dict:
     """Figures of an earlier SAE with the same id on the same data (cached in the work dir)."""
     cached = work / f"previous-{sid}.json"
     if cached.exists():
         return json.loads(cached.read_text())
-    prev = {"path": str(folder), "quality": quality(model, cfg, folder / sid, j, dead_acts, mean_act, ed)}
+    prev = {"path": str(folder), "quality": quality(model, cfg, folder / sid, j, held_acts, mean_act, ed,
+                                                    dead_acts)}
     meta = folder / sid / "quality.json"
     if meta.exists():
         old = json.loads(meta.read_text())
@@ -602,7 +630,8 @@ def measure_previous(cfg: TrainConfig, folder: Path, work: Path | None = None, r
             continue
         mean_act = torch.from_numpy(np.asarray(train_acts[j][:50_000], dtype=np.float32)).mean(0)
         dead_acts = np.concatenate([held_acts[j], train_acts[j][:cfg.dead_tokens]])
-        out.append({"sae_id": sid, **_previous(model, cfg, Path(folder), sid, j, dead_acts, mean_act, ed, work)})
+        out.append({"sae_id": sid, **_previous(model, cfg, Path(folder), sid, j, held_acts[j], dead_acts,
+                                               mean_act, ed, work)})
         if progress:
             progress(f"previous {sid}: {json.dumps(out[-1]['quality']['worst'])}")
     return out
