@@ -16,6 +16,7 @@ import streamlit as st  # noqa: E402
 from app import views  # noqa: E402
 from app.common import apply_pending_view, link_of  # noqa: E402
 from app.state import DEFAULT_MODEL, PAGES, PROMPT_PAGES, View, read_view, view_params  # noqa: E402
+from backend import bootstrap  # noqa: E402  (no torch at import; jobs import it in their thread)
 from backend.errors import DashboardError  # noqa: E402
 from backend.model import offline_model_ids  # noqa: E402
 
@@ -68,6 +69,22 @@ with st.sidebar:
         view = view.replace(page=page, model=model, text=st.session_state.w_text, key="")
         st.session_state.view = view
         st.session_state.problems = []
+
+# First start on an empty store: the corpus jobs run in a background thread (backend/bootstrap.py);
+# a progress bar refreshes itself and the page reruns whenever a step lands.
+if bootstrap.ensure_started() is not None:
+    @st.fragment(run_every=3)
+    def _bootstrap_progress() -> None:
+        s = bootstrap.status()
+        if s["completed"] != st.session_state.setdefault("bootstrap_seen", s["completed"]):
+            st.session_state.bootstrap_seen = s["completed"]
+            st.rerun(scope="app")
+        if s["running"]:
+            job = f", chunk {s['job']['done']}/{s['job']['n_chunks']}" if s["job"] else ""
+            st.progress(s["fraction"], text=f"First start: building the corpus indexes in the background "
+                        f"(step {s['completed'] + 1}/{s['total']}: {s['step'] or 'starting'}{job}). Pages fill "
+                        "as they land; the dashboard works meanwhile.")
+    _bootstrap_progress()
 
 view = views.render(view)  # a page may update its selections (and the run key)
 st.session_state.view = view

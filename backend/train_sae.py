@@ -2,22 +2,29 @@
 
     python -m backend train-sae --model smollm2-135m            # the shipped set (see PLAN)
     python -m backend train-sae --sites resid_pre:15 --tokens 20000 --width 1024 --out /tmp/saes
+    python -m backend train-sae --collect-only --tokens 1200000 # only the activation cache
+    python -m backend train-sae --only 3 --compare old-saes/    # one site; old SAEs measured beside
 
-1. Activations. Windows of the corpus's train split (never crossing a document) run through
-   the model once, hooks at every site to train on, stopping after the deepest hooked block
-   (run_with_hooks(stop_at_layer=...)). Position 0 of every window is dropped: the first
-   token of a sequence carries the model's massive activations (|x| ~ 10^4 from layer 15 on,
-   FINDINGS), which no reconstruction objective should spend latents on. The same position
-   is left untouched when the SAE is spliced in for the CE metrics. Activations are kept as
-   float16 shards in the cache directory, so an interrupted collection resumes shard-wise.
-2. Training. Each SAE is a TopK SAE (k latents per token) trained with SAELens's SAETrainer
-   over an iterator of activation batches drawn from the cache (seeded permutation per
-   epoch). SAETrainer checkpoints (weights, optimiser, scheduler, sparsity counters) land in
-   the work directory; a rerun resumes from the last one.
-3. Quality, on held-out documents and on EVAL_TEXTS (short modern texts unlike the training
-   mix), stored as quality.json beside the weights: L0, variance explained, CE loss clean /
-   with the SAE spliced in / zero-ablated / mean-ablated, CE recovered (vs zero and vs
-   mean), delta loss, dead and dense latent fractions. Weights are saved in SAELens's folder
+1. Activations. Windows of the corpus's train split (never crossing a document), in a seeded
+   random order cut into chunks of ~32 k tokens, run through the model once for all sites:
+   LoadedModel.capture stops the forward as soon as the deepest site has fired. Position 0 of
+   every window is dropped: the first token carries the model's massive activations (|x| ~
+   10^4 from layer 15 on, FINDINGS), which no reconstruction objective should spend latents
+   on; the same position is left untouched when the SAE is spliced in for the CE metrics.
+   Chunks are float16 .npz files in the work directory; a larger or interrupted run reuses
+   every finished chunk, and collect-<split>.json records tokens/s.
+2. Training. Each SAE is a TopK SAE (k latents per token, k_z for hook_z) with the aux-k loss
+   on dead latents, trained with SAELens's SAETrainer over an iterator of batches drawn from
+   the cache (seeded permutation per epoch). Checkpoints land in the work directory; a rerun
+   resumes from the last one. Sites can be trained in separate processes (`--only`).
+3. Quality, stored as quality.json beside the weights, always with position 0 left out: on
+   the held-out activation cache (L0, variance explained, error per token, dead and dense
+   latents, dead counted over `dead_tokens` more training activations), on held-out windows
+   of every kind of corpus text (per kind and pooled, with CE loss clean / SAE spliced in /
+   zero- / mean-ablated, CE recovered, delta loss) and on the project's own out-of-corpus
+   passages in tests/passages ("unlike_training", per passage too); "worst" holds the worst
+   kind and passage. With --compare, the earlier SAEs of the same ids are measured on the
+   same data and reported beside, as "previous". Weights are saved in SAELens's folder
    format in float16, and the metrics are measured with those float16 weights.
 """
 
@@ -30,7 +37,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -46,66 +53,32 @@ SAE_DIR = settings.DATA_DIR / "saes"
 PLAN = [(Component.RESID_PRE, 5), (Component.RESID_PRE, 15), (Component.RESID_PRE, 25),
         (Component.Z, 23)]
 
-# Held-out text unlike the training mix (modern prose, dialogue, code, instructions), written
-# for this project.
-EVAL_TEXTS = [
-    "The city council voted on Tuesday to extend the bike lane along Harbor Street by two "
-    "miles. Supporters said the change would make the commute safer for students, while "
-    "several shop owners worried that losing parking spaces would hurt their business. The "
-    "project is expected to cost about four million dollars and should be finished next spring.",
-    "Maya opened the fridge, stared at the empty shelves, and sighed. \"We're out of milk "
-    "again,\" she called. Her brother looked up from his laptop. \"I'll go after this call, "
-    "I promise.\" She didn't believe him, so she grabbed her keys and walked to the corner "
-    "store herself. It was raining, of course, and she had forgotten her umbrella.",
-    "def moving_average(values, window):\n    \"\"\"Return the moving average of a list.\"\"\"\n"
-    "    if window <= 0:\n        raise ValueError(\"window must be positive\")\n    out = []\n"
-    "    total = 0.0\n    for i, v in enumerate(values):\n        total += v\n"
-    "        if i >= window:\n            total -= values[i - window]\n"
-    "        out.append(total / min(i + 1, window))\n    return out\n",
-    "To reset your password, open the settings page and choose Security. Enter your current "
-    "password, then type the new one twice. If you no longer remember the old password, click "
-    "the link in the email we sent you; it stays valid for thirty minutes. Contact support if "
-    "the link has expired or the page shows an error.",
-    "The Industrial Revolution began in Britain in the late eighteenth century. Steam engines, "
-    "new machines for spinning and weaving, and cheaper iron changed how goods were made. "
-    "Workers moved from farms to growing cities, where factories offered wages but long hours "
-    "and dangerous conditions. Within a century, the same changes had spread across Europe "
-    "and North America.",
-    "Preheat the oven to 200 degrees. Cut the potatoes into thin slices, toss them with olive "
-    "oil, salt and a little rosemary, and spread them on a baking tray. Bake for twenty-five "
-    "minutes, turning them once, until they are golden and crisp at the edges. Serve warm with "
-    "a green salad.",
-    "Researchers trained a small neural network to predict the weather one day ahead. It was "
-    "accurate on ordinary days, but it struggled with sudden storms, which were rare in the "
-    "training data. The team now plans to add ten years of radar images and to test whether "
-    "the model can warn farmers earlier.",
-    "Dear Sam, thank you for the lovely birthday card! The party was small but fun: we played "
-    "board games until midnight and ate far too much cake. I hope your new job is going well. "
-    "Let me know when you are back in town so we can finally get that coffee. Love, Priya",
-]
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = "smollm2-135m"
     sites: tuple[tuple[str, int], ...] = tuple((c.value, layer) for c, layer in PLAN)
     corpus: str = corpus.DEFAULT_NAME
-    train_tokens: int = 250_000       # unique activations cached for training (per site)
-    heldout_tokens: int = 30_000      # held-out activations for L0 / VE / dead / dense
-    ce_windows: int = 16              # held-out windows for the CE metrics
+    train_tokens: int = 290_000       # unique activations cached for training (per site; whole chunks)
+    heldout_tokens: int = 40_000      # held-out activations for L0 / VE / dead / dense
+    ce_windows: int = 5               # held-out windows per corpus kind for the CE metrics
     context: int = 128
     width: int = 4608                 # d_sae
-    k: int = 32
-    epochs: float = 2.0
+    k: int = 48                       # active latents per token (residual stream SAEs)
+    k_z: int = 64                     # ... for hook_z SAEs (attention outputs need more)
+    aux_coefficient: float = 1 / 16   # TopK aux-k loss on dead latents
+    dead_tokens: int = 100_000        # training activations added to the held-out ones for "dead"
+    epochs: float = 1.5
     batch: int = 512
     lr: float = 1e-3
     seed: int = 0
     dense_threshold: float = 0.1      # a latent firing on more than this share is "dense"
-    eval_texts: int = len(EVAL_TEXTS)  # how many of EVAL_TEXTS the "unlike training" metrics use
+    eval_texts: int = 100             # how many of the test passages (tests/passages) to measure on
+
+    def k_for(self, component: str) -> int:
+        return self.k_z if component == Component.Z.value else self.k
 
     def cache_key(self) -> str:
-        d = {k: getattr(self, k) for k in ("model", "sites", "corpus", "train_tokens",
-                                            "heldout_tokens", "context", "seed")}
+        d = {k: getattr(self, k) for k in ("model", "sites", "corpus", "context", "seed")}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -114,18 +87,6 @@ def sae_id(model: str, component: str, layer: int) -> str:
 
 
 # -- windows ------------------------------------------------------------------------------
-def _sample_windows(cfg: TrainConfig, split: str, n_tokens: int, root=None) -> list[tuple[int, int, list[int]]]:
-    wins = corpus.windows(cfg.model, split, cfg.context, cfg.corpus, root)
-    order = np.random.default_rng(cfg.seed + (split == "heldout")).permutation(len(wins))
-    out, total = [], 0
-    for i in order:
-        out.append(wins[i])
-        total += len(wins[i][2]) - 1
-        if total >= n_tokens:
-            break
-    return out
-
-
 def _batches(windows, max_tokens: int = 2048):
     """Windows grouped by length into right-padded batches (pads only follow real tokens,
     and attention is causal, so they never change a real position)."""
@@ -154,58 +115,82 @@ def _pad(seqs: list[list[int]]):
 
 # -- activations --------------------------------------------------------------------------
 def site_activations(model, sites: list[Site], ids):
-    """Activations [batch pos d] at each site (hook_z flattened over heads), running the
-    model only up to the deepest site's block."""
-    import torch
-
+    """Activations [batch pos d] at each site (hook_z flattened over heads) from one forward
+    that stops as soon as the deepest site has fired (LoadedModel.capture)."""
     names = [hook_name(s) for s in sites]
-    got: dict[str, torch.Tensor] = {}
-
-    def keep(name):
-        def fn(x, hook):
-            got[name] = x.detach().flatten(2) if x.ndim == 4 else x.detach()
-        return fn
-
-    stop = max(s.layer for s in sites) + 1
-    with model.lock, torch.inference_mode():
-        model.bridge.run_with_hooks(ids, fwd_hooks=[(n, keep(n)) for n in names],
-                                    stop_at_layer=min(stop, model.info.n_layers), return_type=None)
+    got = model.capture(ids, names, flatten_heads=True)
     return [got[n] for n in names]
 
 
+CHUNK_TOKENS = 32_768   # activations are cached in chunks of about this many tokens
+
+
+def _chunks(cfg: TrainConfig, split: str, n_tokens: int, root=None) -> list[list[tuple[int, int, list[int]]]]:
+    """The split's windows in a seeded random order, cut into consecutive chunks of about
+    CHUNK_TOKENS positions (>= 1), as many as cover n_tokens. The order does not depend on
+    n_tokens, so a larger run reuses every chunk a smaller one cached."""
+    wins = corpus.windows(cfg.model, split, cfg.context, cfg.corpus, root)
+    order = np.random.default_rng(cfg.seed + (split == "heldout")).permutation(len(wins))
+    chunks, cur, n, total = [], [], 0, 0
+    for i in order:
+        cur.append(wins[i])
+        n += len(wins[i][2]) - 1
+        if n >= CHUNK_TOKENS:
+            chunks.append(cur)
+            total += n
+            cur, n = [], 0
+            if total >= n_tokens:
+                break
+    if cur and total < n_tokens:
+        chunks.append(cur)
+    return chunks
+
+
 def collect(model, cfg: TrainConfig, split: str, n_tokens: int, work: Path, root=None,
-            progress: Callable[[str], None] | None = None) -> list[np.ndarray]:
-    """float16 activations [n d] per site for positions >= 1 of sampled windows (cached)."""
+            progress: Callable[[str], None] | None = None,
+            load: Iterable[int] | None = None) -> list[np.ndarray | None]:
+    """float16 activations [n d] per site for positions >= 1 of sampled windows, all sites
+    from one forward per batch that stops after the deepest site. Cached per chunk (an
+    interrupted or a larger run resumes chunk-wise); tokens/s goes to collect-<split>.json."""
     from tqdm import tqdm
 
     sites = [Site(Component(c), layer) for c, layer in cfg.sites]
     out_dir = work / f"acts-{split}"
-    final = [out_dir / f"site{j}.npy" for j in range(len(sites))]
-    if all(p.exists() for p in final):
-        return [np.load(p, mmap_mode="r") for p in final]
     out_dir.mkdir(parents=True, exist_ok=True)
-    wins = _sample_windows(cfg, split, n_tokens, root)
-    batches = list(_batches(wins))
-    bar = tqdm(total=sum(len(w[2]) - 1 for w in wins), desc=f"activations ({split})", unit="tok",
-               file=sys.stderr, disable=progress is None)
-    for b, idx in enumerate(batches):
-        shard = out_dir / f"shard{b:05d}.npz"
-        n = sum(len(wins[i][2]) - 1 for i in idx)
-        if not shard.exists():
+    chunks = _chunks(cfg, split, n_tokens, root)
+    sizes = [sum(len(w[2]) - 1 for w in ch) for ch in chunks]
+    bar = tqdm(total=sum(sizes), desc=f"activations ({split})", unit="tok", file=sys.stderr,
+               disable=progress is None)
+    t0, fresh = time.perf_counter(), 0
+    for c, wins in enumerate(chunks):
+        path = out_dir / f"chunk{c:05d}.npz"
+        if path.exists():
+            bar.update(sizes[c])
+            continue
+        parts: list[list[np.ndarray]] = [[] for _ in sites]
+        for idx in _batches(wins):
             ids, mask = _pad([wins[i][2] for i in idx])
             mask[:, 0] = False
-            acts = site_activations(model, sites, ids)
-            np.savez(shard.with_suffix(".tmp.npz"),
-                     **{f"s{j}": a[mask].to("cpu").half().numpy() for j, a in enumerate(acts)})
-            shard.with_suffix(".tmp.npz").replace(shard)
-        bar.update(n)
+            for j, a in enumerate(site_activations(model, sites, ids)):
+                parts[j].append(a[mask].to("cpu").half().numpy())
+            bar.update(int(mask.sum()))
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **{f"s{j}": np.concatenate(p) for j, p in enumerate(parts)})
+        tmp.replace(path)
+        fresh += sizes[c]
     bar.close()
-    for j, p in enumerate(final):
-        parts = [np.load(out_dir / f"shard{b:05d}.npz")[f"s{j}"] for b in range(len(batches))]
-        np.save(p, np.concatenate(parts))
-    for b in range(len(batches)):
-        (out_dir / f"shard{b:05d}.npz").unlink()
-    return [np.load(p, mmap_mode="r") for p in final]
+    secs = time.perf_counter() - t0
+    stats = {"split": split, "tokens": int(sum(sizes)), "chunks": len(chunks),
+             "windows": sum(len(ch) for ch in chunks), "sites": [hook_name(s) for s in sites],
+             "collected_now": fresh, "seconds": round(secs, 1),
+             "tokens_per_second": round(fresh / secs, 1) if fresh else None}
+    if fresh:
+        (work / f"collect-{split}.json").write_text(json.dumps(stats))
+    if progress:
+        progress(f"activations ({split}): {json.dumps(stats)}")
+    keep = set(range(len(sites)) if load is None else load)   # load only the sites asked for
+    return [np.concatenate([np.load(out_dir / f"chunk{c:05d}.npz")[f"s{j}"] for c in range(len(chunks))])
+            if j in keep else None for j in range(len(sites))]
 
 
 # -- training -----------------------------------------------------------------------------
@@ -241,10 +226,10 @@ def _training_sae(cfg: TrainConfig, component: str, layer: int, d_in: int):
 
     meta = SAEMetadata(model_name=cfg.model, hook_name=hook_name(Site(Component(component), layer)),
                        context_size=cfg.context, prepend_bos=False, dataset_path=f"corpus:{cfg.corpus}")
-    sae_cfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=cfg.width, k=cfg.k, dtype="float32",
+    sae_cfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=cfg.width, k=cfg.k_for(component), dtype="float32",
                                     device="cpu", normalize_activations="expected_average_only_in",
                                     reshape_activations="hook_z" if component == "z" else "none",
-                                    aux_loss_coefficient=1.0 / 32, metadata=meta)
+                                    aux_loss_coefficient=cfg.aux_coefficient, metadata=meta)
     return TopKTrainingSAE(sae_cfg)
 
 
@@ -258,7 +243,8 @@ def train_one(cfg: TrainConfig, component: str, layer: int, acts: np.ndarray, wo
     torch.manual_seed(cfg.seed)
     total = int(len(acts) * cfg.epochs) // cfg.batch * cfg.batch
     steps = total // cfg.batch
-    hp = hashlib.sha256(json.dumps([cfg.width, cfg.k, cfg.epochs, cfg.batch, cfg.lr, cfg.seed]).encode())
+    hp = hashlib.sha256(json.dumps([cfg.width, cfg.k_for(component), cfg.epochs, cfg.batch, cfg.lr,
+                                    cfg.seed, cfg.aux_coefficient, len(acts)]).encode())
     ckpt_root = work / f"ckpt-{component}-{layer}-{hp.hexdigest()[:8]}"   # resume only the same run
     tcfg = SAETrainerConfig(
         total_training_samples=total, train_batch_size_samples=cfg.batch, lr=cfg.lr,
@@ -296,16 +282,30 @@ def _eval_sae(sae_dir: Path):
     return sae
 
 
+PASSAGES_DIR = settings.ROOT / "tests" / "passages"
+
+
+def passages(folder: Path | None = None) -> dict[str, str]:
+    """The project's own out-of-corpus test passages (a story, a recipe, news, a chat, an
+    e-mail, a review, Python, JavaScript), written for this project: name -> text."""
+    folder = Path(folder or PASSAGES_DIR)
+    return {p.name.split(".")[0]: p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.txt"))}
+
+
 def activation_metrics(sae, acts: np.ndarray, dense_threshold: float, batch: int = 2048) -> dict:
-    """L0, variance explained, dead and dense fractions on activations [n d] (flattened)."""
+    """On activations [n d] (heads flattened; positions >= 1 only): L0, variance explained
+    (1 - SSE / total variance around the mean), the reconstruction error per token
+    ||x - x_hat||^2 / ||x||^2 (median and mean; not dominated by a few massive tokens as
+    variance explained can be), dead and dense latent fractions."""
     import torch
 
     freq = torch.zeros(sae.cfg.d_sae)
     l0 = sse = 0.0
     n = len(acts)
-    x_all = torch.from_numpy(np.array(acts)).float()
+    x_all = torch.from_numpy(np.asarray(acts, dtype=np.float32))
     mean = x_all.mean(0)
     sst = float(((x_all - mean) ** 2).sum())
+    rel = []
     with torch.inference_mode():
         for i in range(0, n, batch):
             x = x_all[i:i + batch]
@@ -314,12 +314,22 @@ def activation_metrics(sae, acts: np.ndarray, dense_threshold: float, batch: int
             fired = f > 0
             freq += fired.float().sum(0)
             l0 += float(fired.sum())
-            sse += float(((rec - x) ** 2).sum())
+            err = ((rec - x) ** 2).sum(-1)
+            sse += float(err.sum())
+            rel.append(err / (x ** 2).sum(-1).clamp_min(1e-12))
     freq /= n
+    rel_t = torch.cat(rel)
     return {"tokens": n, "l0": l0 / n, "variance_explained": 1 - sse / sst,
+            "rel_error_median": float(rel_t.median()), "rel_error_mean": float(rel_t.mean()),
             "dead_fraction": float((freq == 0).float().mean()),
             "dense_fraction": float((freq > dense_threshold).float().mean()),
             "mse_per_token": sse / n}
+
+
+def _token_losses(logits, ids, mask) -> tuple[float, int]:
+    lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    ok = mask[:, 1:]
+    return float(-(lp * ok).sum()), int(ok.sum())
 
 
 def ce_metrics(model, sae, site: Site, seqs: list[list[int]], mean_act,
@@ -333,7 +343,6 @@ def ce_metrics(model, sae, site: Site, seqs: list[list[int]], mean_act,
     count = 0
     for idx in _batches([(0, 0, s) for s in seqs], max_tokens=1024):
         ids, mask = _pad([seqs[i] for i in idx])
-        target_ok = mask[:, 1:]
         for mode in losses:
             def splice(x, hook, mode=mode):
                 flat = x.flatten(2) if x.ndim == 4 else x
@@ -347,12 +356,12 @@ def ce_metrics(model, sae, site: Site, seqs: list[list[int]], mean_act,
                 out[:, 1:] = new[:, 1:]
                 return out.reshape(x.shape)
 
-            hooks = [] if mode == "clean" else [(name, splice)]
-            with model.lock, torch.inference_mode():
-                logits = model.bridge.run_with_hooks(ids, fwd_hooks=hooks)
-            lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
-            losses[mode] += float(-(lp * target_ok).sum())
-        count += int(target_ok.sum())
+            with torch.inference_mode():
+                logits = (model.logits(ids) if mode == "clean"
+                          else model.run_with_hooks(ids, fwd_hooks=[(name, splice)]))
+            loss, n = _token_losses(logits, ids, mask)
+            losses[mode] += loss
+        count += n
     out = {f"ce_{m}": v / count for m, v in losses.items()}
     if clean is not None:
         out["ce_clean"] = clean
@@ -370,29 +379,115 @@ def clean_loss(model, seqs: list[list[int]]) -> float:
     total, count = 0.0, 0
     for idx in _batches([(0, 0, s) for s in seqs], max_tokens=1024):
         ids, mask = _pad([seqs[i] for i in idx])
-        with model.lock, torch.inference_mode():
-            logits = model.bridge(ids)
-        lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
-        total += float(-(lp * mask[:, 1:]).sum())
-        count += int(mask[:, 1:].sum())
+        with torch.inference_mode():
+            loss, n = _token_losses(model.logits(ids), ids, mask)
+        total += loss
+        count += n
     return total / count
 
 
-def quality(model, cfg: TrainConfig, sae_dir: Path, site: Site, heldout_acts: np.ndarray,
-            mean_act, ce_seqs: list[list[int]], ood_seqs: list[list[int]],
-            clean: tuple[float, float] | None = None) -> dict:
+@dataclass
+class EvalData:
+    """What every SAE is measured on, collected once for all sites: named sets of token
+    sequences (held-out windows per corpus kind, the test passages), their activations at
+    each site (positions >= 1) and their clean losses."""
+    seqs: dict[str, list[list[int]]]
+    acts: dict[str, list[np.ndarray]]
+    clean: dict[str, float]
+
+
+def eval_data(model, cfg: TrainConfig, root=None, passages_dir: Path | None = None,
+              windows_per_kind: int | None = None) -> EvalData:
+    """Held-out windows of every kind in the corpus (`windows_per_kind` each, seeded) and the
+    out-of-corpus passages, with activations at every site of cfg and clean losses."""
+    sites = [Site(Component(c), layer) for c, layer in cfg.sites]
+    docs = corpus.documents(cfg.corpus, root, split="heldout")
+    kind_of_src = {s["name"]: s["kind"] for s in corpus.stats(cfg.corpus, root, cfg.model)["sources"]}
+    kind_of_doc = {d: kind_of_src.get(s, "other")
+                   for d, s in zip(docs["doc_id"].to_pylist(), docs["source"].to_pylist())}
+    wins = corpus.windows(cfg.model, "heldout", cfg.context, cfg.corpus, root)
+    windows_per_kind = windows_per_kind or cfg.ce_windows
+    rng = np.random.default_rng(cfg.seed + 7)
+    seqs: dict[str, list[list[int]]] = {}
+    for kind in corpus.KINDS:
+        mine = [w[2] for w in wins if kind_of_doc.get(w[0]) == kind and len(w[2]) >= 16]
+        if mine:
+            pick = rng.permutation(len(mine))[:windows_per_kind]
+            seqs[f"heldout:{kind}"] = [mine[i] for i in sorted(pick)]
+    texts = list(passages(passages_dir).items())[:cfg.eval_texts] if cfg.eval_texts else []
+    for name, text in texts:
+        seqs[f"passage:{name}"] = [model.tokenize(text)]
+    acts: dict[str, list[np.ndarray]] = {}
+    for name, ss in seqs.items():
+        ids, mask = _pad(ss)
+        mask[:, 0] = False
+        acts[name] = [a[mask].float().numpy() for a in site_activations(model, sites, ids)]
+    clean = {name: clean_loss(model, ss) for name, ss in seqs.items()}
+    return EvalData(seqs, acts, clean)
+
+
+def _pooled(names: list[str], ed: EvalData, j: int):
+    seqs = [s for n in names for s in ed.seqs[n]]
+    acts = np.concatenate([ed.acts[n][j] for n in names])
+    n_tok = [sum(len(s) - 1 for s in ed.seqs[n]) for n in names]
+    clean = sum(ed.clean[n] * t for n, t in zip(names, n_tok)) / sum(n_tok)
+    return seqs, acts, clean
+
+
+def quality(model, cfg: TrainConfig, sae_dir: Path, j: int, heldout_acts: np.ndarray,
+            mean_act, ed: EvalData, dead_acts: np.ndarray | None = None) -> dict:
+    """The figures of one SAE (site j of cfg.sites): on the held-out activation cache
+    (L0, variance explained, error per token, dead / dense), pooled over the held-out
+    windows of every kind ("heldout", with CE), per kind, pooled over the test passages
+    ("unlike_training") and per passage. Position 0 is left out everywhere."""
     import torch
 
+    c, layer = cfg.sites[j]
+    site = Site(Component(c), layer)
     sae = _eval_sae(sae_dir)
-    ood_ids, ood_mask = _pad(ood_seqs)
-    ood_mask[:, 0] = False
-    ood_acts = site_activations(model, [site], ood_ids)[0][ood_mask].numpy()
-    q = {"heldout": {**activation_metrics(sae, heldout_acts, cfg.dense_threshold),
-                     **ce_metrics(model, sae, site, ce_seqs, torch.as_tensor(mean_act),
-                                  clean and clean[0])},
-         "unlike_training": {**activation_metrics(sae, ood_acts, cfg.dense_threshold),
-                             **ce_metrics(model, sae, site, ood_seqs, torch.as_tensor(mean_act),
-                                          clean and clean[1])}}
+    mean_act = torch.as_tensor(mean_act)
+
+    def one(names: list[str]) -> dict:
+        seqs, acts, clean = _pooled(names, ed, j)
+        m = activation_metrics(sae, acts, cfg.dense_threshold)
+        del m["dead_fraction"], m["dense_fraction"]
+        return {**m, **ce_metrics(model, sae, site, seqs, mean_act, clean)}
+
+    def pooled_ce(parts: list[dict]) -> dict:
+        """CE figures of several sets pooled (token-weighted), as if measured together."""
+        n = sum(p["ce_tokens"] for p in parts)
+        out = {f"ce_{k}": sum(p[f"ce_{k}"] * p["ce_tokens"] for p in parts) / n
+               for k in ("clean", "sae", "zero", "mean")}
+        c, s_, z, m = (out[f"ce_{k}"] for k in ("clean", "sae", "zero", "mean"))
+        out.update(ce_tokens=n, delta_loss=s_ - c, ce_recovered=(z - s_) / (z - c),
+                   ce_recovered_vs_mean=(m - s_) / (m - c))
+        return out
+
+    held = [n for n in ed.seqs if n.startswith("heldout:")]
+    pas = [n for n in ed.seqs if n.startswith("passage:")]
+    big = activation_metrics(sae, heldout_acts, cfg.dense_threshold)
+    if dead_acts is not None:   # dead / dense over more tokens than the held-out cache
+        more = activation_metrics(sae, dead_acts, cfg.dense_threshold)
+        big.update(dead_fraction=more["dead_fraction"], dense_fraction=more["dense_fraction"])
+    by_kind = {n.split(":", 1)[1]: one([n]) for n in held}
+    by_passage = {n.split(":", 1)[1]: activation_metrics(sae, ed.acts[n][j], cfg.dense_threshold)
+                  for n in pas}
+    pooled_held = activation_metrics(sae, np.concatenate([ed.acts[n][j] for n in held]), cfg.dense_threshold)
+    del pooled_held["dead_fraction"], pooled_held["dense_fraction"]
+    q = {"heldout": {**pooled_held, **pooled_ce(list(by_kind.values())),
+                     **{k: big[k] for k in ("dead_fraction", "dense_fraction")},
+                     "cache": big},
+         "heldout_by_kind": by_kind,
+         "unlike_training": one(pas) if pas else {},
+         "passages": {n: {k: v[k] for k in ("tokens", "variance_explained", "rel_error_median")}
+                      for n, v in by_passage.items()}}
+    vals = [v["variance_explained"] for v in by_kind.values()]
+    q["worst"] = {"variance_explained_heldout_kind": min(vals) if vals else None,
+                  "variance_explained_passage": min((v["variance_explained"] for v in by_passage.values()),
+                                                    default=None),
+                  "ce_recovered_vs_mean_heldout_kind": min((v["ce_recovered_vs_mean"] for v in by_kind.values()),
+                                                           default=None),
+                  "delta_loss_heldout_kind": max((v["delta_loss"] for v in by_kind.values()), default=None)}
     return q
 
 
@@ -415,9 +510,20 @@ def save_fp16(trained_sae, out: Path) -> None:
 
 
 # -- entry point --------------------------------------------------------------------------
+def _check_sites(model, cfg: TrainConfig) -> None:
+    for c, layer in cfg.sites:
+        Site(Component(c), layer).check(model.info.n_layers, model.info.n_heads)
+        if Component(c) not in (Component.RESID_PRE, Component.RESID_POST, Component.RESID_MID,
+                                Component.Z, Component.ATTN_OUT, Component.MLP_OUT):
+            raise InvalidSpec(f"SAEs are trained on residual, attention or MLP outputs, not {c!r}.")
+
+
 def train(cfg: TrainConfig, out_dir: Path | None = None, work: Path | None = None, root=None,
-          progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Collect activations once, train every SAE of cfg.sites, measure and save them."""
+          progress: Callable[[str], None] | None = None, collect_only: bool = False,
+          only: tuple[int, ...] | None = None, compare: Path | None = None) -> list[dict]:
+    """Collect activations once (all sites, one pass), train every SAE of cfg.sites (or the
+    indices in `only`), measure and save them. `compare`: a folder of earlier SAEs (same ids)
+    measured on the same data, whose figures go beside the new ones as "previous"."""
     import torch
 
     from .model import load_model
@@ -427,48 +533,115 @@ def train(cfg: TrainConfig, out_dir: Path | None = None, work: Path | None = Non
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(asdict(cfg)))
     model = load_model(cfg.model)
-    for c, layer in cfg.sites:
-        Site(Component(c), layer).check(model.info.n_layers, model.info.n_heads)
-        if Component(c) not in (Component.RESID_PRE, Component.RESID_POST, Component.RESID_MID,
-                                Component.Z, Component.ATTN_OUT, Component.MLP_OUT):
-            raise InvalidSpec(f"SAEs are trained on residual, attention or MLP outputs, not {c!r}.")
+    _check_sites(model, cfg)
     corpus.tokenize(cfg.model, cfg.corpus, root)
     t0 = time.perf_counter()
-    train_acts = collect(model, cfg, "train", cfg.train_tokens, work, root, progress)
-    held_acts = collect(model, cfg, "heldout", cfg.heldout_tokens, work, root, progress)
+    train_acts = collect(model, cfg, "train", cfg.train_tokens, work, root, progress, only)
+    held_acts = collect(model, cfg, "heldout", cfg.heldout_tokens, work, root, progress, only)
     collect_s = time.perf_counter() - t0
-    ce_seqs = [w[2] for w in _sample_windows(cfg, "heldout", 10**12, root)[:cfg.ce_windows]]
-    ood_seqs = [model.encode(t, max_tokens=10**6) for t in EVAL_TEXTS[:cfg.eval_texts]]
-    clean = (clean_loss(model, ce_seqs), clean_loss(model, ood_seqs))
+    rates = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("collect-*.json"))}
+    if collect_only:
+        return list(rates.values())
+    ed = eval_data(model, cfg, root)
     reports = []
     for j, (c, layer) in enumerate(cfg.sites):
+        if only is not None and j not in only:
+            continue
         site = Site(Component(c), layer)
         sid = sae_id(cfg.model, c, layer)
         dest = out_dir / sid
         t = time.perf_counter()
         if not (dest / "quality.json").exists():
+            k = cfg.k_for(c)
             if progress:
-                progress(f"training {sid} on {len(train_acts[j])} activations x {cfg.epochs} epochs")
+                progress(f"training {sid} (k={k}) on {len(train_acts[j])} activations x {cfg.epochs} epochs")
             sae = train_one(cfg, c, layer, train_acts[j], work, progress)
             save_fp16(sae, dest)
             train_s = time.perf_counter() - t
-            mean_act = torch.from_numpy(np.array(train_acts[j][:50_000])).float().mean(0)
-            q = quality(model, cfg, dest, site, held_acts[j], mean_act, ce_seqs, ood_seqs, clean)
+            mean_act = torch.from_numpy(np.asarray(train_acts[j][:50_000], dtype=np.float32)).mean(0)
+            dead_acts = np.concatenate([held_acts[j], train_acts[j][-cfg.dead_tokens:]])
+            q = quality(model, cfg, dest, j, held_acts[j], mean_act, ed, dead_acts)
             report = {"sae_id": sid, "hook_name": hook_name(site), "model": cfg.model,
-                      "architecture": "topk", "k": cfg.k, "d_in": int(train_acts[j].shape[1]),
+                      "architecture": "topk", "k": k, "d_in": int(train_acts[j].shape[1]),
                       "d_sae": cfg.width, "weights_dtype": "float16",
                       "training": {"unique_tokens": int(len(train_acts[j])), "epochs": cfg.epochs,
                                    "samples": int(len(train_acts[j]) * cfg.epochs), "batch": cfg.batch,
-                                   "lr": cfg.lr, "corpus": cfg.corpus,
+                                   "lr": cfg.lr, "aux_coefficient": cfg.aux_coefficient,
+                                   "corpus": cfg.corpus, "corpus_words": _corpus_words(cfg, root),
                                    "activation_seconds_all_sites": round(collect_s, 1),
-                                   "train_and_eval_seconds": round(time.perf_counter() - t, 1),
-                                   "train_seconds": round(train_s, 1)},
+                                   "activation_collection": rates,
+                                   "train_seconds": round(train_s, 1),
+                                   "train_samples_per_second": round(len(train_acts[j]) * cfg.epochs / train_s, 1),
+                                   "train_and_eval_seconds": round(time.perf_counter() - t, 1)},
+                      "evaluation": {"heldout_kinds": sorted(n.split(":", 1)[1] for n in ed.seqs
+                                                             if n.startswith("heldout:")),
+                                     "passages": sorted(n.split(":", 1)[1] for n in ed.seqs
+                                                        if n.startswith("passage:")),
+                                     "dead_measured_on_tokens": int(len(dead_acts)),
+                                     "first_position": "left out"},
                       "quality": q}
+            if compare is not None and (Path(compare) / sid).is_dir():
+                report["previous"] = _previous(model, cfg, Path(compare), sid, j, held_acts[j],
+                                               dead_acts, mean_act, ed, work)
             (dest / "quality.json").write_text(json.dumps(report, indent=1))
             if progress:
-                progress(f"{sid}: {json.dumps(q)}")
+                progress(f"{sid}: {json.dumps(q['worst'])}")
         reports.append(json.loads((dest / "quality.json").read_text()))
     return reports
+
+
+def _previous(model, cfg, folder: Path, sid: str, j: int, held_acts, dead_acts, mean_act, ed,
+              work: Path) -> dict:
+    """Figures of an earlier SAE with the same id on the same data (cached in the work dir)."""
+    cached = work / f"previous-{sid}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    prev = {"path": str(folder), "quality": quality(model, cfg, folder / sid, j, held_acts, mean_act, ed,
+                                                    dead_acts)}
+    meta = folder / sid / "quality.json"
+    if meta.exists():
+        old = json.loads(meta.read_text())
+        prev.update(k=old.get("k"), d_sae=old.get("d_sae"), training=old.get("training"))
+    cached.write_text(json.dumps(prev))
+    return prev
+
+
+def measure_previous(cfg: TrainConfig, folder: Path, work: Path | None = None, root=None,
+                     progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Measure the SAEs in `folder` (ids as cfg.sites would train) on the evaluation data of
+    a training run, before it trains: the figures land in the work dir, where train(...,
+    compare=folder) picks them up. Dead latents are counted on the held-out cache plus the
+    first `dead_tokens` training activations."""
+    import torch
+
+    from .model import load_model
+
+    work = Path(work or settings.cache_dir() / "sae-train" / cfg.cache_key())
+    work.mkdir(parents=True, exist_ok=True)
+    model = load_model(cfg.model)
+    _check_sites(model, cfg)
+    train_acts = collect(model, cfg, "train", cfg.dead_tokens, work, root, progress)
+    held_acts = collect(model, cfg, "heldout", cfg.heldout_tokens, work, root, progress)
+    ed = eval_data(model, cfg, root)
+    out = []
+    for j, (c, layer) in enumerate(cfg.sites):
+        sid = sae_id(cfg.model, c, layer)
+        if not (Path(folder) / sid).is_dir():
+            continue
+        mean_act = torch.from_numpy(np.asarray(train_acts[j][:50_000], dtype=np.float32)).mean(0)
+        dead_acts = np.concatenate([held_acts[j], train_acts[j][:cfg.dead_tokens]])
+        out.append({"sae_id": sid, **_previous(model, cfg, Path(folder), sid, j, held_acts[j], dead_acts,
+                                               mean_act, ed, work)})
+        if progress:
+            progress(f"previous {sid}: {json.dumps(out[-1]['quality']['worst'])}")
+    return out
+
+
+def _corpus_words(cfg: TrainConfig, root=None) -> int | None:
+    try:
+        return corpus.stats(cfg.corpus, root, cfg.model)["words"]
+    except corpus.CorpusUnavailable:
+        return None
 
 
 def add_cli_args(p) -> None:
@@ -482,21 +655,41 @@ def add_cli_args(p) -> None:
     p.add_argument("--ce-windows", type=int, default=d.ce_windows)
     p.add_argument("--context", type=int, default=d.context)
     p.add_argument("--width", type=int, default=d.width)
-    p.add_argument("--k", type=int, default=d.k)
+    p.add_argument("--k", type=int, default=d.k, help="active latents per token (residual SAEs)")
+    p.add_argument("--k-z", type=int, default=d.k_z, help="active latents per token (hook_z SAEs)")
+    p.add_argument("--aux", type=float, default=d.aux_coefficient, help="aux-k loss coefficient")
+    p.add_argument("--only", default=None, help="train only these sites (indices into --sites, e.g. 0,2)")
+    p.add_argument("--compare", default=None,
+                   help="folder of earlier SAEs to measure on the same data (goes into quality.json)")
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--out", default=None, help="where SAE folders go (default data/saes)")
     p.add_argument("--work", default=None, help="activation cache and checkpoints")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (1 is fastest on a machine shared with other jobs)")
+    p.add_argument("--measure-previous", action="store_true",
+                   help="measure the --compare SAEs on this run's evaluation data, then stop")
+    p.add_argument("--collect-only", action="store_true",
+                   help="only cache the activations (all sites, one pass) and report tokens/s")
 
 
 def run_cli(a) -> dict:
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
     sites = tuple((s.split(":")[0], int(s.split(":")[1])) for s in a.sites.split(","))
     cfg = TrainConfig(model=a.model, sites=sites, corpus=a.corpus, train_tokens=a.tokens,
                       heldout_tokens=a.heldout_tokens, ce_windows=a.ce_windows, context=a.context,
-                      width=a.width, k=a.k, epochs=a.epochs, batch=a.batch, lr=a.lr)
-    reports = train(cfg, a.out, a.work, progress=lambda m: print(m, file=sys.stderr))
-    return {"saes": reports}
+                      width=a.width, k=a.k, k_z=a.k_z, aux_coefficient=a.aux, epochs=a.epochs,
+                      batch=a.batch, lr=a.lr)
+    only = tuple(int(i) for i in a.only.split(",")) if a.only else None
+    if a.measure_previous:
+        return {"previous": measure_previous(cfg, Path(a.compare), a.work,
+                                             progress=lambda m: print(m, file=sys.stderr))}
+    reports = train(cfg, a.out, a.work, progress=lambda m: print(m, file=sys.stderr),
+                    collect_only=a.collect_only, only=only, compare=a.compare)
+    return {"collected": reports} if a.collect_only else {"saes": reports}
 
 
-__all__ = ["TrainConfig", "train", "PLAN", "EVAL_TEXTS", "sae_id", "site_activations"]
+__all__ = ["TrainConfig", "train", "PLAN", "passages", "sae_id", "site_activations", "eval_data", "quality"]

@@ -1,0 +1,188 @@
+"""Dashboards full on first start: the corpus jobs run in the background of the dashboard.
+
+When the dashboard starts on a store with no feature index and no neuron statistics, it
+calls `ensure_started()`, which runs the existing CLI jobs one after another in a daemon
+thread of the dashboard process:
+
+  1. feature-index --sae all --windows FIRST   (a small slice: the feature dashboards and the
+                                                map colours appear within minutes)
+  2. neuron-stats --windows FIRST              (the neuron pages' statistics)
+  3. feature-scores --sae all                  (when that subcommand exists; skipped if not)
+  4. feature-index --sae all --windows FULL    (replaces the small index when it lands)
+
+Why a thread, not a subprocess: DuckDB lets one process open a file for writing, and the
+dashboard process holds the store, so a CLI subprocess gets StoreLocked. In the same process
+the jobs write through the dashboard's own Store (one connection, a cursor per thread, each
+chunk one transaction), pages read the chunks as they land, and the LoadedModel lock takes
+turns between a job's forwards and a page's. The jobs are the CLI's own: each step parses
+that subcommand's arguments with its registered parser and calls its run function, so the
+background build is exactly `python -m backend <step>`.
+
+Progress is read from the store's `jobs` / `job_chunks` tables (every corpus job uses them),
+so the page shows chunk-level progress of any step without the step knowing about it.
+
+Settings: DASHBOARD_BOOTSTRAP=0 turns it off (unset: on, except under pytest); DASHBOARD_BOOTSTRAP_FIRST (default 128) and
+DASHBOARD_BOOTSTRAP_WINDOWS (default 1024; 0 skips step 4) set the window counts.
+This module imports neither torch nor streamlit at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Step:
+    name: str                 # CLI subcommand
+    args: list[str]
+    label: str
+    status: str = "pending"   # pending | running | done | skipped | failed
+    message: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Bootstrap:
+    steps: list[Step]
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.finished is None
+
+    @property
+    def completed(self) -> int:
+        return sum(s.status in ("done", "skipped", "failed") for s in self.steps)
+
+
+_lock = threading.Lock()
+_current: Bootstrap | None = None
+_checked = False          # the store was looked at once in this process
+
+
+def enabled() -> bool:
+    """DASHBOARD_BOOTSTRAP=1/0 decides; unset, on except under pytest (the tests' dashboards
+    start on empty stores and must not start corpus jobs unless a test asks for it)."""
+    v = os.environ.get("DASHBOARD_BOOTSTRAP")
+    if v is None:
+        return "PYTEST_CURRENT_TEST" not in os.environ
+    return v not in ("0", "false", "no", "")
+
+
+def plan(model: str | None = None) -> list[Step]:
+    first = int(os.environ.get("DASHBOARD_BOOTSTRAP_FIRST", "128"))
+    full = int(os.environ.get("DASHBOARD_BOOTSTRAP_WINDOWS", "1024"))
+    m = ["--model", model] if model else []
+    steps = [Step("feature-index", [*m, "--sae", "all", "--windows", str(first)],
+                  f"feature index ({first} windows)"),
+             Step("neuron-stats", [*m, "--windows", str(first)], f"neuron statistics ({first} windows)"),
+             Step("feature-scores", [*m, "--sae", "all"], "feature output scores")]
+    if full > first:
+        steps.append(Step("feature-index", [*m, "--sae", "all", "--windows", str(full)],
+                          f"feature index ({full} windows)"))
+    return steps
+
+
+def store_is_empty(store) -> bool:
+    """No built feature index and no finished neuron statistics in the store."""
+    cur = store.cursor()
+    built = cur.execute("SELECT count(*) FROM feature_indexes WHERE built IS NOT NULL").fetchall()[0][0]
+    stats = cur.execute("SELECT count(*) FROM jobs WHERE kind = 'neuron_stats' AND finished IS NOT NULL"
+                        ).fetchall()[0][0]
+    return built == 0 and stats == 0
+
+
+def run_step(step: Step) -> None:
+    """Run one CLI subcommand in this process, as `python -m backend <name> <args>` would."""
+    from .cli import SUBCOMMANDS, _resolve
+
+    if step.name not in SUBCOMMANDS:
+        step.status, step.message = "skipped", f"`{step.name}` is not a subcommand of this version"
+        return
+    _, add, run = SUBCOMMANDS[step.name]
+    p = argparse.ArgumentParser(prog=f"python -m backend {step.name}")
+    _resolve(add)(p)
+    p.add_argument("--format", default="json")
+    a = p.parse_args(step.args)
+    t = time.perf_counter()
+    step.status = "running"
+    out = _resolve(run)(a)
+    step.seconds = round(time.perf_counter() - t, 1)
+    step.status = "done"
+    if isinstance(out, dict):
+        step.message = ", ".join(f"{k}={out[k]}" for k in ("n_windows", "tokens", "tok_per_s", "rows")
+                                 if k in out)
+
+
+def _run_all(b: Bootstrap) -> None:
+    for step in b.steps:
+        try:
+            run_step(step)
+        except Exception as e:     # noqa: BLE001 - one failing step must not stop the others
+            step.status, step.message = "failed", f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+    b.finished = time.time()
+
+
+def ensure_started(store=None, model: str | None = None, force: bool = False) -> Bootstrap | None:
+    """Start the background build once per process if the store is empty (or `force`);
+    returns the running (or finished) build, or None when nothing was needed."""
+    global _current, _checked
+    with _lock:
+        if _current is not None or (_checked and not force):
+            return _current
+        _checked = True
+        if not enabled() and not force:
+            return None
+        if store is None:
+            from .store import default_store
+            store = default_store()
+        if not force and not store_is_empty(store):
+            return None
+        b = Bootstrap(plan(model))
+        b.thread = threading.Thread(target=_run_all, args=(b,), name="dashboard-bootstrap", daemon=True)
+        _current = b
+        b.thread.start()
+        return b
+
+
+def current() -> Bootstrap | None:
+    return _current
+
+
+def job_progress(store) -> dict | None:
+    """The unfinished corpus job with the latest chunk: kind, chunks done and total."""
+    rows = store.cursor().execute(
+        "SELECT j.kind, j.n_chunks, count(c.chunk) AS done FROM jobs j LEFT JOIN job_chunks c "
+        "ON c.job_key = j.job_key WHERE j.finished IS NULL GROUP BY j.job_key, j.kind, j.n_chunks, j.created "
+        "ORDER BY j.created DESC LIMIT 1").fetchall()
+    if not rows:
+        return None
+    kind, n, done = rows[0]
+    return {"kind": kind, "n_chunks": int(n), "done": int(done)}
+
+
+def status(store=None) -> dict | None:
+    """What the page shows: overall fraction, the running step and its chunk progress."""
+    b = _current
+    if b is None:
+        return None
+    if store is None:
+        from .store import default_store
+        store = default_store()
+    running = next((s for s in b.steps if s.status == "running"), None)
+    prog = job_progress(store) if running else None
+    frac_step = prog["done"] / prog["n_chunks"] if prog and prog["n_chunks"] else 0.0
+    return {"running": b.running, "completed": b.completed, "total": len(b.steps),
+            "fraction": min(1.0, (b.completed + frac_step) / len(b.steps)),
+            "step": running.label if running else None, "job": prog,
+            "elapsed_seconds": round((b.finished or time.time()) - b.started, 1),
+            "steps": [{"name": s.name, "label": s.label, "status": s.status, "message": s.message,
+                       "seconds": s.seconds} for s in b.steps]}

@@ -1,0 +1,53 @@
+"""Quality of the shipped SAEs on the project's own out-of-corpus passages (tests/passages:
+a story, a recipe, news, a chat, an e-mail, a review, Python, JavaScript), measured the plain
+way: SAELens's own `SAE.load_from_disk`, `encode` and `decode` on the model's activations at
+the SAE's hook (hook_z passed as [pos head d_head], SAELens reshapes it), position 0 left out.
+The figures must meet the floors below and agree with what quality.json reports."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from backend import train_sae
+from backend.saes import SAE_DIR
+
+pytestmark = pytest.mark.model
+
+SHIPPED = [train_sae.sae_id("smollm2-135m", c.value, layer) for c, layer in train_sae.PLAN]
+# Variance explained on the passages, pooled (first position left out). Issue 9's targets are
+# 0.9 (residual) and 0.8 (hook_z); FLOOR is what the shipped SAEs are held to (see README).
+FLOOR = {"resid_pre": 0.9, "z": 0.8}
+
+
+@pytest.fixture(scope="module")
+def passages(model):
+    return {name: model.tokenize(text) for name, text in train_sae.passages().items()}
+
+
+@pytest.mark.parametrize("sid", SHIPPED)
+def test_variance_explained_on_out_of_corpus_passages(model, passages, sid):
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(str(SAE_DIR / sid), device="cpu", dtype="float32").eval()
+    hook = sae.cfg.metadata.hook_name
+    xs, recs, l0 = [], [], []
+    for ids in passages.values():
+        x = model.capture(model.tensor(ids), [hook])[hook][0, 1:]      # [pos d] or [pos head d_head]
+        with torch.inference_mode():
+            f = sae.encode(x)
+            rec = sae.decode(f)
+        xs.append(x.reshape(len(x), -1))
+        recs.append(rec.reshape(len(x), -1))
+        l0.append((f > 0).sum(-1).float())
+    x, rec = torch.cat(xs), torch.cat(recs)
+    ve = 1 - float(((rec - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    comp = sid.rsplit("-", 1)[1]
+    assert float(torch.cat(l0).mean()) <= 64
+    reported = json.loads((SAE_DIR / sid / "quality.json").read_text())["quality"]["unlike_training"]
+    assert reported["tokens"] == len(x)
+    np.testing.assert_allclose(ve, reported["variance_explained"], atol=2e-3)
+    assert ve >= FLOOR[comp], f"{sid}: variance explained {ve:.3f} on the passages"
