@@ -28,7 +28,6 @@ This module imports neither torch nor streamlit at import time.
 
 from __future__ import annotations
 
-import argparse
 import os
 import threading
 import time
@@ -100,21 +99,20 @@ def store_is_empty(store) -> bool:
 
 
 def run_step(step: Step) -> None:
-    """Run one CLI subcommand in this process, as `python -m backend <name> <args>` would."""
-    from .cli import SUBCOMMANDS, _resolve
+    """Run one CLI subcommand in this process, as `python -m backend <name> <args>` would
+    (cli.execute, the same entry the store server uses for forwarded calls)."""
+    from .cli import SUBCOMMANDS, execute
 
     if step.name not in SUBCOMMANDS:
         step.status, step.message = "skipped", f"`{step.name}` is not a subcommand of this version"
         return
-    _, add, run = SUBCOMMANDS[step.name]
-    p = argparse.ArgumentParser(prog=f"python -m backend {step.name}")
-    _resolve(add)(p)
-    p.add_argument("--format", default="json")
-    a = p.parse_args(step.args)
     t = time.perf_counter()
     step.status = "running"
-    out = _resolve(run)(a)
+    code, out = execute([step.name, *step.args, "--format", "json"])
     step.seconds = round(time.perf_counter() - t, 1)
+    if code != 0:
+        step.status, step.message = "failed", out.get("error", {}).get("message", "failed")
+        return
     step.status = "done"
     if isinstance(out, dict):
         step.message = ", ".join(f"{k}={out[k]}" for k in ("n_windows", "tokens", "tok_per_s", "rows")
