@@ -142,7 +142,6 @@ def test_sae_feature_steer_and_projection(model, sentiment):
     assert r.hook_name == "blocks.23.attn.hook_z" and len(r.steered_tokens) <= 4
     p = run(S.ProjectionSpec(model=model.info.model_id, direction=sentiment, prompt=PROMPT)).result
     assert p.projection.shape == (model.info.n_layers, len(model.encode(PROMPT))) and p.own_row == 10
-    import torch
     x = model.capture(model.tensor(model.encode(PROMPT)), ["blocks.10.hook_resid_pre"])["blocks.10.hook_resid_pre"][0]
     t = S.target_of(model, sentiment)
     np.testing.assert_allclose(p.projection[10], (x.float() @ t.unit).numpy(), rtol=1e-5, atol=1e-4)

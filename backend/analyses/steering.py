@@ -41,13 +41,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import EmptyPrompt, InvalidSite, InvalidSpec, OutOfRange
+from ..errors import InvalidSite, InvalidSpec, OutOfRange
 from ..model import LoadedModel
 from ..runner import analysis
-from ..sites import Component, Site, hook_name, hook_names
+from ..sites import Component, Site, hook_names
 from ..spec import Result, Spec, check_text
-from .directions import (RESID_SITES, DirectionMismatch, DirectionResult, DirectionSpec, _sae_direction,
-                         load_direction, post_instruction_length, sae_spec, user_chat)
+from .directions import (RESID_SITES, DirectionMismatch, _sae_direction, load_direction, post_instruction_length,
+                         sae_spec, user_chat)
 
 MODES = ("add", "ablate")
 POSITION_MODES = ("all", "from-instruction", "prefix")
@@ -359,4 +359,4 @@ def run_cli(a) -> dict:
 
 
 __all__ = ["SteerSpec", "SteerResult", "ProjectionSpec", "ProjectionResult", "target_of", "add_intervention",
-           "ablation_interventions", "as_hooks", "EmptyPrompt", "DirectionSpec", "DirectionResult"]
+           "ablation_interventions", "as_hooks"]

@@ -91,7 +91,8 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS feature_output_scores(sae_key VARCHAR NOT NULL, feature INTEGER NOT NULL,
            score DOUBLE NOT NULL, best_rank INTEGER NOT NULL, max_prob DOUBLE NOT NULL, best_token INTEGER NOT NULL,
            a_max FLOAT NOT NULL)""",
-    # n examples (windows), hits among them; score NULL when n < IN_MIN; ix: the feature index used
+    # n examples (windows; 0 for a feature that never fires there), hits among them; score NULL when
+    # n < IN_MIN; ix: the feature index used
     """CREATE TABLE IF NOT EXISTS feature_input_scores(sae_key VARCHAR NOT NULL, ix SMALLINT NOT NULL,
            feature INTEGER NOT NULL, score DOUBLE, n INTEGER NOT NULL, hits INTEGER NOT NULL)""",
     # per sign (pos: +c, neg: −c) the top TC_K increased (up) and decreased (down) tokens, mean
@@ -498,14 +499,16 @@ def _input_scores(store, ctx: _Ctx, key: str, index) -> dict:
                             AS hits
                      FROM top t JOIN feature_vocab_proj vp ON vp.sae_key = ? AND vp.feature = t.feature
                      GROUP BY t.feature)
-        SELECT ?, ?::SMALLINT, feature, CASE WHEN n >= {IN_MIN} THEN hits / n ELSE NULL END, n, hits FROM agg
-        ORDER BY feature"""
+        SELECT ?, ?::SMALLINT, vp.feature, CASE WHEN coalesce(agg.n, 0) >= {IN_MIN} THEN agg.hits / agg.n END,
+               coalesce(agg.n, 0), coalesce(agg.hits, 0)
+        FROM feature_vocab_proj vp LEFT JOIN agg ON agg.feature = vp.feature WHERE vp.sae_key = ?
+        ORDER BY vp.feature"""
     with store._write_lock:
         if cur.execute("SELECT 1 FROM feature_input_scores WHERE sae_key = ? AND ix = ? LIMIT 1",
                        [key, index.ix]).fetchall():
             return {"part": "input", "status": "done", "already_done": True}
-        cur.execute(f"INSERT INTO feature_input_scores {sql}", [context, index.ix, key, key, index.ix])
-    n = cur.execute("SELECT count(*), count(score) FROM feature_input_scores WHERE sae_key = ? AND ix = ?",
+        cur.execute(f"INSERT INTO feature_input_scores {sql}", [context, index.ix, key, key, index.ix, key])
+    n = cur.execute("SELECT count(*) FILTER (n > 0), count(score) FROM feature_input_scores WHERE sae_key = ? AND ix = ?",
                     [key, index.ix]).fetchall()[0]
     return {"part": "input", "status": "done", "features_with_examples": n[0], "scored": n[1],
             "seconds": round(time.perf_counter() - t, 2)}
@@ -834,10 +837,6 @@ def feature_scores(store, sae_id: str, feature: int, compute: bool = True, **kw)
     if isinstance(index, Exception):
         out["no_index"] = str(index)
     return out
-
-
-def progress_bars(desc: str) -> jobs.Progress:
-    return jobs.tqdm_progress(desc)
 
 
 __all__ = ["build_scores", "feature_scores", "score_table", "labels", "make_label", "ensure_tables",
