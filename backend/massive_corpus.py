@@ -364,7 +364,7 @@ def compute_ablation(spec: MassiveCorpusAblationSpec, model, progress=None) -> M
             return x
 
         with model.lock, torch.inference_mode():
-            logits = model.bridge.run_with_hooks(ids.repeat(3, 1), fwd_hooks=[(site, ablate)], return_type="logits")
+            logits = model.run_with_hooks(ids.repeat(3, 1), fwd_hooks=[(site, ablate)], return_type="logits")
         if not fired:
             raise RuntimeError(f"the ablation hook at {site} did not fire")
         nll = _nll(logits, ids.repeat(3, 1)).reshape(3, b).T                        # [b 3]

@@ -136,7 +136,7 @@ def layer_activations(model, wins, reduce) -> None:
            "wpos": torch.arange(toks.shape[1])[None, :].expand_as(toks)[mask]}
     fired = set()
     with model.lock, torch.inference_mode():
-        points = model.bridge.hook_dict
+        points = model.hook_points()
         layer_of = {id(points[name]): layer for layer, name in enumerate(names)}
 
         def dispatch(x, hook):  # x: [B P d_mlp]
@@ -146,7 +146,7 @@ def layer_activations(model, wins, reduce) -> None:
             if layer == n_layers - 1:
                 raise _Stop
         try:
-            model.bridge.run_with_hooks(toks, fwd_hooks=[(lambda n: n in names, dispatch)], return_type=None)
+            model.run_with_hooks(toks, fwd_hooks=[(lambda n: n in names, dispatch)], return_type=None)
         except _Stop:
             pass
     if len(fired) != n_layers:

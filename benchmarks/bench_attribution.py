@@ -51,7 +51,7 @@ def main() -> None:
     c, k, ans, w = IOI
     kw = dict(model="smollm2-135m", clean=c, corrupt=k, answer=ans, wrong=w, metric="logit_diff_norm")
     with torch.inference_mode():      # warm-up
-        model.bridge(model.tensor(model.encode(c)))
+        model.logits(model.encode(c))
     print(f"IOI pair, {len(model.encode(c))} tokens, torch threads {torch.get_num_threads()}, "
           f"median of {a.repeats}")
     print(f"{'site':10s} {'AtP s':>8s} {'exact s':>8s} {'exact/AtP':>10s} {'pearson':>8s} {'max|diff|':>10s}")

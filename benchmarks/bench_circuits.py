@@ -46,7 +46,7 @@ def main():
     from kernels import patching as kp
 
     model = load_model("smollm2-135m")
-    fm = kp.fast_model(model.bridge)
+    fm = kp.fast_model(model)
     g = kc.Graph(model.info.n_layers, model.info.n_heads)
     e = encode_pairs(model, [(CLEAN, CORRUPT, " Mary", " John")])
     metric = _kernel_metric(model, fm, e, "logit_diff")

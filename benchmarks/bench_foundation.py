@@ -42,7 +42,7 @@ def main() -> None:
     text = "When Mary and John went to the store, John gave a drink to"
     ids = model.tensor(model.encode(text))
     with torch.inference_mode():
-        ours = median_time(lambda: model.bridge(ids))
+        ours = median_time(lambda: model.logits(ids))
         ref = median_time(lambda: hf(ids))
     print(f"forward 1x{ids.shape[1]}: bridge {ours * 1000:.0f} ms, Hugging Face {ref * 1000:.0f} ms, "
           f"ratio {ours / ref:.2f}")

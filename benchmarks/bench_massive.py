@@ -92,7 +92,7 @@ def call(method: str, model, tokens):
     if method == "cache-all":
         return scan_reference(model, tokens, cache_all=True, **kw)
     with model.lock, torch.inference_mode():
-        return model.bridge(tokens, logits_to_keep=1)
+        return model.logits(tokens, logits_to_keep=1)
 
 
 def kept_bytes(method: str, model, tokens) -> tuple[int, int]:
@@ -110,8 +110,7 @@ def kept_bytes(method: str, model, tokens) -> tuple[int, int]:
         return 0, 0
     names = set(resid_hook_names(model.info.n_layers) + pattern_hook_names(model.info.n_layers))
     with model.lock, torch.inference_mode():
-        _, cache = model.bridge.run_with_cache(
-            tokens, names_filter=None if method == "cache-all" else (lambda h: h in names))
+        _, cache = model.run_with_cache(tokens, None if method == "cache-all" else names)
     seen, total = set(), 0
     for t in cache.values():
         if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:

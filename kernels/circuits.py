@@ -1,4 +1,5 @@
-"""Edge-level circuits: the computational graph of a Llama model, EAP / EAP-IG scores, and
+"""Edge-level circuits: the computational graph of a model with canonical weights (Llama-style,
+Gemma-3; kernels.patching.FastModel), EAP / EAP-IG scores, and
 running a circuit (edge patching), fast and batched, beside a plain per-node reference.
 
 The graph (Conmy et al. 2023; Syed et al. 2023; Hanna et al. 2024):
@@ -12,7 +13,12 @@ The graph (Conmy et al. 2023; Syed et al. 2023; Hanna et al. 2024):
 A head's input is ONE node input (the residual stream it reads, before its RMSNorm, shared by
 its query, key and value); q/k/v are not split. Each head gets its own copy of that input, so
 edges into two heads of one layer are separate. A node's input is the sum of the outputs of
-all upstream nodes (the residual stream, exactly: SmolLM2 has no attention/MLP biases).
+all upstream nodes (the residual stream, exactly: SmolLM2 and Gemma-3 have no attention/MLP biases).
+
+Post-attention norms (Gemma): the layer adds norm(sum_h o_h) = sum_h o_h * w / rms(sum_h o_h), so
+head h's output is its share o_h * w / rms(sum over the layer's heads of this run), with o_h
+computed from its own input. The shares sum to the layer's attention output exactly, so every
+edge still gives the clean run and none the corrupt run. A post-MLP norm lies inside the MLP node.
 
 Running a circuit (standard edge patching): every node's input is
     sum over upstream u of  [out_u in this run  if u -> d is in the circuit  else  out_u in the corrupt run]
@@ -96,6 +102,9 @@ class HeadWeights:
     ln: torch.Tensor; eps: float
     wq: torch.Tensor; wk: torch.Tensor; wv: torch.Tensor   # [H D d_model] (k, v repeated per query head)
     wo: torch.Tensor                                        # [H d_model D]
+    q_norm: torch.Tensor | None = None                      # [D] (Gemma-3)
+    k_norm: torch.Tensor | None = None
+    post: torch.Tensor | None = None                        # [d_model] post-attention norm scale
 
 
 def head_weights(fm: FastModel, j: int) -> HeadWeights:
@@ -105,26 +114,39 @@ def head_weights(fm: FastModel, j: int) -> HeadWeights:
             raise NotImplementedError("the circuit graph assumes attention without biases")
     kv_of = torch.arange(H) // (H // KV)                    # query head h reads kv head h // rep
     d = L["wq"].shape[1]
-    return HeadWeights(L["ln1"], L["eps1"], L["wq"].view(H, D, d), L["wk"].view(KV, D, d)[kv_of],
-                       L["wv"].view(KV, D, d)[kv_of], L["wo"].view(d, H, D).permute(1, 0, 2))
+    return HeadWeights(L["ln1"], fm.eps, L["wq"].view(H, D, d), L["wk"].view(KV, D, d)[kv_of],
+                       L["wv"].view(KV, D, d)[kv_of], L["wo"].view(d, H, D).permute(1, 0, 2),
+                       L["q_norm"], L["k_norm"], L["ln1_post"])
+
+
+def head_shares(fm: FastModel, raw: torch.Tensor, post: torch.Tensor | None, dim: int = 1) -> torch.Tensor:
+    """Each head's share of the attention output from the raw per-head outputs o_h (heads on
+    axis `dim`): o_h itself without a post-attention norm, else o_h * w / rms(sum_h o_h)."""
+    if post is None:
+        return raw
+    total = raw.sum(dim).float()
+    r = torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + fm.eps).unsqueeze(dim)
+    return post * (raw * r).to(raw.dtype)
 
 
 def heads_forward(fm: FastModel, j: int, x: torch.Tensor, W: HeadWeights | None = None) -> torch.Tensor:
     """Outputs [B H T d_model] of the heads of block j, head h reading x[:, h] [B H T d_model]."""
     W = W or head_weights(fm, j)
     B, H, T, _ = x.shape
-    cos, sin = (t.clone() for t in fm.rope(T))              # [T D] (the cache may hold inference tensors)
+    cos, sin = (t.clone() for t in fm.rope(T, j))           # [T D] (the cache may hold inference tensors)
     h = fm._rms(x, W.ln, W.eps)
     q = torch.einsum("bhtk,hdk->bhtd", h, W.wq)
     k = torch.einsum("bhtk,hdk->bhtd", h, W.wk)
     v = torch.einsum("bhtk,hdk->bhtd", h, W.wv)
+    if W.q_norm is not None:
+        q, k = fm._rms(q, W.q_norm), fm._rms(k, W.k_norm)
     half = q.shape[-1] // 2
 
     def rot(a):
         return a * cos + torch.cat((-a[..., half:], a[..., :half]), -1) * sin
-    scores = rot(q) @ rot(k).transpose(-1, -2) * fm.scale + fm.causal_mask(T)      # [B H T T]
+    scores = fm.scores(j, rot(q), rot(k).transpose(-1, -2)) + fm.causal_mask(T, j)  # [B H T T]
     z = scores.softmax(-1, dtype=torch.float32).to(x.dtype) @ v                      # [B H T D]
-    return torch.einsum("bhtd,hkd->bhtk", z, W.wo)
+    return head_shares(fm, torch.einsum("bhtd,hkd->bhtk", z, W.wo), W.post)
 
 
 def mlp_forward(fm: FastModel, j: int, x: torch.Tensor) -> torch.Tensor:
@@ -142,10 +164,13 @@ class PairMetric:
     clean_logprobs: torch.Tensor | None = None   # [B V] for kl
 
     def __call__(self, fm: FastModel, final: torch.Tensor) -> torch.Tensor:   # [B d_model] -> [B]
-        if self.kind == "logit_diff":
+        if self.kind == "logit_diff" and not fm.final_softcap:
             w = fm.W_U[self.answer] - fm.W_U[self.wrong]
-            return (fm.final_norm(final) * w).sum(-1)
+            b = 0.0 if fm.b_U is None else fm.b_U[self.answer] - fm.b_U[self.wrong]
+            return (fm.final_norm(final) * w).sum(-1) + b
         logits = fm.logits(final).float()
+        if self.kind == "logit_diff":
+            return (logits.gather(-1, self.answer[:, None]) - logits.gather(-1, self.wrong[:, None]))[:, 0]
         if self.kind == "prob":
             return logits.softmax(-1).gather(-1, self.answer[:, None])[:, 0]
         lp = logits.log_softmax(-1)
@@ -296,14 +321,15 @@ def run_circuits(fm: FastModel, clean_ids, corrupt: CorruptRun, masks: torch.Ten
 # ---------------------------------------------------------------------------------------
 # Reference: a plain per-node loop over one pair, with the bridge's cached activations
 # ---------------------------------------------------------------------------------------
-def reference_circuit_metric(bridge, fm: FastModel, clean_ids: Sequence[int], corrupt_ids: Sequence[int],
+def reference_circuit_metric(model, fm: FastModel, clean_ids: Sequence[int], corrupt_ids: Sequence[int],
                              edges: set[tuple[str, str]], metric: PairMetric, graph: Graph) -> float:
     """The metric of one circuit on one pair, node by node in topological order.
 
-    Corrupt outputs come from a TransformerBridge run (hook_embed, hook_z projected through
-    each head's W_O slice, hook_mlp_out); each node's input is summed edge by edge in a Python
-    loop; a head's output is block j's full-layer attention (kernels.patching.FastModel.attn,
-    tested equal to the bridge) on that head's input, keeping head h's z.
+    Corrupt outputs come from a hooked run of the model (hook_embed, hook_z projected through
+    each head's W_O slice and, with a post-attention norm, scaled by the rms of hook_z's full
+    projection; hook_mlp_out); each node's input is summed edge by edge in a Python loop; a
+    head's output is block j's full-layer attention (kernels.patching.FastModel.attn, tested
+    equal to the model) on that head's input, keeping head h's z.
     """
     from backend.sites import Component, Site, hook_name
 
@@ -313,13 +339,21 @@ def reference_circuit_metric(bridge, fm: FastModel, clean_ids: Sequence[int], co
     names = {hook_name(Site(Component.EMBED))} | {hook_name(Site(c, j)) for j in range(fm.n_layers)
                                                   for c in (Component.Z, Component.MLP_OUT)}
     with torch.inference_mode():
-        _, cache = bridge.run_with_cache(torch.as_tensor([list(corrupt_ids)], device=dev),
-                                         names_filter=lambda n: n in names)
+        _, cache = model.run_with_cache([list(corrupt_ids)], names)
         corrupt_out = {"input": cache[hook_name(Site(Component.EMBED))][0]}
+
+        def shares(j, raw):                                  # raw [T H d] -> each head's share
+            post = fm.layers[j]["ln1_post"]
+            if post is None:
+                return raw
+            r = torch.rsqrt(raw.sum(1).float().pow(2).mean(-1, keepdim=True) + fm.eps)   # [T 1]
+            return post * (raw * r[:, None]).to(raw.dtype)
         for j in range(fm.n_layers):
             z = cache[hook_name(Site(Component.Z, j))][0]                                   # [T H D]
+            raw = torch.stack([z[:, h] @ fm.layers[j]["wo"][:, h * D:(h + 1) * D].T for h in range(H)], 1)
+            sh = shares(j, raw)
             for h in range(H):
-                corrupt_out[f"A{j}.{h}"] = z[:, h] @ fm.layers[j]["wo"][:, h * D:(h + 1) * D].T
+                corrupt_out[f"A{j}.{h}"] = sh[:, h]
             corrupt_out[f"M{j}"] = cache[hook_name(Site(Component.MLP_OUT, j))][0]
         out = {"input": fm.embed(torch.as_tensor([list(clean_ids)], device=dev))[0]}
         rb, rt = torch.zeros(T, dtype=torch.long, device=dev), torch.arange(T, device=dev)
@@ -331,12 +365,15 @@ def reference_circuit_metric(bridge, fm: FastModel, clean_ids: Sequence[int], co
                 x = x + (out[u] if (u, d) in edges else corrupt_out[u])
             return x
         for j in range(fm.n_layers):
+            raw = []
             for h in range(H):
-                name = f"A{j}.{h}"
-                _, z, _, _, _, _ = fm.attn(j, node_input(name), rb, rt, 1, empty, empty, T)
+                _, z, _, _, _, _ = fm.attn(j, node_input(f"A{j}.{h}"), rb, rt, 1, empty, empty, T)
                 keep = torch.zeros_like(z)
                 keep[:, h] = z[:, h]
-                out[name] = fm.o_proj(j, keep)
+                raw.append(fm._lin(keep.reshape(T, -1), fm.layers[j]["wo"], fm.layers[j]["bo"]))
+            sh = shares(j, torch.stack(raw, 1))
+            for h in range(H):
+                out[f"A{j}.{h}"] = sh[:, h]
             out[f"M{j}"] = fm.mlp(j, node_input(f"M{j}"))[1]
         final = node_input("logits")
         return float(metric(fm, final[-1:])[0])

@@ -140,14 +140,14 @@ def scan(model, tokens, *, top_k: int = 3, n_dims: int = 8, abs_threshold: float
     with model.lock, torch.inference_mode():
         # One filter hook dispatching on the hook point: the bridge rebuilds its alias table
         # for every hook added by name (~7 ms each here), which would cost more than the scan.
-        points = model.bridge.hook_dict
+        points = model.hook_points()
         by_point = {id(points[name]): fn for name, fn in reducers.items()}
 
         def dispatch(x, hook):
             return by_point[id(hook)](x, hook)
 
         hooks = list(extra_hooks) + [(lambda name: name in reducers, dispatch)]
-        logits = model.bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits", **kw)
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits", **kw)
     missing = [layer for layer in range(n_layers) if out["tv"][layer] is None
                or (attention and out["attn"][layer] is None)]
     if missing:  # a hook that did not fire would make a silent, wrong answer
@@ -188,8 +188,7 @@ def scan_reference(model, tokens, *, top_k: int = 3, n_dims: int = 8, abs_thresh
     n_layers = model.info.n_layers
     names = resid_hook_names(n_layers) + (pattern_hook_names(n_layers) if attention else [])
     with model.lock, torch.inference_mode():
-        _, cache = model.bridge.run_with_cache(
-            tokens, names_filter=None if cache_all else (lambda h: h in names), logits_to_keep=1)
+        _, cache = model.run_with_cache(tokens, None if cache_all else names, logits_to_keep=1)
     resid = np.stack([cache[h].float().cpu().numpy() for h in resid_hook_names(n_layers)], axis=1)
     bsz, _, p, d = resid.shape                          # [B L P D]
     a = np.abs(resid)

@@ -5,7 +5,7 @@ stream vector, an attention or MLP output, one head's output) is replaced by its
 *source* prompt, and measures how the answer changes. Denoising patches the clean
 activation into the corrupted run; noising patches the corrupted one into the clean run.
 
-`reference_sweep` does exactly that: one hooked forward of the TransformerBridge per patch.
+`reference_sweep` does exactly that: one hooked forward of the model per patch.
 `sweep` gives the same numbers (float32 rounding apart) many times faster, using what a
 patch leaves unchanged:
 
@@ -20,9 +20,14 @@ patch leaves unchanged:
 4. Where the source activation is bitwise equal to the base one (torch.equal), the patch
    is the identity and its value is the base metric, exactly.
 
-The fast path implements the Llama block (RMSNorm, rotary attention with grouped-query
-heads, SwiGLU MLP) from the bridge's own weights; SmolLM2 has 9 query heads sharing 3
-key/value heads (query head h reads kv head h // 3). Other architectures use the reference.
+The fast path implements the block described by the model's canonical weights
+(backend/model/weights.py: RMSNorm with Gemma's (1 + w) offset, rotary attention with
+grouped-query heads, q/k norms, a rotary base and sliding window per layer, post-attention and
+post-MLP norms, a gated MLP with SiLU or tanh-GELU, the embedding scale), so Llama-style models
+and Gemma-3 take it; SmolLM2 has 9 query heads sharing 3 key/value heads (query head h reads kv
+head h // 3), Gemma-3-270M 4 sharing 1. Where a model has post-norms (Gemma), hook_attn_out and
+hook_mlp_out are the normed outputs (what is added to the residual), and that is what is
+patched. Architectures without canonical weights use the reference.
 
 Sites (`SITES`): resid_pre, attn_out, mlp_out by [layer pos]; head_out (every head's
 attention output, hook_z, at all positions) by [layer head]; head_out_pos by [layer pos head];
@@ -54,7 +59,6 @@ SITE_COMPONENT = {"resid_pre": Component.RESID_PRE, "attn_out": Component.ATTN_O
                   "mlp_out": Component.MLP_OUT, "head_out": Component.Z, "head_out_pos": Component.Z,
                   "head_q": Component.Q, "head_k": Component.K, "head_v": Component.V,
                   "head_pattern": Component.PATTERN}
-FAST_ARCHITECTURES = ("llama",)
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,6 +85,8 @@ class LogitDiff(Metric):
         return logits[:, self.answer] - logits[:, self.wrong]
 
     def from_resid(self, fm, resid, chunk=256):
+        if fm.final_softcap:          # the softcap is not linear: go through the logits
+            return super().from_resid(fm, resid, chunk)
         w = fm.W_U[self.answer] - fm.W_U[self.wrong]                         # [d_model]
         b = (fm.b_U[self.answer] - fm.b_U[self.wrong]) if fm.b_U is not None else 0.0
         return fm.final_norm(resid) @ w + b
@@ -106,49 +112,53 @@ class KLFromClean(Metric):
 
 
 # ---------------------------------------------------------------------------------------
-# The Llama block, from the bridge's weights
+# The block, from the model's canonical weights (backend/model/weights.py)
 # ---------------------------------------------------------------------------------------
-def _w(linear) -> torch.Tensor:
-    return linear.original_component.weight
-
-
-def _b(linear):
-    return getattr(linear.original_component, "bias", None)
+_ACT = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+        "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
 
 
 class FastModel:
-    """The weights of a Llama-style model, read from a TransformerBridge, and its block math."""
+    """A model's block math over its canonical weights (model.weights(), see
+    backend/model/weights.py): RMSNorm with its offset, grouped-query rotary attention with
+    optional q/k norms, per-layer rotary base and sliding window, optional post-attention and
+    post-MLP norms, a gated MLP, sequential residual. Llama-style models and Gemma-3."""
 
-    def __init__(self, bridge):
-        cfg = bridge.original_model.config
-        if cfg.model_type not in FAST_ARCHITECTURES:
-            raise NotImplementedError(f"no fast patching path for {cfg.model_type!r}")
-        self.bridge = bridge
-        self.n_layers = cfg.num_hidden_layers
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = cfg.num_key_value_heads or self.n_heads
-        self.d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
-        self.scale = self.d_head ** -0.5
+    def __init__(self, weights):
+        W = weights
+        if W.norm != "rms" or W.parallel or W.mlp != "gated" or W.act not in _ACT:
+            raise NotImplementedError(f"no fast patching path for {W.architecture!r}")
+        self.weights = W
+        self.n_layers, self.n_heads, self.n_kv, self.d_head = W.n_layers, W.n_heads, W.n_kv, W.d_head
+        self.eps = W.eps
+        self.act = _ACT[W.act]
+        self.attn_softcap, self.final_softcap = W.attn_softcap, W.final_softcap
+        off = W.norm_offset
+
+        def scale(w):   # the multiplier of a norm: w, or (1 + w) for Gemma (in float32)
+            return None if w is None else (w if not off else w.float() + off)
         self.layers = []
-        for blk in bridge.blocks:
-            a, m = blk.attn, blk.mlp
+        for lw in W.layers:
             self.layers.append(dict(
-                ln1=blk.ln1.original_component.weight, eps1=blk.ln1.original_component.variance_epsilon,
-                wq=_w(a.q), bq=_b(a.q), wk=_w(a.k), bk=_b(a.k), wv=_w(a.v), bv=_b(a.v),
-                wo=_w(a.o), bo=_b(a.o),
-                ln2=blk.ln2.original_component.weight, eps2=blk.ln2.original_component.variance_epsilon,
-                wg=_w(m.gate), wu=_w(getattr(m, "in")), wd=_w(m.out),
-            ))
-        lnf = bridge.ln_final.original_component
-        self.ln_f, self.eps_f = lnf.weight, lnf.variance_epsilon
-        self.W_U = bridge.unembed.original_component.weight               # [d_vocab d_model]
-        self.b_U = getattr(bridge.unembed.original_component, "bias", None)
-        self._rope: dict = {}   # rotary cos/sin and causal masks by length
+                ln1=scale(lw.norm1), wq=lw.wq, bq=lw.bq, wk=lw.wk, bk=lw.bk, wv=lw.wv, bv=lw.bv,
+                wo=lw.wo, bo=lw.bo, q_norm=scale(lw.q_norm), k_norm=scale(lw.k_norm),
+                ln1_post=scale(lw.attn_post_norm), ln2=scale(lw.norm2), wg=lw.w_gate, wu=lw.w_in,
+                bu=lw.b_in, wd=lw.w_out, bd=lw.b_out, ln2_post=scale(lw.mlp_post_norm),
+                inv_freq=lw.rope_inv_freq, rope_scaling=lw.rope_scaling, scale=lw.attn_scale,
+                window=lw.sliding_window))
+        self.ln_f = scale(W.final_norm)
+        self.W_E = W.embed
+        self.embed_scale = (None if W.embed_scale == 1.0
+                            else torch.tensor(W.embed_scale, dtype=W.embed.dtype, device=W.embed.device))
+        self.W_U = W.W_U                                                  # [d_vocab d_model]
+        self.b_U = W.b_U
+        self.scale = self.layers[0]["scale"]
+        self._rope: dict = {}   # rotary cos/sin and causal masks by length (and layer kind)
 
     # -- pieces ------------------------------------------------------------------------
-    @staticmethod
-    def _rms(x, w, eps):
+    def _rms(self, x, w, eps=None):
         xf = x.float()
+        eps = self.eps if eps is None else eps
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
     @staticmethod
@@ -156,24 +166,44 @@ class FastModel:
         return torch.nn.functional.linear(x, w, b)
 
     def final_norm(self, x):
-        return self._rms(x, self.ln_f, self.eps_f)
+        return self._rms(x, self.ln_f)
 
     def logits(self, x):
-        return self._lin(self.final_norm(x), self.W_U, self.b_U)
+        out = self._lin(self.final_norm(x), self.W_U, self.b_U)
+        if self.final_softcap:
+            out = torch.tanh(out / self.final_softcap) * self.final_softcap
+        return out
 
-    def rope(self, T: int):
-        """cos, sin [T d_head] of positions 0..T-1, from the model's own rotary module."""
-        if T not in self._rope:
-            x = self.W_U[:1].unsqueeze(0)
-            pos = torch.arange(T, device=x.device).unsqueeze(0)
-            cos, sin = self.bridge.rotary_emb.original_component(x, pos)
-            self._rope[T] = (cos[0], sin[0])
-        return self._rope[T]
+    def rope(self, T: int, j: int = 0):
+        """cos, sin [T d_head] of positions 0..T-1 for block j's rotary frequencies (as
+        Hugging Face computes them: float32 position x inverse frequency)."""
+        L = self.layers[j]
+        key = (T, id(L["inv_freq"]))
+        if key not in self._rope:
+            pos = torch.arange(T, device=self.W_U.device)[None, :]
+            freqs = pos[..., None].float() * L["inv_freq"].to(device=pos.device, dtype=torch.float)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            dt = self.W_U.dtype
+            self._rope[key] = ((emb.cos() * L["rope_scaling"]).to(dt)[0], (emb.sin() * L["rope_scaling"]).to(dt)[0])
+        return self._rope[key]
 
-    def causal_mask(self, T: int) -> torch.Tensor:
-        if ("mask", T) not in self._rope:
-            self._rope[("mask", T)] = torch.full((T, T), float("-inf"), device=self.W_U.device).triu(1)
-        return self._rope[("mask", T)]
+    def causal_mask(self, T: int, j: int | None = None) -> torch.Tensor:
+        """[T T] additive mask: -inf above the diagonal and, for a sliding-window layer j,
+        where query - key >= window."""
+        w = self.layers[j]["window"] if j is not None else None
+        if ("mask", T, w) not in self._rope:
+            m = torch.full((T, T), float("-inf"), device=self.W_U.device).triu(1)
+            if w is not None and w < T:
+                m = m + torch.full((T, T), float("-inf"), device=m.device).tril(-w)
+            self._rope[("mask", T, w)] = m
+        return self._rope[("mask", T, w)]
+
+    def scores(self, j: int, q, k):
+        """Attention logits of block j before the mask: q k^T * scale (softcapped if set)."""
+        s = q @ k * self.layers[j]["scale"]
+        if self.attn_softcap:
+            s = torch.tanh(s / self.attn_softcap) * self.attn_softcap
+        return s
 
     @staticmethod
     def _rotate(x, cos, sin):                                 # x [N heads d_head], cos [N d_head]
@@ -181,12 +211,26 @@ class FastModel:
         rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos.unsqueeze(1) + rot * sin.unsqueeze(1)
 
+    def qk(self, j: int, h, rt, T: int, which: str):
+        """Post-norm, post-rotary queries ("q") or keys ("k") [N heads d_head] of block j from
+        normed rows h [N d_model] at positions rt [N] (all < T)."""
+        L = self.layers[j]
+        n = self.n_heads if which == "q" else self.n_kv
+        x = self._lin(h, L["w" + which], L["b" + which]).view(h.shape[0], n, self.d_head)
+        if L[which + "_norm"] is not None:
+            x = self._rms(x, L[which + "_norm"])
+        cos, sin = self.rope(T, j)
+        return self._rotate(x, cos[rt], sin[rt])
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.bridge.embed.original_component(ids)
+        x = torch.nn.functional.embedding(ids, self.W_E)
+        return x if self.embed_scale is None else x * self.embed_scale
 
     def o_proj(self, j: int, z: torch.Tensor) -> torch.Tensor:   # z [N head d_head] -> [N d_model]
+        """What block j's attention adds to the residual (hook_attn_out) from its z rows."""
         L = self.layers[j]
-        return self._lin(z.reshape(z.shape[0], -1), L["wo"], L["bo"])
+        out = self._lin(z.reshape(z.shape[0], -1), L["wo"], L["bo"])
+        return out if L["ln1_post"] is None else self._rms(out, L["ln1_post"])
 
     def attn(self, j, x, rb, rt, n_runs, K_base, V_base, T, last_only=False):
         """Attention of block j for packed rows.
@@ -199,9 +243,8 @@ class FastModel:
         """
         L, H, KV, D = self.layers[j], self.n_heads, self.n_kv, self.d_head
         N = x.shape[0]
-        cos, sin = self.rope(T)
-        h = self._rms(x, L["ln1"], L["eps1"])
-        k = self._rotate(self._lin(h, L["wk"], L["bk"]).view(N, KV, D), cos[rt], sin[rt])  # [N kv D]
+        h = self._rms(x, L["ln1"])
+        k = self.qk(j, h, rt, T, "k")                                           # [N kv D]
         v = self._lin(h, L["wv"], L["bv"]).view(N, KV, D)
         Kf = K_base.unsqueeze(0).repeat(n_runs, 1, 1, 1)                    # [R kv T D]
         Vf = V_base.unsqueeze(0).repeat(n_runs, 1, 1, 1)
@@ -211,12 +254,12 @@ class FastModel:
             keep = rt == T - 1
             x, h, rb, rt = x[keep], h[keep], rb[keep], rt[keep]
             N = x.shape[0]
-        q = self._rotate(self._lin(h, L["wq"], L["bq"]).view(N, H, D), cos[rt], sin[rt])     # [N H D]
+        q = self.qk(j, h, rt, T, "q")                                           # [N H D]
         Q = x.new_zeros(n_runs, H, T, D)
         Q[rb, :, rt] = q
         rep = H // KV                                         # query head h reads kv head h // rep
-        scores = Q.view(n_runs, KV, rep, T, D) @ Kf.unsqueeze(2).transpose(-1, -2) * self.scale
-        probs = (scores + self.causal_mask(T)).softmax(-1, dtype=torch.float32).to(x.dtype)          # [R kv rep T T]
+        scores = self.scores(j, Q.view(n_runs, KV, rep, T, D), Kf.unsqueeze(2).transpose(-1, -2))
+        probs = (scores + self.causal_mask(T, j)).softmax(-1, dtype=torch.float32).to(x.dtype)  # [R kv rep T T]
         z = (probs @ Vf.unsqueeze(2)).view(n_runs, H, T, D)[rb, :, rt]                  # [N H D]
         out = self.o_proj(j, z)
         return x + out, z, out, k, v, (rb, rt)
@@ -224,19 +267,21 @@ class FastModel:
     def queries(self, j: int, x: torch.Tensor) -> torch.Tensor:
         """Post-rotary queries [T head d_head] of block j from its resid_pre rows [T d_model]."""
         L, T = self.layers[j], x.shape[0]
-        cos, sin = self.rope(T)
-        h = self._rms(x, L["ln1"], L["eps1"])
-        return self._rotate(self._lin(h, L["wq"], L["bq"]).view(T, self.n_heads, self.d_head), cos, sin)
+        return self.qk(j, self._rms(x, L["ln1"]), torch.arange(T, device=x.device), T, "q")
 
-    def head_pattern(self, q: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-        """Attention probabilities [T T] of one head from its queries [T D] and keys [T D]."""
-        scores = (q @ K.transpose(0, 1)) * self.scale + self.causal_mask(q.shape[0])
+    def head_pattern(self, q: torch.Tensor, K: torch.Tensor, j: int = 0) -> torch.Tensor:
+        """Attention probabilities [T T] of one head of block j from its queries [T D] and keys [T D]."""
+        scores = self.scores(j, q, K.transpose(0, 1)) + self.causal_mask(q.shape[0], j)
         return scores.softmax(-1, dtype=torch.float32).to(q.dtype)
 
-    def mlp(self, j, x):
+    def mlp_out(self, j, h):
+        """The MLP's output (hook_mlp_out) from its normed input rows h."""
         L = self.layers[j]
-        h = self._rms(x, L["ln2"], L["eps2"])
-        out = self._lin(torch.nn.functional.silu(self._lin(h, L["wg"])) * self._lin(h, L["wu"]), L["wd"])
+        out = self._lin(self.act(self._lin(h, L["wg"])) * self._lin(h, L["wu"], L["bu"]), L["wd"], L["bd"])
+        return out if L["ln2_post"] is None else self._rms(out, L["ln2_post"])
+
+    def mlp(self, j, x):
+        out = self.mlp_out(j, self._rms(x, self.layers[j]["ln2"]))
         return x + out, out
 
 
@@ -276,13 +321,14 @@ _states: "OrderedDict[tuple, RunStates]" = OrderedDict()
 _STATES_KEPT = 16
 
 
-def fast_model(bridge) -> FastModel | None:
-    """The fast path for this bridge, or None when its architecture has none."""
-    key = id(bridge)
+def fast_model(model) -> FastModel | None:
+    """The fast path for a LoadedModel (from model.weights()), or None when its architecture
+    has no canonical weights or a block this kernel does not implement."""
+    key = id(model)
     if key not in _fast_models:
         try:
-            _fast_models[key] = FastModel(bridge)
-        except (NotImplementedError, AttributeError):
+            _fast_models[key] = FastModel(model.weights())
+        except NotImplementedError:
             _fast_models[key] = None
     return _fast_models[key]
 
@@ -373,12 +419,12 @@ def make_seed(fm: FastModel, base: RunStates, src: RunStates, site: str, cell: t
             if equal(q_src, q_base):
                 return None
             g = h // rep
-            new = {h: fm.head_pattern(q_src, base.K[k, g]) @ base.V[k, g]}
+            new = {h: fm.head_pattern(q_src, base.K[k, g], k) @ base.V[k, g]}
         elif site == "head_pattern":
             q_src, q_base = fm.queries(k, src.pre[k])[:, h], fm.queries(k, base.pre[k])[:, h]
             g = h // rep
-            p_src = fm.head_pattern(q_src, src.K[k, g])
-            if equal(p_src, fm.head_pattern(q_base, base.K[k, g])):
+            p_src = fm.head_pattern(q_src, src.K[k, g], k)
+            if equal(p_src, fm.head_pattern(q_base, base.K[k, g], k)):
                 return None
             new = {h: p_src @ base.V[k, g]}
         else:   # h is a key/value head: every query head of its group reads the patched K or V
@@ -388,7 +434,7 @@ def make_seed(fm: FastModel, base: RunStates, src: RunStates, site: str, cell: t
             K = src.K[k, h] if site == "head_k" else base.K[k, h]
             V = src.V[k, h] if site == "head_v" else base.V[k, h]
             qs = fm.queries(k, base.pre[k])
-            new = {qh: fm.head_pattern(qs[:, qh], K) @ V for qh in range(h * rep, (h + 1) * rep)}
+            new = {qh: fm.head_pattern(qs[:, qh], K, k) @ V for qh in range(h * rep, (h + 1) * rep)}
         z = base.z[k].clone()
         for qh, zh in new.items():
             z[:, qh] = zh
@@ -519,18 +565,15 @@ def _setter(site: str, cell: tuple[int, ...]) -> Callable:
     return put
 
 
-def reference_logits(bridge, base_ids, source_ids, site: str, cell_list) -> tuple[torch.Tensor, torch.Tensor, list]:
+def reference_logits(model, base_ids, source_ids, site: str, cell_list) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Last-position logits of the base run, the source run and each patched run (one
-    hooked bridge forward per cell) [d_vocab], [d_vocab], [[d_vocab] per cell]."""
-    dev = next(bridge.parameters()).device
-    base_t = torch.as_tensor([list(base_ids)], device=dev)
-    src_t = torch.as_tensor([list(source_ids)], device=dev)
+    hooked forward of the LoadedModel per cell) [d_vocab], [d_vocab], [[d_vocab] per cell]."""
+    base_t, src_t = model.tensor(list(base_ids)), model.tensor(list(source_ids))
     comp = SITE_COMPONENT[site]
     names = {c[0]: hook_name(Site(comp, c[0])) for c in cell_list}
-    wanted = set(names.values())
     with torch.inference_mode():
-        src_logits, cache = bridge.run_with_cache(src_t, names_filter=lambda n: n in wanted)
-        base_out = bridge(base_t)[0, -1]
+        src_logits, cache = model.run_with_cache(src_t, set(names.values()))
+        base_out = model.logits(base_t)[0, -1]
         outs = []
         for c in cell_list:
             put, src = _setter(site, c), cache[names[c[0]]]
@@ -539,17 +582,17 @@ def reference_logits(bridge, base_ids, source_ids, site: str, cell_list) -> tupl
                 act = act.clone()
                 put(act, src)
                 return act
-            outs.append(bridge.run_with_hooks(base_t, fwd_hooks=[(names[c[0]], hook)])[0, -1])
+            outs.append(model.run_with_hooks(base_t, fwd_hooks=[(names[c[0]], hook)])[0, -1])
     return base_out, src_logits[0, -1], outs
 
 
-def reference_sweep(bridge, base_ids, source_ids, site: str, metric: Metric, n_layers: int,
+def reference_sweep(model, base_ids, source_ids, site: str, metric: Metric, n_layers: int,
                     n_heads: int, cell_list=None, n_kv: int | None = None) -> SweepOut:
     """Patching by one hooked forward per cell. With cell_list, values is flat [cells]."""
     T = len(base_ids)
     full = cell_list is None
     cell_list = cells(site, n_layers, T, n_heads, n_kv) if full else list(cell_list)
-    base, src, outs = reference_logits(bridge, base_ids, source_ids, site, cell_list)
+    base, src, outs = reference_logits(model, base_ids, source_ids, site, cell_list)
     with torch.inference_mode():
         values = metric.from_logits(torch.stack(outs)) if outs else torch.zeros(0)
         b, s = metric.from_logits(base[None])[0], metric.from_logits(src[None])[0]

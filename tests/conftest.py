@@ -1,4 +1,7 @@
-"""Shared fixtures. Tests use the real packaged model and real DuckDB files.
+"""Shared fixtures and test tiers. Tests use the real packaged model and real DuckDB files.
+
+Tiers (markers): `model` for modules that load a real model, `browser` for Playwright tests;
+a module with neither runs in seconds. Fast tier: `pytest -m "not model and not browser"`.
 
 The store of every test session is a fresh temporary file (DASHBOARD_STORE), so the
 developer's data/store.duckdb is never touched. The converted model checkpoint is cached
@@ -21,6 +24,20 @@ os.environ["DASHBOARD_STORE"] = str(Path(_TMP) / "session-store.duckdb")
 os.environ["DASHBOARD_CORPUS"] = str(Path(_TMP) / "corpus")   # never the developer's data/corpus
 
 DEFAULT_MODEL = "smollm2-135m"
+MODEL_FIXTURES = {"model", "session_corpus", "gemma"}
+
+
+def pytest_configure(config):
+    """Test tiers: `pytest -m "not model and not browser"` runs in seconds with no model load."""
+    config.addinivalue_line("markers", "model: loads a real model (slow tier)")
+    config.addinivalue_line("markers", "browser: drives the dashboard in headless Chromium (slowest tier)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that asks for a model fixture is in the model tier even if its module forgot the mark."""
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("model"):
+            item.add_marker(pytest.mark.model)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ from streamlit.testing.v1 import AppTest
 from .browser import browser_context, dashboard, wait_for_plots
 from .conftest import DEFAULT_MODEL, ROOT
 
+pytestmark = pytest.mark.model   # loads the real model
+
 APP = str(ROOT / "app" / "main.py")
 
 
@@ -64,6 +66,8 @@ def _errors(at: AppTest) -> str:
     ({"page": "prompt", "text": "word " * 400}, "limit is 256"),
     ({"page": "prompt", "model": "definitely-not-a-model"}, "Unknown model"),
     ({"page": "prompt", "model": "gpt2-small"}, "offline"),
+    ({"page": "prompt", "model": "<script>alert(1)</script>"}, "Unknown model"),
+    ({"page": "patching", "model": "../x"}, "Unknown model"),
     ({"page": "attention", "layer": 99}, "Layer 99 does not exist"),
     ({"page": "attention", "head": -1}, "Head -1 does not exist"),
     ({"page": "attention", "layer": "three"}, "not a whole number"),
@@ -119,6 +123,7 @@ def click_cell(page, plot_index: int, x: float, y: float) -> None:
     page.mouse.click(*px)
 
 
+@pytest.mark.browser
 def test_clicking_a_head_opens_its_attention_pattern(server, tmp_path):
     base, p = server
     ctx = browser_context(p, str(tmp_path / "carol"))
@@ -134,6 +139,7 @@ def test_clicking_a_head_opens_its_attention_pattern(server, tmp_path):
     ctx.close()
 
 
+@pytest.mark.browser
 def test_shared_link_reopens_the_same_view_from_the_store(server, tmp_path):
     """Type a prompt, see the logit lens, open the page's URL in a new browser: same figure, no run."""
     base, p = server
@@ -166,6 +172,7 @@ def test_shared_link_reopens_the_same_view_from_the_store(server, tmp_path):
     ctx2.close()
 
 
+@pytest.mark.browser
 def test_click_to_patch_runs_the_clicked_patch(server, tmp_path):
     """Click a cell of the patching heatmap: that patch runs and its result equals the sweep's cell."""
     base, p = server

@@ -16,6 +16,10 @@ from backend.sites import Component, Site, hook_name
 from backend.tasks import PromptPair, encode_pair
 from kernels import patching as kp
 
+from .patching_refs import qk_pattern_change
+
+pytestmark = pytest.mark.model   # loads the real model
+
 IOI = PromptPair("When Mary and John went to the store, John gave a drink to",
                  "When Mary and John went to the store, Mary gave a drink to", " Mary", " John")
 
@@ -29,17 +33,17 @@ def test_plain_row_is_atp_and_graddrop_rows_stop_one_layer(model):
     torch.testing.assert_close(plain, atp, atol=1e-4, rtol=1e-4)
     assert torch.equal(plain, fixed)                        # no QK fix outside q/k sites
     # GradDrop by hand: one single-row run per dropped layer, its |estimate| averaged over layers
-    bridge, L = model.bridge, model.info.n_layers
+    L = model.info.n_layers
     layer = 20
     names = [hook_name(Site(Component.RESID_PRE, j)) for j in range(L)]
     with torch.inference_mode():
-        _, cache = bridge.run_with_cache(model.tensor(e.clean_ids), names_filter=lambda n: n in names)
+        _, cache = model.run_with_cache(e.clean_ids, names)
     acts = {}
     hooks = [(hook_name(Site(Component.EMBED)), lambda a, hook: a.detach().requires_grad_(True))]
     hooks += [(n, (lambda n: lambda a, hook: acts.__setitem__(n, a) or a)(n)) for n in names]
     hooks += [(hook_name(Site(c, layer)), lambda a, hook: a.detach()) for c in (Component.ATTN_OUT, Component.MLP_OUT)]
-    with model.lock, torch.enable_grad(), bridge.hooks(fwd_hooks=hooks):
-        m = metric.from_logits(bridge(model.tensor(e.corrupt_ids))[:, -1].float())[0]
+    with model.lock, torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        m = metric.from_logits(model.forward(e.corrupt_ids)[:, -1].float())[0]
         grads = torch.autograd.grad(m, [acts[n] for n in names])
     dropped = torch.stack([((cache[n] - acts[n].detach()) * g).sum(-1)[0] for n, g in zip(names, grads)]).double()
     assert torch.allclose(dropped[layer + 1:], plain[layer + 1:], atol=1e-4)   # later layers: unaffected
@@ -56,26 +60,7 @@ def test_qk_fix_is_the_exact_pattern_change(model):
     with model.lock:
         plain, fixed, *_ = star_attribution(model, e.corrupt_ids, e.clean_ids, "head_q", metric)
     layer, head = 23, 3
-    bridge = model.bridge
-    qn = hook_name(Site(Component.Q, layer))
-    pn = hook_name(Site(Component.PATTERN, layer))
-    with torch.inference_mode():
-        _, clean_cache = bridge.run_with_cache(model.tensor(e.clean_ids), names_filter=lambda n: n == qn)
-        pats = {}
-
-        def put_q(a, hook):
-            a = a.clone()
-            a[:, :, head] = clean_cache[qn][:, :, head]
-            return a
-        with bridge.hooks(fwd_hooks=[(qn, put_q), (pn, lambda a, hook: pats.__setitem__("new", a.clone()))]):
-            bridge(model.tensor(e.corrupt_ids))
-    acts = {}
-    with model.lock, torch.enable_grad(), bridge.hooks(fwd_hooks=[
-            (hook_name(Site(Component.EMBED)), lambda a, hook: a.detach().requires_grad_(True)),
-            (pn, lambda a, hook: acts.__setitem__("p", a) or a)]):
-        m = metric.from_logits(bridge(model.tensor(e.corrupt_ids))[:, -1].float())[0]
-        (g,) = torch.autograd.grad(m, [acts["p"]])
-    want = float(((pats["new"][0, head] - acts["p"].detach()[0, head]) * g[0, head]).sum())
+    want = qk_pattern_change(model, e, metric, layer, head)
     assert float(fixed[layer, head]) == pytest.approx(want, abs=2e-3, rel=2e-3)
     assert float(fixed[layer, head]) != pytest.approx(float(plain[layer, head]), abs=1e-3)
 

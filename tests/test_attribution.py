@@ -21,6 +21,8 @@ from backend.sites import Component, Site, hook_name
 from backend.tasks import PromptPair, encode_pair
 from kernels import patching as kp
 
+pytestmark = pytest.mark.model   # loads the real model
+
 FACT = PromptPair("The capital of France is", "The capital of Italy is", " Paris", " Rome")
 
 
@@ -65,8 +67,8 @@ def test_estimate_is_the_directional_derivative(model):
                 layer, cell = int(layer), int(cell)
             name = hook_name(Site(comp, layer))
             with torch.inference_mode():
-                _, cb = model.bridge.run_with_cache(base_t, names_filter=lambda n: n == name)
-                _, cs = model.bridge.run_with_cache(src_t, names_filter=lambda n: n == name)
+                _, cb = model.run_with_cache(base_t, [name])
+                _, cs = model.run_with_cache(src_t, [name])
                 a, s = cb[name].clone(), cs[name].clone()
 
                 def m_at(t):
@@ -77,7 +79,7 @@ def test_estimate_is_the_directional_derivative(model):
                         else:
                             act[:, :, cell] = a[:, :, cell] + t * (s[:, :, cell] - a[:, :, cell])
                         return act
-                    logits = model.bridge.run_with_hooks(base_t, fwd_hooks=[(name, hook)])
+                    logits = model.run_with_hooks(base_t, fwd_hooks=[(name, hook)])
                     return float(metric.from_logits(logits[:, -1].float())[0])
 
                 fd = (m_at(eps) - m_at(-eps)) / (2 * eps)

@@ -14,6 +14,8 @@ import torch
 from .browser import browser_context, dashboard, wait_for_plots
 from .conftest import DEFAULT_MODEL
 
+pytestmark = pytest.mark.model   # loads the real model
+
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 TASK = dict(model=DEFAULT_MODEL, clean=CLEAN, corrupt=CORRUPT, answer=" Mary", wrong=" John", metric="logit_diff")
@@ -39,7 +41,7 @@ def pair(model):
     from kernels import patching as kp
 
     e = encode_pairs(model, [(CLEAN, CORRUPT, " Mary", " John")])
-    fm = kp.fast_model(model.bridge)
+    fm = kp.fast_model(model)
     g = kc.Graph(model.info.n_layers, model.info.n_heads)
     metric = _kernel_metric(model, fm, e, "logit_diff")
     return e[0], fm, g, metric
@@ -52,8 +54,8 @@ def test_circuit_run_full_empty_and_random_equal_the_reference_loop(model, pair)
 
     e, fm, g, metric = pair
     with model.lock, torch.inference_mode():
-        clean_ld, corrupt_ld = (float(model.bridge(model.tensor(ids))[0, -1, e.answer_id]
-                                      - model.bridge(model.tensor(ids))[0, -1, e.wrong_id])
+        clean_ld, corrupt_ld = (float(model.logits(ids)[0, -1, e.answer_id]
+                                      - model.logits(ids)[0, -1, e.wrong_id])
                                 for ids in (e.clean_ids, e.corrupt_ids))
     gen = torch.Generator().manual_seed(0)
     U, D = len(g.up), len(g.down)
@@ -63,7 +65,7 @@ def test_circuit_run_full_empty_and_random_equal_the_reference_loop(model, pair)
         vals = kc.run_circuits(fm, [e.clean_ids], cr, torch.stack([torch.ones(U, D), torch.zeros(U, D), rand]),
                                metric, g)[:, 0].tolist()
         edges = {(g.up[u], g.down[d]) for u, d in rand.nonzero().tolist()}
-        ref = kc.reference_circuit_metric(model.bridge, fm, e.clean_ids, e.corrupt_ids, edges, metric, g)
+        ref = kc.reference_circuit_metric(model, fm, e.clean_ids, e.corrupt_ids, edges, metric, g)
     assert vals[0] == pytest.approx(clean_ld, abs=1e-3) and vals[1] == pytest.approx(corrupt_ld, abs=1e-3)
     assert abs(clean_ld - corrupt_ld) > 5
     assert vals[2] == pytest.approx(ref, abs=1e-3)
@@ -84,7 +86,6 @@ def test_eap_scores_equal_bridge_gradients_and_finite_differences(model, pair):
     sc = run(EdgeScoresSpec(**TASK)).result
     S = torch.as_tensor(sc.scores, dtype=torch.float64)
     L, H, Dh = model.info.n_layers, model.info.n_heads, model.info.d_head
-    bridge = model.bridge
     outs_names = [hook_name(Site(Component.EMBED))] + [hook_name(Site(c, j)) for j in range(L)
                                                         for c in (Component.Z, Component.MLP_OUT)]
     in_names = ([hook_name(Site(Component.LN1_IN, j)) for j in range(L)] + [hook_name(Site(Component.LN2_IN, j)) for j in range(L)]
@@ -100,7 +101,7 @@ def test_eap_scores_equal_bridge_gradients_and_finite_differences(model, pair):
 
     with model.lock:
         with torch.inference_mode():
-            _, cc = bridge.run_with_cache(model.tensor(e.corrupt_ids), names_filter=lambda n: n in outs_names)
+            _, cc = model.run_with_cache(e.corrupt_ids, outs_names)
             corrupt_outs = node_outs(cc)
         acts = {}
 
@@ -118,9 +119,9 @@ def test_eap_scores_equal_bridge_gradients_and_finite_differences(model, pair):
 
         def leaf(act, hook):
             return act.detach().requires_grad_(True)
-        with torch.enable_grad(), bridge.hooks(fwd_hooks=[(outs_names[0], leaf)] + [(n, keep(n)) for n in outs_names[1:]]
+        with torch.enable_grad(), model.hooks(fwd_hooks=[(outs_names[0], leaf)] + [(n, keep(n)) for n in outs_names[1:]]
                           + [(n, keep_in(n)) for n in in_names]):
-            logits = bridge(model.tensor(e.clean_ids))
+            logits = model.forward(e.clean_ids)
             m = logits[0, -1, e.answer_id] - logits[0, -1, e.wrong_id]
             grads = dict(zip(in_names, (x[0].double() for x in torch.autograd.grad(m, [acts[n] for n in in_names]))))
         clean_outs = node_outs({**{n: acts[n].detach() for n in outs_names[1:]},
@@ -194,7 +195,7 @@ def test_circuit_store_cli_pruning_removal_and_saved(model, store, capsys):
     from backend.analyses.circuits import _kernel_metric
     from backend.tasks import encode_pairs
     e = encode_pairs(model, spec.pairs())
-    fm = kp.fast_model(model.bridge)
+    fm = kp.fast_model(model)
     with model.lock:
         metric = _kernel_metric(model, fm, e, "logit_diff")
         cr = kc.corrupt_run(fm, [e[0].corrupt_ids], metric, e_graph)
@@ -225,6 +226,7 @@ def test_circuit_store_cli_pruning_removal_and_saved(model, store, capsys):
         save_circuit("  ", spec, 0.5, store=store)
 
 
+@pytest.mark.browser
 def test_clicking_a_node_removes_it_and_reruns(tmp_path):
     """Real browser: open a circuit, click its top head; the faithfulness changes and the URL
     records the removal."""

@@ -13,6 +13,8 @@ import pytest
 
 from backend import cli, corpus
 
+pytestmark = pytest.mark.model   # loads the real model
+
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory, model):

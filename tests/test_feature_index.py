@@ -17,6 +17,8 @@ from backend.features_corpus import index as fidx
 from backend.features_corpus import query
 from backend.features_corpus.search import search_text, search_token
 
+pytestmark = pytest.mark.model   # loads the real model
+
 SAES = ["smollm2-135m-L5-resid_pre", "smollm2-135m-L23-z"]
 N_WINDOWS, CHUNK = 18, 6
 
@@ -55,8 +57,7 @@ def built(tmp_path_factory, model):
     hooks = [saes[s].cfg.metadata.hook_name for s in SAES]
     with torch.inference_mode():
         for doc, start, ids in wins:
-            _, cache = model.bridge.run_with_cache(model.tensor(ids), names_filter=lambda n: n in hooks,
-                                                       stop_at_layer=24)
+            _, cache = model.run_with_cache(ids, hooks, stop_at_layer=24)
             for s in SAES:
                 x = cache[saes[s].cfg.metadata.hook_name][0]                  # [pos d] or [pos head d_head]
                 dense = saes[s].encode(x)              # [pos d_sae]; SAELens flattens hook_z heads itself
@@ -149,7 +150,7 @@ def test_interrupted_job_resumes_without_duplicates_or_losses(built):
 def test_logit_effects_and_similar_features_equal_direct_computation(built, sae):
     b, model = built, built["model"]
     s = b["saes"][sae]
-    hf = model.bridge.original_model
+    hf = model.hf_model()
     layer = int(s.cfg.metadata.hook_name.split(".")[1])       # test-side only: which block's W_O
     for f in _features(b, sae)[:2]:
         with torch.inference_mode():
@@ -199,8 +200,7 @@ def test_search_by_text_agrees_with_per_prompt_features(built):
     # and against SAELens's dense encode of a plain run_with_cache
     s = b["saes"][sae]
     with torch.inference_mode():
-        _, cache = b["model"].bridge.run_with_cache(b["model"].tensor(b["model"].encode(text)),
-                                                    names_filter=[s.cfg.metadata.hook_name])
+        _, cache = b["model"].run_with_cache(b["model"].encode(text), [s.cfg.metadata.hook_name])
         dense = s.encode(cache[s.cfg.metadata.hook_name][0])[1:]
     sums = dense.sum(0)
     by_sum = search_text(b["store"], sae, text, b["model"].info.model_id, by="sum")

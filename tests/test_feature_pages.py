@@ -17,6 +17,8 @@ from backend.features_corpus import query
 from .browser import browser_context, dashboard, wait_for_plots
 from .conftest import DEFAULT_MODEL, ROOT
 
+pytestmark = pytest.mark.model   # loads the real model
+
 APP = str(ROOT / "app" / "main.py")
 SAE = "smollm2-135m-L5-resid_pre"
 OTHER = "smollm2-135m-L25-resid_pre"     # never indexed here
@@ -120,6 +122,7 @@ def _isolated_feature(xy: np.ndarray) -> int:
     return int(d.min(1).argmax())
 
 
+@pytest.mark.browser
 def test_clicking_a_map_point_opens_that_feature(indexed, tmp_path):
     from playwright.sync_api import sync_playwright
 

@@ -22,6 +22,8 @@ from backend.store import SCHEMA_VERSION, Store
 
 from .conftest import DEFAULT_MODEL, ROOT
 
+pytestmark = pytest.mark.model   # loads the real model
+
 FRANCE = "The capital of France is"
 IOI = "When Mary and John went to the store, John gave a drink to"
 
@@ -37,7 +39,7 @@ def test_bridge_logits_equal_hugging_face(model):
                                               attn_implementation="eager")
     ids = model.tensor(model.encode(IOI))
     with torch.inference_mode():
-        ours, theirs = model.bridge(ids), hf(ids).logits
+        ours, theirs = model.logits(ids), hf(ids).logits
     assert ours.shape == theirs.shape == (1, ids.shape[1], model.info.d_vocab)
     assert (ours - theirs).abs().max().item() <= 1e-3
 
@@ -181,7 +183,7 @@ def test_hook_names_come_from_typed_sites_and_exist(model):
             continue  # exists only with use_attn_result
         names = ([hook_name(Site(comp))] if comp in (Component.EMBED, Component.FINAL_NORM, Component.FINAL_IN)
                  else hook_names(comp, 30))
-        missing = [n for n in names if n not in model.bridge.hook_dict]
+        missing = [n for n in names if n not in model.hook_points()]
         assert not missing, missing
     with pytest.raises(InvalidSite):
         Site("resid_sideways", 1)

@@ -28,6 +28,8 @@ HELD_OUT = (
     "def add(a, b):\n    return a + b\n",
 )
 
+pytestmark = pytest.mark.model   # loads the real model
+
 
 def _assert_scans_equal(fast, ref):
     for f in dataclasses.fields(fast):
@@ -180,8 +182,8 @@ def test_ablation_zero_breaks_mean_keeps(model, store):
         return x
 
     with model.lock, torch.inference_mode():
-        clean = float(model.bridge(model.tensor(ids), return_type="loss"))
-        zeroed = float(model.bridge.run_with_hooks(model.tensor(ids), fwd_hooks=[(site, zero)],
+        clean = model.loss(ids)
+        zeroed = float(model.run_with_hooks(model.tensor(ids), fwd_hooks=[(site, zero)],
                                                    return_type="loss"))
     assert r.text_losses[0, 0] == pytest.approx(clean, abs=1e-4)
     assert r.text_losses[0, 1] == pytest.approx(zeroed, abs=1e-4)

@@ -13,7 +13,7 @@ from backend.sites import Component, Site, hook_name
 
 from .conftest import DEFAULT_MODEL
 
-pytestmark = pytest.mark.usefixtures("session_corpus")   # a small corpus, built once
+pytestmark = [pytest.mark.model, pytest.mark.usefixtures("session_corpus")]   # a small corpus, built once
 
 JOB = mc.MassiveCorpusJob(model=DEFAULT_MODEL, n_windows=4, chunk=2, length=32)
 
@@ -24,7 +24,7 @@ def test_chunk_rows_equal_a_cached_reference(model):
     rows = mc.chunk_rows(model, wins[:2], JOB, "k", 0)
     names = [hook_name(Site(Component.RESID_POST, layer)) for layer in range(model.info.n_layers)]
     with model.lock, torch.inference_mode():
-        _, cache = model.bridge.run_with_cache(ids, names_filter=lambda h: h in names)
+        _, cache = model.run_with_cache(ids, names)
     ref = {}
     for layer, name in enumerate(names):
         x = cache[name].float().numpy()                                # [B P D]

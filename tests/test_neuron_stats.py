@@ -15,7 +15,7 @@ from backend.sites import Component, Site, hook_name
 
 from .conftest import DEFAULT_MODEL, ROOT
 
-pytestmark = pytest.mark.usefixtures("session_corpus")   # a small corpus, built once
+pytestmark = [pytest.mark.model, pytest.mark.usefixtures("session_corpus")]   # a small corpus, built once
 
 JOB = ns.NeuronStatsJob(model=DEFAULT_MODEL, n_windows=4, chunk=2, length=40)
 LAYERS = (0, 11, 29)
@@ -40,7 +40,7 @@ def reference(model):
     where = []
     for doc, start, ids in wins:
         with model.lock, torch.inference_mode():
-            _, cache = model.bridge.run_with_cache(model.tensor(ids), names_filter=lambda h: h in names)
+            _, cache = model.run_with_cache(ids, names)
         for layer, name in zip(LAYERS, names):
             acts[layer].append(cache[name][0].float().numpy())
         where += [(doc, start + p, t) for p, t in enumerate(ids)]

@@ -14,6 +14,8 @@ from backend.errors import InvalidSite
 from backend.runner import run
 from backend.sites import Component, Site, hook_name
 
+pytestmark = pytest.mark.model   # loads the real model
+
 TEXT = "The capital of France is Paris. It is a large city."
 LAYER = 5
 
@@ -22,8 +24,7 @@ LAYER = 5
 def cached(model):
     names = [hook_name(Site(Component.MLP_POST, LAYER)), hook_name(Site(Component.MLP_OUT, LAYER))]
     with model.lock, torch.inference_mode():
-        _, cache = model.bridge.run_with_cache(model.tensor(model.encode(TEXT)),
-                                               names_filter=lambda h: h in names)
+        _, cache = model.run_with_cache(model.encode(TEXT), names)
     return cache[names[0]][0].float(), cache[names[1]][0].float()   # [pos d_mlp], [pos d_model]
 
 
@@ -44,7 +45,7 @@ def test_top_neurons_equal_run_with_cache(model, store, cached):
     np.testing.assert_allclose(r.prompt_top_acts, post[:, r.prompt_top_ids].numpy(), atol=1e-5)
     assert list(r.prompt_top_ids[:3]) == post.max(0).values.topk(3).indices.tolist()
     # The neurons are what the MLP's output matrix reads: post @ W_out = mlp_out.
-    w_out = model.bridge.original_model.model.layers[LAYER].mlp.down_proj.weight   # [d_model d_mlp]
+    w_out = model.hf_model().model.layers[LAYER].mlp.down_proj.weight   # [d_model d_mlp]
     with torch.no_grad():
         torch.testing.assert_close(post @ w_out.T.float(), mlp_out, atol=1e-4, rtol=1e-4)
 
@@ -56,7 +57,7 @@ def test_top_neurons_equal_run_with_cache(model, store, cached):
 
 
 def test_logit_effect_equals_hand_computed(model, store):
-    hf = model.bridge.original_model
+    hf = model.hf_model()
     layer, neuron = 12, 321
     with torch.no_grad():
         w = hf.model.layers[layer].mlp.down_proj.weight[:, neuron]                 # [d_model]

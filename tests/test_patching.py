@@ -12,7 +12,6 @@ import json
 import random
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -23,44 +22,14 @@ from backend.errors import (EmptyDataset, IdenticalAnswers, InvalidSite, NotSing
 from backend.tasks import PromptPair, encode_pair, encode_pairs, generate
 from kernels import patching as kp
 
+from .patching_refs import tl_normalised
+
+pytestmark = pytest.mark.model   # loads the real model
+
 IOI = PromptPair("When Mary and John went to the store, John gave a drink to",
                  "When Mary and John went to the store, Mary gave a drink to", " Mary", " John")
 IOI_SWAP = PromptPair(IOI.clean, "When John and Mary went to the store, Mary gave a drink to", " Mary", " John")
 FACT = PromptPair("The capital of France is", "The capital of Italy is", " Paris", " Rome")
-TL_SITE = {"resid_pre": "get_act_patch_resid_pre", "attn_out": "get_act_patch_attn_out",
-           "mlp_out": "get_act_patch_mlp_out", "head_out": "get_act_patch_attn_head_out_all_pos",
-           "head_out_pos": "get_act_patch_attn_head_out_by_pos", "head_q": "get_act_patch_attn_head_q_all_pos",
-           "head_k": "get_act_patch_attn_head_k_all_pos", "head_v": "get_act_patch_attn_head_v_all_pos",
-           "head_pattern": "get_act_patch_attn_head_pattern_all_pos"}
-TL_AXES = {"layer": "layer", "pos": "pos", "head": "head_index", "kv_head": "head_index"}
-
-
-def _tl_normalised(model, e, site, cells=None):
-    """TransformerLens's patching function on the bridge, normalised logit diff, denoising."""
-    from transformer_lens import patching
-
-    bridge = model.bridge
-    clean_t, corrupt_t = model.tensor(e.clean_ids), model.tensor(e.corrupt_ids)
-    with torch.inference_mode():
-        clean_logits, clean_cache = bridge.run_with_cache(clean_t)
-        corrupt_logits = bridge(corrupt_t)
-
-    def ld(logits):
-        return logits[0, -1, e.answer_id] - logits[0, -1, e.wrong_id]
-
-    c, k = ld(clean_logits).item(), ld(corrupt_logits).item()
-
-    def metric(logits):
-        return (ld(logits) - k) / (c - k)
-
-    fn = getattr(patching, TL_SITE[site])
-    with torch.inference_mode():
-        if cells is None:
-            return fn(bridge, corrupt_t, clean_cache, metric).cpu()
-        df = pd.DataFrame(cells, columns=[TL_AXES[a] for a in kp.SITE_AXES[site]])
-        return fn(bridge, corrupt_t, clean_cache, metric, index_axis_names=None, index_df=df).cpu()
-
-
 def _sample(site, n_layers, T, n_heads, n, seed=0, min_pos=0, n_kv=3):
     cells = kp.cells(site, n_layers, T, n_heads, n_kv)
     pos_axis = kp.SITE_AXES[site].index("pos") if "pos" in kp.SITE_AXES[site] else None
@@ -88,7 +57,7 @@ def test_sweep_equals_transformer_lens(model, site, n):
     out = run(_spec(FACT, site=site)).result
     assert out.method == "fast" and list(out.axes) == list(kp.SITE_AXES[site])
     idx, cells = _sample(site, info.n_layers, len(e.clean_ids), info.n_heads, n, seed=len(site), min_pos=3)
-    tl = _tl_normalised(model, e, site, cells).numpy()
+    tl = tl_normalised(model, e, site, cells).numpy()
     np.testing.assert_allclose(out.values.reshape(-1)[idx], tl, atol=1e-4, rtol=0)
     assert np.abs(tl).max() > 1e-3      # the sample holds cells that matter
     if site == "resid_pre":
@@ -98,7 +67,7 @@ def test_sweep_equals_transformer_lens(model, site, n):
 
 @pytest.mark.parametrize("site", kp.SITES)
 def test_clean_into_clean_changes_nothing(model, site):
-    fm = kp.fast_model(model.bridge)
+    fm = kp.fast_model(model)
     e = encode_pair(model, IOI)
     metric = kp.LogitDiff(e.answer_id, e.wrong_id)
     out = kp.sweep(fm, e.clean_ids, e.clean_ids, site, metric)
@@ -107,7 +76,7 @@ def test_clean_into_clean_changes_nothing(model, site):
     if site not in ("resid_pre", "head_out_pos", "head_k"):
         return      # the hooked reference for a layer x pos site, a head site and a kv-head site
     _, cells = _sample(site, model.info.n_layers, len(e.clean_ids), model.info.n_heads, 1)
-    base, _, outs = kp.reference_logits(model.bridge, e.clean_ids, e.clean_ids, site, cells)
+    base, _, outs = kp.reference_logits(model, e.clean_ids, e.clean_ids, site, cells)
     for logits in outs:
         assert torch.allclose(logits, base, atol=1e-5, rtol=0)
 
@@ -115,21 +84,21 @@ def test_clean_into_clean_changes_nothing(model, site):
 @pytest.mark.parametrize("site", kp.SITES)
 def test_reference_equals_fast_kernel(model, site):
     """Hooked bridge forwards vs the kernel, both directions, three metrics (IOI, all names swapped)."""
-    fm = kp.fast_model(model.bridge)
+    fm = kp.fast_model(model)
     e = encode_pair(model, IOI_SWAP)
     info = model.info
     _, cells = _sample(site, info.n_layers, len(e.clean_ids), info.n_heads, 3, seed=1, min_pos=1)
     with torch.inference_mode():
         clean_lp = kp.base_logits(fm, e.clean_ids).log_softmax(-1)
     metrics = [kp.LogitDiff(e.answer_id, e.wrong_id), kp.AnswerProb(e.answer_id), kp.KLFromClean(clean_lp)]
-    _, _, outs = kp.reference_logits(model.bridge, e.corrupt_ids, e.clean_ids, site, cells)
+    _, _, outs = kp.reference_logits(model, e.corrupt_ids, e.clean_ids, site, cells)
     for metric in metrics:
         fast = kp.sweep(fm, e.corrupt_ids, e.clean_ids, site, metric, cell_list=cells).values
         ref = metric.from_logits(torch.stack(outs))
         assert torch.allclose(fast, ref, atol=1e-4, rtol=0), (type(metric).__name__, fast, ref)
     ld = metrics[0]     # noising: the corrupted activation into the clean run
     fast = kp.sweep(fm, e.clean_ids, e.corrupt_ids, site, ld, cell_list=cells[:1]).values
-    ref = kp.reference_sweep(model.bridge, e.clean_ids, e.corrupt_ids, site, ld, info.n_layers,
+    ref = kp.reference_sweep(model, e.clean_ids, e.corrupt_ids, site, ld, info.n_layers,
                              info.n_heads, cells[:1]).values
     assert torch.allclose(fast, ref, atol=1e-4, rtol=0)
     assert (fast - ld.from_logits(kp.base_logits(fm, e.clean_ids)[None])).abs().max() > 1e-3
@@ -159,7 +128,7 @@ def test_dataset_averages_pairs(model, store):
 
 
 def test_generated_tasks_are_valid_and_the_model_solves_them(model):
-    fm = kp.fast_model(model.bridge)
+    fm = kp.fast_model(model)
     for task in ("ioi", "induction", "facts"):
         pairs = generate(model, task, n=3, seed=1)
         assert len(pairs) == 3

@@ -17,6 +17,8 @@ from backend.errors import UnknownSAE
 from backend.sites import Component, Site, hook_name
 from kernels.sae_encode import fused_encode, reference_encode, sparse_decode, to_dense
 
+pytestmark = pytest.mark.model   # loads the real model
+
 SHIPPED = [train_sae.sae_id("smollm2-135m", c.value, layer) for c, layer in train_sae.PLAN]
 TEXT = "When Mary and John went to the store, John gave a drink to Mary. It was raining."
 
@@ -73,7 +75,7 @@ def test_site_activations_equal_run_with_cache(model):
     got = train_sae.site_activations(model, sites, ids)
     names = [hook_name(s) for s in sites]
     with torch.inference_mode():
-        _, cache = model.bridge.run_with_cache(ids, names_filter=lambda n: n in names)
+        _, cache = model.run_with_cache(ids, names)
     assert torch.equal(got[0], cache[names[0]])
     assert torch.equal(got[1], cache[names[1]].flatten(2))
 

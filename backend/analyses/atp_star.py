@@ -70,14 +70,14 @@ def star_attribution(model: LoadedModel, base_ids, source_ids, site: str, metric
 
     from ..sites import Component, Site, hook_name, hook_names
 
-    bridge, info = model.bridge, model.info
+    info = model.info
     L = info.n_layers
     names = hook_names(Component(_COMPONENT[site]), L)
     qk = site in ("head_q", "head_k")
     pat_names = hook_names(Component.PATTERN, L) if qk else []
     wanted = set(names)
     with torch.inference_mode():
-        src_logits, cache = bridge.run_with_cache(model.tensor(source_ids), names_filter=lambda n: n in wanted)
+        src_logits, cache = model.run_with_cache(source_ids, wanted)
         src_acts = [cache[n][0].detach().clone() for n in names]
     del cache
 
@@ -106,8 +106,8 @@ def star_attribution(model: LoadedModel, base_ids, source_ids, site: str, metric
     for layer in range(L):
         for comp in (Component.ATTN_OUT, Component.MLP_OUT):
             hooks.append((hook_name(Site(comp, layer)), dropper(layer)))
-    with torch.enable_grad(), bridge.hooks(fwd_hooks=hooks):
-        logits = bridge(base_t)
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        logits = model.forward(base_t)
         ms = metric.from_logits(logits[:, -1].float())             # [B], identical values
         targets = names + pat_names
         missing = [n for n in targets if n not in acts]
@@ -124,9 +124,9 @@ def star_attribution(model: LoadedModel, base_ids, source_ids, site: str, metric
     plain = est[0]
     fixed_rows = est
     if qk:   # exact patterns, linear from the pattern on
-        fm = kp.fast_model(bridge)
+        fm = kp.fast_model(model)
         if fm is None:
-            raise InvalidSpec("The QK fix needs the fast Llama-style path; this model has none.")
+            raise InvalidSpec("The QK fix needs the fast path (canonical weights); this model has none.")
         with torch.inference_mode():
             bs, ss = kp.states(fm, base_ids), kp.states(fm, source_ids)
         rep = info.n_heads // info.n_kv_heads
@@ -147,7 +147,7 @@ def star_attribution(model: LoadedModel, base_ids, source_ids, site: str, metric
                     g = h // rep
                     with torch.inference_mode():
                         new = fm.head_pattern(qs[:, h] if site == "head_q" else qb[:, h],
-                                              bs.K[j, g] if site == "head_q" else ss.K[j, g])
+                                              bs.K[j, g] if site == "head_q" else ss.K[j, g], j)
                     dp = (new - base_pat[h]).to(pg.dtype)
                     total = total + (dp.unsqueeze(0) * pg[:, h]).sum((1, 2)).double()
                 per_cell.append(total)

@@ -40,6 +40,6 @@ def compute(spec: AttentionSpec, model: LoadedModel, progress=None) -> Attention
     ids = model.encode(spec.text)
     name = hook_name(site)
     with model.lock, torch.inference_mode():
-        _, cache = model.bridge.run_with_cache(model.tensor(ids), names_filter=lambda h: h == name)
+        _, cache = model.run_with_cache(ids, [name])
     return AttentionResult(tokens=model.str_tokens(ids), layer=spec.layer,
                            pattern=cache[name][0].float().cpu().numpy())

@@ -71,11 +71,10 @@ def attribution(model: LoadedModel, base_ids, source_ids, site: str, metric) -> 
 
     from ..sites import Component, Site, hook_name, hook_names
 
-    bridge = model.bridge
     names = hook_names(Component(_COMPONENT[site]), model.info.n_layers)
     wanted = set(names)
     with torch.inference_mode():
-        src_logits, cache = bridge.run_with_cache(model.tensor(source_ids), names_filter=lambda n: n in wanted)
+        src_logits, cache = model.run_with_cache(source_ids, wanted)
         src_acts = [cache[n].detach().clone() for n in names]
     del cache
 
@@ -91,8 +90,8 @@ def attribution(model: LoadedModel, base_ids, source_ids, site: str, metric) -> 
         return keep
 
     embed = hook_name(Site(Component.EMBED))
-    with torch.enable_grad(), bridge.hooks(fwd_hooks=[(embed, leaf)] + [(n, keeper(n)) for n in names]):
-        logits = bridge(model.tensor(base_ids))
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(embed, leaf)] + [(n, keeper(n)) for n in names]):
+        logits = model.forward(base_ids)
         m = metric.from_logits(logits[:, -1].float())[0]
         missing = [n for n in names if n not in acts]
         if missing:

@@ -115,10 +115,10 @@ def _kernel_metric(model: LoadedModel, fm, encoded, metric: str):
 def _fast(model: LoadedModel):
     from kernels import patching as kp
 
-    fm = kp.fast_model(model.bridge)
+    fm = kp.fast_model(model)
     if fm is None:
-        raise InvalidSpec(f"Circuits need a Llama-style model (the graph is built from its block "
-                          f"weights); {model.info.model_id} is not one.")
+        raise InvalidSpec(f"Circuits need a model with canonical weights (Llama-style or Gemma-3: "
+                          f"the graph is built from its block weights); {model.info.model_id} has none.")
     return fm
 
 

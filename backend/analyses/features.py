@@ -54,28 +54,14 @@ class FeaturesResult(Result):
                 for fs, vs in zip(self.feature_ids.tolist(), self.feature_values.tolist())]
 
 
-class _Captured(Exception):
-    """Raised by the capture hook: nothing after the SAE's hook needs to run."""
-
-
 def hook_activations(model: LoadedModel, hook: str, ids: list[int]):
     """The activation [pos d] at one hook (heads flattened); the forward stops right there."""
-    import torch
+    from ..errors import InvalidSite
 
-    got = {}
-
-    def keep(x, hook):
-        got["x"] = x.detach()[0]
-        raise _Captured
-
-    with model.lock, torch.inference_mode():
-        try:
-            model.bridge.run_with_hooks(model.tensor(ids), fwd_hooks=[(hook, keep)], return_type=None)
-        except _Captured:
-            pass
-    if "x" not in got:
-        raise SAEMismatch(f"The hook {hook!r} of this SAE does not exist in {model.info.model_id}.")
-    x = got["x"]
+    try:
+        x = model.capture(ids, [hook])[hook][0]
+    except (InvalidSite, RuntimeError):
+        raise SAEMismatch(f"The hook {hook!r} of this SAE does not exist in {model.info.model_id}.") from None
     return x.flatten(1) if x.ndim == 3 else x
 
 

@@ -72,7 +72,7 @@ def compute(spec: HeadScoresSpec, model: LoadedModel, progress=None) -> HeadScor
     seqs = repeated_tokens(model, spec.seq_len, spec.n_seqs, spec.seed)
     names = hook_names(Component.PATTERN, model.info.n_layers)
     with model.lock, torch.inference_mode():
-        _, cache = model.bridge.run_with_cache(model.tensor(seqs.tolist()), names_filter=lambda h: h in names)
+        _, cache = model.run_with_cache(seqs.tolist(), names)
     scores = [score_patterns(cache[h].float().cpu().numpy(), spec.seq_len, int(model.info.prepend_bos))
               for h in names]
     return HeadScoresResult(induction=np.stack([s[0] for s in scores]),

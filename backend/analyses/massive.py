@@ -264,7 +264,7 @@ def compute_ablation(spec: MassiveAblationSpec, model: LoadedModel, progress=Non
             return x
 
         with model.lock, torch.inference_mode():
-            logits = model.bridge.run_with_hooks(model.tensor([ids, ids]), fwd_hooks=[(site, ablate)],
+            logits = model.run_with_hooks([ids, ids], fwd_hooks=[(site, ablate)],
                                                  return_type="logits")
         if not fired:
             raise RuntimeError(f"the ablation hook at {site} did not fire")

@@ -100,29 +100,13 @@ class NeuronsResult(Result):
                 for ri, rv in zip(ids, vals)]
 
 
-class _Captured(Exception):
-    """Raised by the capture hook: nothing after the layer's neurons needs to run."""
-
-
 def neuron_activations(model: LoadedModel, ids: list[int], layer: int):
     """The neurons of `layer` at every token, [pos d_mlp] float32; the forward stops there."""
-    import torch
-
     name = neuron_site(model, layer)
-    got = {}
-
-    def keep(x, hook):   # x: [batch pos d_mlp]
-        got["x"] = x.detach()[0].float()
-        raise _Captured
-
-    with model.lock, torch.inference_mode():
-        try:
-            model.bridge.run_with_hooks(model.tensor(ids), fwd_hooks=[(name, keep)], return_type=None)
-        except _Captured:
-            pass
-    if "x" not in got:
-        raise InvalidSite(f"The hook {name!r} did not fire in {model.info.model_id}.")
-    return got["x"]
+    try:
+        return model.capture(ids, [name])[name][0].float()
+    except RuntimeError:
+        raise InvalidSite(f"The hook {name!r} did not fire in {model.info.model_id}.") from None
 
 
 @analysis(NeuronsSpec, NeuronsResult)
@@ -198,7 +182,7 @@ def neuron_output_direction(model: LoadedModel, layer: int, neuron: int):
     """W_out[layer][neuron], [d_model]: what one unit of the neuron adds to the residual."""
     neuron_site(model, layer)
     check_neuron(model, neuron)
-    w = model.bridge.blocks[layer].mlp.out.weight      # nn.Linear layout: [d_model d_mlp]
+    w = model.mlp_out_weight(layer)                    # nn.Linear layout: [d_model d_mlp]
     return w[:, neuron].detach().float()
 
 
@@ -208,8 +192,8 @@ def logit_effect(model: LoadedModel, layer: int, neuron: int):
 
     with model.lock, torch.inference_mode():
         d = neuron_output_direction(model, layer, neuron)                 # [d_model]
-        gamma = model.bridge.ln_final._original_component.weight.float()  # [d_model]
-        w_u = model.bridge.unembed._original_component.weight.float()     # [d_vocab d_model]
+        gamma = model.final_norm_scale().float()                          # [d_model]
+        w_u = model.unembed_weights()[0].float()                          # [d_vocab d_model]
         return w_u @ (d * gamma)                                          # [d_vocab]
 
 

@@ -14,8 +14,8 @@ Metrics, at the last position:
 - kl: KL(clean || patched) of the next-token distribution, in nats.
 Over a dataset the raw metric is averaged over pairs (normalisation uses the averaged baselines).
 
-Sweeps run in kernels.patching: the fast exact sweep for Llama-style models, the hooked
-reference otherwise. `intervene` runs one patch live (click-to-patch).
+Sweeps run in kernels.patching: the fast exact sweep for models with canonical weights
+(Llama-style, Gemma-3), the hooked reference otherwise. `intervene` runs one patch live (click-to-patch).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def _metrics(model: LoadedModel, fm, e: EncodedPair, metric: str):
         clean_logits = kp.base_logits(fm, e.clean_ids)
     else:
         with torch.inference_mode():
-            clean_logits = model.bridge(model.tensor(e.clean_ids))[0, -1]
+            clean_logits = model.logits(e.clean_ids)[0, -1]
     return kp.KLFromClean(clean_logits.float().log_softmax(-1))
 
 
@@ -137,9 +137,9 @@ def _run_pair(model: LoadedModel, fm, e: EncodedPair, spec: PatchSpec):
         lds = kp.sweep_baselines(fm, base, src, ld)
     else:
         info = model.info
-        out = kp.reference_sweep(model.bridge, base, src, spec.site, metric, info.n_layers, info.n_heads,
+        out = kp.reference_sweep(model, base, src, spec.site, metric, info.n_layers, info.n_heads,
                                  n_kv=info.n_kv_heads)
-        lds = kp.reference_sweep(model.bridge, base, src, spec.site, ld, info.n_layers, info.n_heads,
+        lds = kp.reference_sweep(model, base, src, spec.site, ld, info.n_layers, info.n_heads,
                                  cell_list=[])
         lds = (lds.base, lds.source)
     if spec.direction == "denoising":   # base = corrupted
@@ -163,7 +163,7 @@ def compute(spec: PatchSpec, model: LoadedModel, progress=None) -> PatchResult:
     from kernels import patching as kp
 
     encoded = encode_pairs(model, spec.pairs())
-    fm = kp.fast_model(model.bridge)
+    fm = kp.fast_model(model)
     info = model.info
     total, clean_m, corrupt_m, clean_ld, corrupt_ld = 0.0, 0.0, 0.0, 0.0, 0.0
     with model.lock:
@@ -242,13 +242,13 @@ def intervene(spec: PatchSpec, layer: int, pos: int | None = None, head: int | N
     base, src = ((e.corrupt_ids, e.clean_ids) if spec.direction == "denoising"
                  else (e.clean_ids, e.corrupt_ids))
     with model.lock:
-        fm = kp.fast_model(model.bridge)
+        fm = kp.fast_model(model)
         metric = _metrics(model, fm, e, spec.metric)
         if fm is not None:
             after_logits = kp.patch_logits(fm, base, src, spec.site, cell)
             base_l, src_l = kp.base_logits(fm, base), kp.base_logits(fm, src)
         else:
-            base_l, src_l, outs = kp.reference_logits(model.bridge, base, src, spec.site, [cell])
+            base_l, src_l, outs = kp.reference_logits(model, base, src, spec.site, [cell])
             after_logits = outs[0]
     with torch.inference_mode():
         vals = metric.from_logits(torch.stack([base_l, src_l, after_logits])).tolist()

@@ -52,7 +52,7 @@ def residual_stack(model: LoadedModel, ids: list[int]):
     names = [hook_name(Site(Component.RESID_PRE, 0))] + [
         hook_name(Site(Component.RESID_POST, layer)) for layer in range(n)]
     with model.lock, torch.inference_mode():
-        logits, cache = model.bridge.run_with_cache(model.tensor(ids), names_filter=lambda h: h in names)
+        logits, cache = model.run_with_cache(ids, names)
     return logits[0], torch.stack([cache[h][0] for h in names])
 
 

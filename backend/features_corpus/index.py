@@ -121,34 +121,15 @@ def _batches(wins, max_tokens: int = BATCH_TOKENS):
         yield cur
 
 
-class _Captured(Exception):
-    """Raised once every hook has fired: nothing after the deepest hook needs to run."""
-
-
 def hook_batch(model, hooks: list[str], ids) -> dict:
     """Activations {hook: [batch pos d]} (hook_z flattened over heads) from one forward that
     stops right after the last of the hooks."""
-    import torch
+    from ..errors import InvalidSite
 
-    got: dict = {}
-    want = set(hooks)
-
-    def keep(name):
-        def fn(x, hook):
-            got[name] = x.detach().flatten(2) if x.ndim == 4 else x.detach()
-            if set(got) >= want:
-                raise _Captured
-        return fn
-
-    with model.lock, torch.inference_mode():
-        try:
-            model.bridge.run_with_hooks(ids, fwd_hooks=[(h, keep(h)) for h in want], return_type=None)
-        except _Captured:
-            pass
-    missing = want - set(got)
-    if missing:
-        raise SAEMismatch(f"Hooks {sorted(missing)} do not exist in {model.info.model_id}.")
-    return got
+    try:
+        return model.capture(ids, sorted(set(hooks)), flatten_heads=True)
+    except (InvalidSite, RuntimeError) as e:
+        raise SAEMismatch(f"Hooks {sorted(set(hooks))} do not all exist in {model.info.model_id} ({e}).") from None
 
 
 def encode_windows(model, saes: list[tuple[int, object]], wins) -> dict[str, pa.Table]:
@@ -381,7 +362,7 @@ def feature_directions(model, sae):
             W = W / W.norm(dim=-1, keepdim=True)
         z_hooks = {hook_name(Site(Component.Z, layer)): layer for layer in range(model.info.n_layers)}
         if hook in z_hooks:
-            W_O = model.bridge.W_O[z_hooks[hook]].float()                  # [head d_head d_model]
+            W_O = model.W_O()[z_hooks[hook]].float()                       # [head d_head d_model]
             return torch.einsum("fhd,hdm->fm", W.reshape(W.shape[0], *W_O.shape[:2]), W_O)
         if W.shape[1] != model.info.d_model:
             raise SAEMismatch(f"Cannot map the decoder of {hook} ({W.shape[1]} wide) to the residual stream.")
@@ -404,8 +385,8 @@ def ensure_weight_tables(store, sae_id: str, model=None) -> str:
     ensure_vocab(store, model)
     dirs = feature_directions(model, sae)                                      # [f d_model]
     with torch.inference_mode():
-        gamma = model.bridge.ln_final._original_component.weight.float()     # [d_model]
-        w_u = model.bridge.unembed._original_component.weight.float()        # [d_vocab d_model]
+        gamma = model.final_norm_scale().float()                             # [d_model]
+        w_u = model.unembed_weights()[0].float()                             # [d_vocab d_model]
         feats, ranks, toks, vals = [], [], [], []
         for s in range(0, dirs.shape[0], 512):
             logits = (dirs[s:s + 512] * gamma) @ w_u.T                          # [b d_vocab]

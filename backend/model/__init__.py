@@ -4,8 +4,9 @@ generation with a KV cache (generate.py). Nothing outside this package touches t
 
 from .interface import LoadedModel, ModelInfo, hook_layer
 from .loading import (DEFAULT_MODEL, OFFLINE_MODELS, OfflineModel, _network_up, available_models,
-                      converted_dir, is_loaded, load_model, offline_model_ids, resolve_hub_name)
+                      check_model_id, converted_dir, is_loaded, load_model, offline_model_ids,
+                      resolve_hub_name)
 
 __all__ = ["LoadedModel", "ModelInfo", "hook_layer", "DEFAULT_MODEL", "OFFLINE_MODELS", "OfflineModel",
-           "available_models", "converted_dir", "is_loaded", "load_model", "offline_model_ids",
+           "available_models", "check_model_id", "converted_dir", "is_loaded", "load_model", "offline_model_ids",
            "resolve_hub_name", "_network_up"]

@@ -161,6 +161,32 @@ class LoadedModel:
         """A forward (gradients allowed) inside a `hooks()` block; returns logits."""
         return self.bridge(self._ids(ids), **kw)
 
+    def loss(self, ids) -> float:
+        """Mean next-token cross-entropy (nats) of a plain forward over ids [batch pos]."""
+        with self.lock:
+            return float(self.bridge(self._ids(ids), return_type="loss"))
+
+    def tl_patching(self, function: str, base_ids, source_ids, metric, index_df=None):
+        """TransformerLens's own patching function (`transformer_lens.patching.<function>`, e.g.
+        get_act_patch_resid_pre) on this model: patches the source run's activations into the
+        base run; `metric(logits)`. The reference the fast sweeps are tested and benchmarked
+        against (it takes the bridge itself, which stays in here)."""
+        import torch
+        from transformer_lens import patching
+
+        fn = getattr(patching, function)
+        with self.lock, torch.inference_mode():
+            _, cache = self.bridge.run_with_cache(self._ids(source_ids))
+            if index_df is None:
+                return fn(self.bridge, self._ids(base_ids), cache, metric)
+            return fn(self.bridge, self._ids(base_ids), cache, metric, index_axis_names=None,
+                      index_df=index_df)
+
+    def hf_model(self):
+        """The wrapped Hugging Face model, for acceptance tests that compare against it
+        (tests only: analyses and kernels use the methods above)."""
+        return self.bridge.original_model
+
     def capture(self, ids, names: Sequence[str], flatten_heads: bool = False,
                 stop_early: bool = True) -> dict:
         """Activations {hook name: tensor} at the named hooks from one forward that stops as
@@ -227,6 +253,26 @@ class LoadedModel:
     def final_norm_weight(self):
         """The final norm's scale [d_model] as stored (see weights() for its offset)."""
         return self.bridge.ln_final.original_component.weight
+
+    def final_norm_scale(self):
+        """What the final norm multiplies the normalised residual by [d_model]: the stored
+        weight plus the norm's offset (Gemma's (1 + w)); the weight itself for Llama."""
+        w = self.weights()
+        return w.final_norm if not w.norm_offset else w.final_norm.float() + w.norm_offset
+
+    def weights(self):
+        """The canonical weights the fast kernels read (backend/model/weights.py), once per
+        model; NotImplementedError for an architecture it does not describe."""
+        if not hasattr(self, "_weights"):
+            from .weights import read_weights
+
+            try:
+                self._weights = read_weights(self.bridge.original_model)
+            except NotImplementedError as e:
+                self._weights = e
+        if isinstance(self._weights, NotImplementedError):
+            raise self._weights
+        return self._weights
 
     def W_O(self):
         """Attention output weights [layer head d_head d_model]."""

