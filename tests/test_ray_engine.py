@@ -134,3 +134,20 @@ def test_a_job_without_a_remote_factory_says_so(store):
 
     with pytest.raises(StoreError, match="cannot run on Ray"):
         jobs.run_job(store, "x-1", "x", DEFAULT_MODEL, {}, 1, lambda c: {"t": pa.table({})}, engine="ray")
+
+
+def test_feature_index_on_ray_equals_local(model, tmp_path):
+    from backend.features_corpus.index import build_index
+    from backend.saes import list_saes
+
+    sae = list_saes(DEFAULT_MODEL)[0]["sae_id"]
+    a, b = Store(tmp_path / "a.duckdb"), Store(tmp_path / "b.duckdb")
+    with threads(1):
+        la = build_index(DEFAULT_MODEL, sae, 4, store=a, chunk_windows=2)
+    lb = build_index(DEFAULT_MODEL, sae, 4, store=b, chunk_windows=2, engine="ray")
+    assert la["job_key"] == lb["job_key"]
+    q = "SELECT ix, feature, doc, pos, value, token FROM feature_acts_by_feature ORDER BY ALL"
+    rows = a.cursor().execute(q).fetchall()
+    assert rows and rows == b.cursor().execute(q).fetchall()
+    a.close()
+    b.close()

@@ -19,13 +19,17 @@ def add_index_args(p) -> None:
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
                    help=f"corpus windows of 128 tokens to encode (default {DEFAULT_WINDOWS})")
     p.add_argument("--corpus", default="default")
+    from ..jobs import add_engine_args
+
+    add_engine_args(p)
 
 
 def run_index(a) -> dict:
     from ..jobs import tqdm_progress
     from .index import build_index
 
-    return build_index(a.model, a.sae, a.windows, progress=tqdm_progress("feature index"), corpus_name=a.corpus)
+    return build_index(a.model, a.sae, a.windows, progress=tqdm_progress("feature index"), corpus_name=a.corpus,
+                       engine=a.engine)
 
 
 def add_map_args(p) -> None:

@@ -278,9 +278,22 @@ def resolve_saes(model_id: str, sae: str | list[str]) -> list[str]:
     return ids
 
 
+def chunk_worker(model_id: str, sae_ixs: list[tuple[str, int]], n_windows: int, corpus_name: str,
+                 root, chunk_windows: int):
+    """The index job's work function rebuilt in another process (a Ray worker): same windows,
+    same SAEs (with the index numbers the driver assigned), the model loaded there once."""
+    from ..model import load_model
+    from ..saes import load_sae
+
+    wins = select_windows(model_id, n_windows, corpus_name, root)
+    model = load_model(model_id)
+    saes = [(ix, load_sae(s)) for s, ix in sae_ixs]
+    return lambda chunk: encode_windows(model, saes, wins[chunk * chunk_windows:(chunk + 1) * chunk_windows])
+
+
 def build_index(model_id: str, sae: str | list[str], n_windows: int = DEFAULT_WINDOWS, store=None,
                 progress: jobs.Progress | None = None, corpus_name: str = corpus.DEFAULT_NAME, root=None,
-                stop_after: int | None = None, chunk_windows: int = CHUNK_WINDOWS) -> dict:
+                stop_after: int | None = None, chunk_windows: int = CHUNK_WINDOWS, engine: str = "local") -> dict:
     """Encode n_windows corpus windows with every given SAE (one forward for all); resumable.
     Returns a summary: job key, rows, seconds, tokens per second, per-SAE counts."""
     from ..saes import load_sae, sae_info
@@ -312,9 +325,14 @@ def build_index(model_id: str, sae: str | list[str], n_windows: int = DEFAULT_WI
         new_tokens += sum(len(w[2]) - 1 for w in part)
         return encode_windows(model, saes, part)
 
+    remote = jobs.Remote("backend.features_corpus.index:chunk_worker",
+                         (model_id, [(s, ixs[s]) for s in ids], n_windows, corpus_name,
+                          None if root is None else str(root), chunk_windows))
     state = jobs.run_job(store, job_key, "feature_index", model_id,
                          {"saes": ids, "n_windows": n_windows, "corpus": corpus_name}, n_chunks, work,
-                         progress, stop_after=stop_after)
+                         progress, stop_after=stop_after, engine=engine, remote=remote)
+    if engine == "ray":   # the workers encoded these windows
+        new_tokens = sum(len(w[2]) - 1 for w in wins)
     encode_seconds = time.perf_counter() - t0
     summary = {"job_key": job_key, "model": model_id, "n_windows": len(wins), "chunks_done": state.done,
                "n_chunks": n_chunks, "encode_seconds": round(encode_seconds, 2), "new_tokens": new_tokens,
