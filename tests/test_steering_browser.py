@@ -56,8 +56,11 @@ def test_make_direction_steer_and_reopen(tmp_path):
         assert page.get_by_text("steered generation: read from the store").count() == 1
 
         # a click on layer 20 of the separation curve picks that layer's direction (from the stored pass)
+        page.wait_for_function("[...document.querySelectorAll('.js-plotly-plot')].some(p => p._fullLayout && "
+                               "(p.layout.title.text || '').includes('separates'))", timeout=120_000)
+        page.wait_for_timeout(1000)
         px = page.evaluate("""() => { const gd = [...document.querySelectorAll('.js-plotly-plot')].find(p =>
-            (p.layout.title.text || '').includes('separates'));
+            p._fullLayout && (p.layout.title.text || '').includes('separates'));
             const fl = gd._fullLayout, r = gd.getBoundingClientRect();
             return [r.left + fl.xaxis._offset + fl.xaxis.l2p(20), r.top + fl.yaxis._offset + fl.yaxis.l2p(gd._fullData[0].y[20])]; }""")
         page.mouse.click(*px)
