@@ -27,7 +27,7 @@ pytestmark = pytest.mark.model
 SAE = "smollm2-135m-L15-resid_pre"
 ZSAE = "smollm2-135m-L23-z"
 N_OUT = 24          # features with output scores / TokenChange computed by the job here
-N_TC = 8
+N_TC = 2
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def built(model, tmp_path_factory):
     corpus.build(["stdlib"], root=root, max_words=24_000)
     corpus.tokenize(model.info.model_id, root=root)
     store = default_store()
-    fidx.build_index(model.info.model_id, SAE, 48, store=store, root=root)
+    fidx.build_index(model.info.model_id, SAE, 32, store=store, root=root)
     S.build_scores(model.info.model_id, [SAE, ZSAE], store=store, root=root, parts=("vocab",))
     summary = S.build_scores(model.info.model_id, [SAE, ZSAE], store=store, root=root, features=N_OUT,
                              parts=("output", "input"))
@@ -142,21 +142,31 @@ def test_token_change_zero_strength_changes_nothing_and_matches_reference(built,
     fast = S.token_change(model, sae, np.array([f]), rows, np.array([c]), st)
     hook = sae.cfg.metadata.hook_name
     d = rows[f]
-    W_U, _ = model.unembed_weights()
     with torch.inference_mode():
-        clean = torch.stack([model.logits(w)[0, 1:].mean(0) for w in wins]).mean(0)
+        batch = model.tensor(wins)                                               # [32 16], one forward each
+        clean = model.logits(batch)[:, 1:].mean((0, 1))
         for j, sign in enumerate((1.0, -1.0)):
             def add(act, hook, s=sign):
                 act = act.clone()
                 act[:, 1:] += s * c * d
                 return act
-            steered = torch.stack([model.run_with_hooks(w, fwd_hooks=[(hook, add)])[0, 1:].mean(0) for w in wins]).mean(0)
-            dl = steered - clean
+            dl = model.run_with_hooks(batch, fwd_hooks=[(hook, add)])[:, 1:].mean((0, 1)) - clean
             up, down = dl.topk(S.TC_K), dl.topk(S.TC_K, largest=False)
             assert fast["ids"][0, 2 * j].tolist() == up.indices.tolist()
             assert fast["ids"][0, 2 * j + 1].tolist() == down.indices.tolist()
             np.testing.assert_allclose(fast["values"][0, 2 * j], up.values.numpy(), rtol=2e-3, atol=2e-3)
-    del W_U
+
+    # the job's rows: c = C_MULT x the feature's median active value in the index
+    key, ix = fidx.sae_key(SAE), built["index"].ix
+    stored = built["store"].cursor().execute(
+        "SELECT t.feature, t.c, t.c_source, s.quantiles[2] FROM feature_token_change t LEFT JOIN feature_stats s "
+        "ON s.ix = t.ix AND s.feature = t.feature WHERE t.sae_key = ? AND t.ix = ? ORDER BY t.feature", [key, ix]).fetchall()
+    assert [r[0] for r in stored] == list(range(N_TC))
+    for _, cc, src, med in stored:
+        if med is None:                                     # never fires in the index
+            assert src.startswith("fallback")
+        else:
+            assert src == "index median" and cc == pytest.approx(S.C_MULT * med, rel=1e-5)
 
 
 def test_input_score_equals_python_over_index_rows(built):

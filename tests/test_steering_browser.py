@@ -54,4 +54,17 @@ def test_make_direction_steer_and_reopen(tmp_path):
         page.wait_for_timeout(1000)
         assert _generations(page) == first
         assert page.get_by_text("steered generation: read from the store").count() == 1
+
+        # a click on layer 20 of the separation curve picks that layer's direction (from the stored pass)
+        page.wait_for_function("[...document.querySelectorAll('.js-plotly-plot')].some(p => p._fullLayout && "
+                               "(p.layout.title.text || '').includes('separates'))", timeout=120_000)
+        page.wait_for_timeout(1000)
+        px = page.evaluate("""() => { const gd = [...document.querySelectorAll('.js-plotly-plot')].find(p =>
+            p._fullLayout && (p.layout.title.text || '').includes('separates'));
+            const fl = gd._fullLayout, r = gd.getBoundingClientRect();
+            return [r.left + fl.xaxis._offset + fl.xaxis.l2p(20), r.top + fl.yaxis._offset + fl.yaxis.l2p(gd._fullData[0].y[20])]; }""")
+        page.mouse.click(*px)
+        page.wait_for_function(f"!window.location.search.includes('{q['dkey'][0]}')", timeout=120_000)
+        page.wait_for_function("document.body.innerText.includes('blocks.20.hook_resid_pre')", timeout=120_000)
+        assert parse_qs(urlparse(page.url).query)["dkey"][0].startswith("direction-")
         fresh.close()

@@ -176,7 +176,7 @@ def _layer_curve(view: View, t: dict) -> None:
             except DashboardError as e:
                 st.error(str(e), icon=":material/warning:")
                 return
-            navigate(view.replace(dkey=out.run_key, key=""))
+            navigate(view.replace(dkey=out.run_key, steer=0, key=""))
 
 
 def _steer_form(view: View, t: dict) -> None:

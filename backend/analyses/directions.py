@@ -352,9 +352,11 @@ def site_activations(model: LoadedModel, rows: list[list[int]], read: list[list[
         chunk, pos = rows[s:s + BATCH], read[s:s + BATCH]
         width = max(len(r) for r in chunk)
         ids = model.tensor([r + [pad] * (width - len(r)) for r in chunk])
+        weights = torch.zeros(len(chunk), width, dtype=torch.float64, device=ids.device)   # [B P]
+        for b, p in enumerate(pos):
+            weights[b, p] = 1.0 / len(p)
         acts = model.capture(ids, names)                                  # {name: [B P d]}
-        stack = torch.stack([acts[n] for n in names]).double()           # [L B P d]
-        out.append(torch.stack([stack[:, b, p].mean(1) for b, p in enumerate(pos)], 1))   # [L B d]
+        out.append(torch.stack([torch.einsum("bp,bpd->bd", weights, acts[n].double()) for n in names]))  # [L B d]
     return torch.cat(out, 1)
 
 
