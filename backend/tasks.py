@@ -18,12 +18,14 @@ token). `encode_pairs` validates a dataset and raises typed errors that show the
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass
 
 from .errors import (EmptyDataset, EmptyPrompt, IdenticalAnswers, InvalidSpec, NotSingleToken,
                      PromptLengthMismatch)
+from .spec import Spec
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,50 @@ class PromptPair:
 
     def as_tuple(self) -> tuple[str, str, str, str]:
         return (self.clean, self.corrupt, self.answer, self.wrong)
+
+
+@dataclass(frozen=True)
+class PairTaskSpec(Spec):
+    """The base of every spec over clean/corrupted prompt pairs (patch, AtP, AtP*, circuits,
+    clicked patches): the pair fields, their checks, the dataset constructor and the copy into
+    another task spec, written once. Fields are keyed by name, so run keys do not depend on it."""
+
+    clean: str = ""
+    corrupt: str = ""
+    answer: str = ""
+    wrong: str = ""
+    dataset: tuple = ()          # more pairs: ((clean, corrupt, answer, wrong), ...), averaged
+
+    def validate(self):
+        self.validate_pairs()
+
+    def validate_pairs(self) -> None:
+        if not isinstance(self.dataset, tuple) or any(
+                not isinstance(p, tuple) or len(p) != 4 or not all(isinstance(x, str) for x in p)
+                for p in self.dataset):
+            raise InvalidSpec("dataset must be a list of [clean, corrupt, answer, wrong] string lists.")
+        if not self.pairs():
+            raise EmptyDataset("The task has no prompt pair: give a clean and a corrupted prompt, "
+                               "or a dataset of pairs.")
+
+    def pairs(self) -> list[PromptPair]:
+        first = [PromptPair(self.clean, self.corrupt, self.answer, self.wrong)] \
+            if (self.clean or self.corrupt or self.answer or self.wrong) else []
+        return first + [PromptPair(*p) for p in self.dataset]
+
+    @classmethod
+    def from_pairs(cls, model: str, pairs, **kw):
+        """A spec over a dataset (e.g. from backend.tasks.generate)."""
+        rows = tuple(p.as_tuple() if isinstance(p, PromptPair) else tuple(p) for p in pairs)
+        if not rows:
+            raise EmptyDataset("The task has no prompt pair.")
+        c, k, a, w = rows[0]
+        return cls(model=model, clean=c, corrupt=k, answer=a, wrong=w, dataset=rows[1:], **kw)
+
+    def as_task(self, cls, **kw):
+        """The `cls` spec asking about the same pairs: every field both have is copied."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in self.fields().items() if k in names}, **kw})
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ head h // 3), Gemma-3-270M 4 sharing 1. Where a model has post-norms (Gemma), ho
 hook_mlp_out are the normed outputs (what is added to the residual), and that is what is
 patched. Architectures without canonical weights use the reference.
 
-Sites (`SITES`): resid_pre, attn_out, mlp_out by [layer pos]; head_out (every head's
+Sites (`SITES`, from the one table in backend/patch_sites.py): resid_pre, attn_out, mlp_out by [layer pos]; head_out (every head's
 attention output, hook_z, at all positions) by [layer head]; head_out_pos by [layer pos head];
 head_q and head_pattern (one query head's queries / attention pattern, all positions) by
 [layer head]; head_k and head_v (one key/value head's keys / values, all positions) by
@@ -47,19 +47,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from backend.patch_sites import SITE_AXES, SITE_COMPONENT, SITES, TABLE
 from backend.sites import Component, Site, hook_name
-
-SITES = ("resid_pre", "attn_out", "mlp_out", "head_out", "head_out_pos", "head_q", "head_k",
-         "head_v", "head_pattern")
-SITE_AXES = {"resid_pre": ("layer", "pos"), "attn_out": ("layer", "pos"), "mlp_out": ("layer", "pos"),
-             "head_out": ("layer", "head"), "head_out_pos": ("layer", "pos", "head"),
-             "head_q": ("layer", "head"), "head_k": ("layer", "kv_head"), "head_v": ("layer", "kv_head"),
-             "head_pattern": ("layer", "head")}
-SITE_COMPONENT = {"resid_pre": Component.RESID_PRE, "attn_out": Component.ATTN_OUT,
-                  "mlp_out": Component.MLP_OUT, "head_out": Component.Z, "head_out_pos": Component.Z,
-                  "head_q": Component.Q, "head_k": Component.K, "head_v": Component.V,
-                  "head_pattern": Component.PATTERN}
-
 
 # ---------------------------------------------------------------------------------------
 # Metrics: functions of the last position only
@@ -374,35 +363,38 @@ def make_seed(fm: FastModel, base: RunStates, src: RunStates, site: str, cell: t
     def equal(a, b):
         return not force and torch.equal(a, b)
 
-    if site == "resid_pre":
+    if site not in TABLE:
+        raise ValueError(f"unknown site {site!r}; known: {', '.join(SITES)}")
+    kind = TABLE[site].seed
+    if kind == "resid_pre":
         k, p = cell
         if equal(src.pre[k, p], base.pre[k, p]):
             return None
         rows = base.pre[k, p:].clone()
         rows[0] = src.pre[k, p]
         return Seed(2 * k, p, rows)
-    if site == "attn_out":
+    if kind == "attn_out":
         k, p = cell
         if equal(src.attn[k, p], base.attn[k, p]):
             return None
         rows = base.mid[k, p:].clone()
         rows[0] = base.pre[k, p] + src.attn[k, p]
         return Seed(2 * k + 1, p, rows)
-    if site == "mlp_out":
+    if kind == "mlp_out":
         k, p = cell
         if equal(src.mlp[k, p], base.mlp[k, p]):
             return None
         rows = base.pre[k + 1, p:].clone()
         rows[0] = base.mid[k, p] + src.mlp[k, p]
         return Seed(2 * k + 2, p, rows)
-    if site == "head_out":
+    if kind == "z":
         k, h = cell
         if equal(src.z[k, :, h], base.z[k, :, h]):
             return None
         z = base.z[k].clone()
         z[:, h] = src.z[k, :, h]
         return Seed(2 * k + 1, 0, base.pre[k] + fm.o_proj(k, z))
-    if site == "head_out_pos":
+    if kind == "z_pos":
         k, p, h = cell
         if equal(src.z[k, p, h], base.z[k, p, h]):
             return None
@@ -411,16 +403,17 @@ def make_seed(fm: FastModel, base: RunStates, src: RunStates, site: str, cell: t
         rows = base.mid[k, p:].clone()
         rows[0] = base.pre[k, p] + fm.o_proj(k, z.unsqueeze(0))[0]
         return Seed(2 * k + 1, p, rows)
-    if site in ("head_q", "head_k", "head_v", "head_pattern"):
+    if kind == "qkv":
         k, h = cell
         rep = fm.n_heads // fm.n_kv
-        if site == "head_q":
+        comp = TABLE[site].component
+        if comp is Component.Q:
             q_src, q_base = fm.queries(k, src.pre[k])[:, h], fm.queries(k, base.pre[k])[:, h]
             if equal(q_src, q_base):
                 return None
             g = h // rep
             new = {h: fm.head_pattern(q_src, base.K[k, g], k) @ base.V[k, g]}
-        elif site == "head_pattern":
+        elif comp is Component.PATTERN:
             q_src, q_base = fm.queries(k, src.pre[k])[:, h], fm.queries(k, base.pre[k])[:, h]
             g = h // rep
             p_src = fm.head_pattern(q_src, src.K[k, g], k)
@@ -428,11 +421,12 @@ def make_seed(fm: FastModel, base: RunStates, src: RunStates, site: str, cell: t
                 return None
             new = {h: p_src @ base.V[k, g]}
         else:   # h is a key/value head: every query head of its group reads the patched K or V
-            which = src.K if site == "head_k" else src.V
-            if equal(which[k, h], (base.K if site == "head_k" else base.V)[k, h]):
+            is_k = comp is Component.K
+            which = src.K if is_k else src.V
+            if equal(which[k, h], (base.K if is_k else base.V)[k, h]):
                 return None
-            K = src.K[k, h] if site == "head_k" else base.K[k, h]
-            V = src.V[k, h] if site == "head_v" else base.V[k, h]
+            K = src.K[k, h] if is_k else base.K[k, h]
+            V = base.V[k, h] if is_k else src.V[k, h]
             qs = fm.queries(k, base.pre[k])
             new = {qh: fm.head_pattern(qs[:, qh], K, k) @ V for qh in range(h * rep, (h + 1) * rep)}
         z = base.z[k].clone()
@@ -544,25 +538,10 @@ def base_logits(fm: FastModel, ids) -> torch.Tensor:
 # Reference: one hooked forward of the TransformerBridge per patch
 # ---------------------------------------------------------------------------------------
 def _setter(site: str, cell: tuple[int, ...]) -> Callable:
-    if site in ("resid_pre", "attn_out", "mlp_out"):
-        _, p = cell
-        def put(act, src):
-            act[:, p] = src[:, p]
-    elif site in ("head_out", "head_q", "head_k", "head_v"):   # [batch pos head d_head]
-        _, h = cell
-        def put(act, src):
-            act[:, :, h] = src[:, :, h]
-    elif site == "head_pattern":                               # [batch head q_pos k_pos]
-        _, h = cell
-        def put(act, src):
-            act[:, h] = src[:, h]
-    elif site == "head_out_pos":
-        _, p, h = cell
-        def put(act, src):
-            act[:, p, h] = src[:, p, h]
-    else:
+    """put(act, src): the source run's values copied into the hooked activation at the cell."""
+    if site not in TABLE:
         raise ValueError(f"unknown site {site!r}; known: {', '.join(SITES)}")
-    return put
+    return lambda act, src: TABLE[site].put(act, src, cell)
 
 
 def reference_logits(model, base_ids, source_ids, site: str, cell_list) -> tuple[torch.Tensor, torch.Tensor, list]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from backend.patch_sites import SITE_AXES
 from backend.sites import Component, Site, hook_name
-from kernels.patching import SITE_AXES
 
 TL_SITE = {"resid_pre": "get_act_patch_resid_pre", "attn_out": "get_act_patch_attn_out",
            "mlp_out": "get_act_patch_mlp_out", "head_out": "get_act_patch_attn_head_out_all_pos",

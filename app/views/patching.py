@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from backend.analyses.patching import DIRECTIONS, METRICS, SITE_AXES, SITES, InterventionSpec, PatchSpec
+from backend.analyses.patching import DIRECTIONS, METRICS, InterventionSpec, PatchSpec
+from backend.patch_sites import ATP_SITES, SITE_AXES, SITE_LABELS, SITES, STAR_SITES
 from backend.errors import DashboardError
 
 from .. import figures
@@ -13,11 +14,6 @@ from ..state import View
 
 TASKS = {"custom": "your own pair", "ioi": "IOI (names)", "induction": "induction (repeated tokens)",
          "facts": "factual recall"}
-SITE_LABELS = {"resid_pre": "residual stream (resid_pre)", "attn_out": "attention output",
-               "mlp_out": "MLP output", "head_out": "each head's output (all positions)",
-               "head_out_pos": "each head's output, by position", "head_q": "each head's queries",
-               "head_k": "each key/value head's keys", "head_v": "each key/value head's values",
-               "head_pattern": "each head's attention pattern"}
 ATP_MODES = {0: "off", 1: "AtP", 2: "AtP* (QK fix + GradDrop)"}
 
 
@@ -105,9 +101,7 @@ def render(view: View) -> View:
             view = view.replace(cell=cell)
     if view.cell:
         view = _intervention(view, spec, r, values, axes, pos)
-    if view.site not in ("head_out_pos", "head_pattern"):
-        from backend.analyses.attribution import ATP_SITES
-
+    if view.site in STAR_SITES:
         st.subheader("Attribution patching (AtP) against the exact sweep")
         modes = [0, 1, 2] if view.site in ATP_SITES else [0, 2]
         mode = st.radio("Estimate every cell from gradients", modes, format_func=ATP_MODES.get, horizontal=True,

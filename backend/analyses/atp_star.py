@@ -32,12 +32,10 @@ import numpy as np
 from ..errors import InvalidSite, InvalidSpec
 from ..model import LoadedModel
 from ..runner import analysis
+from ..patch_sites import STAR_SITES, TABLE
 from .attribution import AtPResult, AtPSpec, estimate_over_pairs
 from .patching import PatchSpec
 
-STAR_SITES = ("resid_pre", "attn_out", "mlp_out", "head_out", "head_q", "head_k", "head_v")
-_COMPONENT = {"resid_pre": "resid_pre", "attn_out": "attn_out", "mlp_out": "mlp_out", "head_out": "z",
-              "head_q": "q", "head_k": "k", "head_v": "v"}
 
 
 @dataclass(frozen=True)
@@ -55,10 +53,8 @@ class AtPStarResult(AtPResult):
 
 
 def _reduce(contrib, site):
-    """[row pos ...] elementwise products -> per-cell sums [row pos] or [row head]."""
-    if site in ("head_out", "head_q", "head_k", "head_v"):     # [row pos head d_head] -> [row head]
-        return contrib.sum((1, 3))
-    return contrib.sum(-1)                                      # [row pos d_model] -> [row pos]
+    """[row pos ...] elementwise products -> per-cell sums [row pos] or [row head] (patch_sites)."""
+    return contrib.sum(TABLE[site].atp_dims(batched=True))
 
 
 def star_attribution(model: LoadedModel, base_ids, source_ids, site: str, metric):
@@ -72,7 +68,7 @@ def star_attribution(model: LoadedModel, base_ids, source_ids, site: str, metric
 
     info = model.info
     L = info.n_layers
-    names = hook_names(Component(_COMPONENT[site]), L)
+    names = hook_names(TABLE[site].component, L)
     qk = site in ("head_q", "head_k")
     pat_names = hook_names(Component.PATTERN, L) if qk else []
     wanted = set(names)
@@ -202,9 +198,7 @@ def compare_with_exact(spec: AtPStarSpec, result: AtPStarResult | None = None,
     from ..runner import lookup, run
     from .attribution import correlation
 
-    exact = lookup(PatchSpec(model=spec.model, clean=spec.clean, corrupt=spec.corrupt, answer=spec.answer,
-                             wrong=spec.wrong, site=spec.site, metric=spec.metric,
-                             direction=spec.direction, dataset=spec.dataset))
+    exact = lookup(spec.as_task(PatchSpec))
     if exact is None:
         return None
     r = result or run(spec).result

@@ -31,10 +31,9 @@ from ..errors import InvalidSite, InvalidSpec
 from ..model import LoadedModel
 from ..runner import analysis
 from ..tasks import encode_pairs
-from .patching import SITE_AXES, PatchResult, PatchSpec, _metrics, normalising_gap
+from ..patch_sites import ATP_SITES, SITE_AXES, TABLE
+from .patching import PatchResult, PatchSpec, _metrics, normalising_gap
 
-ATP_SITES = ("resid_pre", "attn_out", "mlp_out", "head_out")
-_COMPONENT = {"resid_pre": "resid_pre", "attn_out": "attn_out", "mlp_out": "mlp_out", "head_out": "z"}
 
 
 @dataclass(frozen=True)
@@ -47,9 +46,7 @@ class AtPSpec(PatchSpec):
 
     def patch_spec(self) -> PatchSpec:
         """The exact sweep asking the same question."""
-        return PatchSpec(model=self.model, clean=self.clean, corrupt=self.corrupt, answer=self.answer,
-                         wrong=self.wrong, site=self.site, metric=self.metric, direction=self.direction,
-                         dataset=self.dataset)
+        return self.as_task(PatchSpec)
 
 
 @dataclass(frozen=True)
@@ -71,7 +68,7 @@ def attribution(model: LoadedModel, base_ids, source_ids, site: str, metric) -> 
 
     from ..sites import Component, Site, hook_name, hook_names
 
-    names = hook_names(Component(_COMPONENT[site]), model.info.n_layers)
+    names = hook_names(TABLE[site].component, model.info.n_layers)
     wanted = set(names)
     with torch.inference_mode():
         src_logits, cache = model.run_with_cache(source_ids, wanted)
@@ -103,7 +100,7 @@ def attribution(model: LoadedModel, base_ids, source_ids, site: str, metric) -> 
         if g is None:        # a node the metric does not depend on (cannot happen for these sites)
             g = torch.zeros_like(a)
         contrib = ((s.to(a.dtype) - a) * g).double()[0]          # [pos d] or [pos head d_head]
-        rows.append(contrib.sum(-1) if site != "head_out" else contrib.sum((0, 2)))
+        rows.append(contrib.sum(TABLE[site].atp_dims(batched=False)))
     with torch.inference_mode():
         src_m = float(metric.from_logits(src_logits[:, -1].float())[0])
     return (torch.stack(rows), float(m.detach()), src_m,

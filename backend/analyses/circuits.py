@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -31,28 +31,21 @@ from ..errors import InvalidSpec
 from ..model import LoadedModel, load_model
 from ..runner import analysis
 from ..spec import Result, Spec
-from ..tasks import PromptPair, encode_pairs
-from .patching import METRICS, PatchSpec, _check_choice
+from ..tasks import PairTaskSpec, encode_pairs
+from .patching import METRICS, _check_choice
 
 METHODS = ("eap", "eap-ig")
 CIRCUIT_METRICS = METRICS
 
 
 @dataclass(frozen=True)
-class EdgeScoresSpec(Spec):
-    """Scores of every edge for a task (fields as in PatchSpec) by EAP or EAP-IG."""
+class EdgeScoresSpec(PairTaskSpec):
+    """Scores of every edge for a task (the pair fields of every task spec) by EAP or EAP-IG."""
 
     KIND = "edge_scores"
-    clean: str = ""
-    corrupt: str = ""
-    answer: str = ""
-    wrong: str = ""
     metric: str = "logit_diff_norm"
-    dataset: tuple = ()          # more pairs: ((clean, corrupt, answer, wrong), ...), averaged
     method: str = "eap"
     ig_steps: int = 5
-
-    pairs = PatchSpec.pairs
 
     def validate(self):
         _check_choice(self.metric, CIRCUIT_METRICS, "metric")
@@ -62,20 +55,7 @@ class EdgeScoresSpec(Spec):
                               "gradient 0: use EAP-IG (method eap-ig) or another metric for KL.")
         if not isinstance(self.ig_steps, int) or not 1 <= self.ig_steps <= 50:
             raise InvalidSpec(f"ig_steps must be 1–50, got {self.ig_steps!r}.")
-        _as_patch(self)              # the task's own checks (pairs present, known metric)
-
-    @classmethod
-    def from_pairs(cls, model: str, pairs, **kw):
-        rows = tuple(p.as_tuple() if isinstance(p, PromptPair) else tuple(p) for p in pairs)
-        if not rows:
-            return cls(model=model, **kw)          # validate() raises EmptyDataset
-        c, k, a, w = rows[0]
-        return cls(model=model, clean=c, corrupt=k, answer=a, wrong=w, dataset=rows[1:], **kw)
-
-
-def _as_patch(spec) -> PatchSpec:
-    return PatchSpec(model=spec.model, clean=spec.clean, corrupt=spec.corrupt, answer=spec.answer,
-                     wrong=spec.wrong, metric=spec.metric, dataset=spec.dataset)
+        self.validate_pairs()
 
 
 @dataclass(frozen=True)
@@ -198,8 +178,7 @@ class CircuitSpec(EdgeScoresSpec):
         object.__setattr__(self, "removed", seen)
 
     def scores_spec(self) -> EdgeScoresSpec:
-        names = {f.name for f in fields(EdgeScoresSpec)}
-        return EdgeScoresSpec(**{k: v for k, v in self.fields().items() if k in names})
+        return self.as_task(EdgeScoresSpec)
 
     def replace(self, **kw) -> "CircuitSpec":
         return CircuitSpec(**{**self.fields(), **kw})

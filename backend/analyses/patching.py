@@ -26,18 +26,13 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..errors import EmptyDataset, InvalidSite, InvalidSpec
+from ..errors import InvalidSite, InvalidSpec
 from ..model import LoadedModel, load_model
+from ..patch_sites import SITE_AXES, SITES
 from ..runner import analysis
-from ..spec import Result, Spec
-from ..tasks import EncodedPair, PromptPair, encode_pairs
+from ..spec import Result
+from ..tasks import EncodedPair, PairTaskSpec, encode_pairs
 
-SITES = ("resid_pre", "attn_out", "mlp_out", "head_out", "head_out_pos", "head_q", "head_k",
-         "head_v", "head_pattern")   # = kernels.patching.SITES
-SITE_AXES = {"resid_pre": ("layer", "pos"), "attn_out": ("layer", "pos"), "mlp_out": ("layer", "pos"),
-             "head_out": ("layer", "head"), "head_out_pos": ("layer", "pos", "head"),
-             "head_q": ("layer", "head"), "head_k": ("layer", "kv_head"), "head_v": ("layer", "kv_head"),
-             "head_pattern": ("layer", "head")}
 METRICS = ("logit_diff_norm", "logit_diff", "prob", "kl")
 DIRECTIONS = ("denoising", "noising")
 
@@ -48,43 +43,18 @@ def _check_choice(value, allowed, what, err=InvalidSpec):
 
 
 @dataclass(frozen=True)
-class PatchSpec(Spec):
+class PatchSpec(PairTaskSpec):
     KIND = "patch"
     ALLOWED_SITES: ClassVar[tuple[str, ...]] = SITES
-    clean: str = ""
-    corrupt: str = ""
-    answer: str = ""
-    wrong: str = ""
     site: str = "resid_pre"
     metric: str = "logit_diff_norm"
     direction: str = "denoising"
-    dataset: tuple = ()          # more pairs: ((clean, corrupt, answer, wrong), ...), averaged
 
     def validate(self):
         _check_choice(self.site, self.ALLOWED_SITES, "patching site", InvalidSite)
         _check_choice(self.metric, METRICS, "metric")
         _check_choice(self.direction, DIRECTIONS, "direction")
-        if not isinstance(self.dataset, tuple) or any(
-                not isinstance(p, tuple) or len(p) != 4 or not all(isinstance(x, str) for x in p)
-                for p in self.dataset):
-            raise InvalidSpec("dataset must be a list of [clean, corrupt, answer, wrong] string lists.")
-        if not self.pairs():
-            raise EmptyDataset("The task has no prompt pair: give a clean and a corrupted prompt, "
-                               "or a dataset of pairs.")
-
-    def pairs(self) -> list[PromptPair]:
-        first = [PromptPair(self.clean, self.corrupt, self.answer, self.wrong)] \
-            if (self.clean or self.corrupt or self.answer or self.wrong) else []
-        return first + [PromptPair(*p) for p in self.dataset]
-
-    @classmethod
-    def from_pairs(cls, model: str, pairs, **kw) -> "PatchSpec":
-        """A spec over a dataset (e.g. from backend.tasks.generate)."""
-        rows = tuple(p.as_tuple() if isinstance(p, PromptPair) else tuple(p) for p in pairs)
-        if not rows:
-            raise EmptyDataset("The task has no prompt pair.")
-        c, k, a, w = rows[0]
-        return cls(model=model, clean=c, corrupt=k, answer=a, wrong=w, dataset=rows[1:], **kw)
+        self.validate_pairs()
 
 
 @dataclass(frozen=True)
@@ -281,9 +251,7 @@ class InterventionSpec(PatchSpec):
                 raise InvalidSite(f"{name} must be a whole number.")
 
     def patch_spec(self) -> PatchSpec:
-        return PatchSpec(model=self.model, clean=self.clean, corrupt=self.corrupt, answer=self.answer,
-                         wrong=self.wrong, site=self.site, metric=self.metric, direction=self.direction,
-                         dataset=self.dataset)
+        return self.as_task(PatchSpec)
 
 
 @analysis(InterventionSpec, Intervention)
