@@ -150,7 +150,6 @@ def test_sae_feature_steer_and_projection(model, sentiment):
                                 labels=tuple(tf["labels"][:16]))).run_key
     ps = run(S.ProjectionSpec(model=model.info.model_id, direction=probe, prompt="The capital of Japan is Tokyo.")).result
     assert ps.probe_score.shape == (len(ps.tokens),) and ((ps.probe_score >= 0) & (ps.probe_score <= 1)).all()
-    assert torch is not None
 
 
 def test_evaluations(model, sentiment):
