@@ -129,8 +129,11 @@ def test_bad_inputs(model):
         run(_spec(PromptPair(FACT.clean, FACT.corrupt, " Paris", " Paris")))
 
 
-def test_cli(model, capsys):
+def test_cli(model, capsys, tmp_path, monkeypatch):
     from backend.cli import main
+
+    # A store of its own: whether the exact sweep is stored must not depend on the tests before.
+    monkeypatch.setenv("DASHBOARD_STORE", str(tmp_path / "atp-cli.duckdb"))
 
     args = ["atp", "--clean", FACT.clean, "--corrupt", FACT.corrupt, "--answer", FACT.answer,
             "--wrong", FACT.wrong, "--site", "attn_out", "--metric", "logit_diff_norm", "--format", "json"]
