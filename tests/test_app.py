@@ -115,7 +115,11 @@ def server(tmp_path_factory):
 
 
 def click_cell(page, plot_index: int, x: float, y: float) -> None:
-    """Click the data point (x, y) of the plot_index-th Plotly chart on the page."""
+    """Click the data point (x, y) of the plot_index-th Plotly chart on the page (scrolled into
+    view first: a mouse click outside the viewport goes nowhere)."""
+    page.evaluate("i => document.querySelectorAll('.js-plotly-plot')[i].scrollIntoView({block: 'center'})",
+                  plot_index)
+    page.wait_for_timeout(300)
     px = page.evaluate("""([i, x, y]) => { const gd = document.querySelectorAll('.js-plotly-plot')[i];
         const fl = gd._fullLayout, r = gd.getBoundingClientRect();
         return [r.left + fl._size.l + fl.xaxis.l2p(x), r.top + fl._size.t + fl.yaxis.l2p(y)]; }""",
