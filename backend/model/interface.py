@@ -54,6 +54,33 @@ class _Captured(Exception):
     """Raised inside a forward once every wanted activation is in hand."""
 
 
+class _Keeper:
+    """One filter hook that keeps the activations of the wanted hook points (dispatching on the
+    point's identity) and ends the forward once all have fired (when stop_early)."""
+
+    def __init__(self, want: list[str], by_point: dict, flatten_heads: bool, stop_early: bool):
+        self.want, self.by_point, self.got = want, by_point, {}
+        self.flatten_heads, self.stop_early = flatten_heads, stop_early
+        wanted = set(want)
+        self.hook = (lambda n: n in wanted, self._keep)
+
+    def _keep(self, x, hook):
+        name = self.by_point.get(id(hook))
+        if name is None:
+            return None
+        x = x.detach()
+        self.got[name] = x.flatten(2) if (self.flatten_heads and x.ndim == 4) else x
+        if self.stop_early and len(self.got) == len(self.want):
+            raise _Captured
+        return None
+
+    def result(self) -> dict:
+        lost = [n for n in self.want if n not in self.got]
+        if lost:
+            raise RuntimeError(f"hooks {lost} did not fire")
+        return {n: self.got[n] for n in self.want}
+
+
 def hook_layer(name: str) -> int | None:
     """The block index of a hook name (None for global hooks such as hook_embed)."""
     m = _LAYER.match(name)
@@ -198,6 +225,15 @@ class LoadedModel:
         """
         import torch
 
+        keeper = self._keeper(names, flatten_heads, stop_early)
+        with self.lock, torch.inference_mode():
+            try:
+                self.bridge.run_with_hooks(self._ids(ids), fwd_hooks=[keeper.hook], return_type=None)
+            except _Captured:
+                pass
+        return keeper.result()
+
+    def _keeper(self, names: Sequence[str], flatten_heads: bool = False, stop_early: bool = True) -> "_Keeper":
         from ..errors import InvalidSite
 
         want = list(dict.fromkeys(names))
@@ -205,30 +241,7 @@ class LoadedModel:
         missing = [n for n in want if n not in points]
         if missing:
             raise InvalidSite(f"Hooks {missing} do not exist in {self.info.model_id}.")
-        by_point = {id(points[n]): n for n in want}
-        got: dict = {}
-
-        def keep(x, hook):
-            name = by_point.get(id(hook))
-            if name is None:
-                return None
-            x = x.detach()
-            got[name] = x.flatten(2) if (flatten_heads and x.ndim == 4) else x
-            if stop_early and len(got) == len(want):
-                raise _Captured
-            return None
-
-        wanted = set(want)
-        with self.lock, torch.inference_mode():
-            try:
-                self.bridge.run_with_hooks(self._ids(ids), fwd_hooks=[(lambda n: n in wanted, keep)],
-                                           return_type=None)
-            except _Captured:
-                pass
-        lost = [n for n in want if n not in got]
-        if lost:
-            raise RuntimeError(f"hooks {lost} did not fire")
-        return {n: got[n] for n in want}
+        return _Keeper(want, {id(points[n]): n for n in want}, flatten_heads, stop_early)
 
     # -- unembedding --------------------------------------------------------------------
     def final_norm(self, resid):
@@ -329,24 +342,8 @@ class LoadedModel:
         layers = getattr(inner, "layers", None)
         if not isinstance(layers, torch.nn.ModuleList) or not 0 <= layer < len(layers):
             raise InvalidSite(f"Cannot start {self.info.model_id} at block {layer}.")
-        want = list(dict.fromkeys(names))
-        points = self.hook_points()
-        missing = [n for n in want if n not in points]
-        if missing:
-            raise InvalidSite(f"Hooks {missing} do not exist in {self.info.model_id}.")
-        by_point = {id(points[n]): n for n in want}
-        got: dict = {}
-
-        def keep(x, hook):
-            name = by_point.get(id(hook))
-            if name is not None:
-                got[name] = x.detach()
-                if len(got) == len(want):
-                    raise _Captured
-            return None
-
-        wanted = set(want)
-        hooks = list(fwd_hooks) + [(lambda n: n in wanted, keep)]
+        keeper = self._keeper(names)
+        hooks = list(fwd_hooks) + [keeper.hook]
         with self.lock, torch.inference_mode(), self.bridge.hooks(fwd_hooks=hooks):
             inner.layers = torch.nn.ModuleList(list(layers)[layer:])
             try:
@@ -355,7 +352,4 @@ class LoadedModel:
                 pass
             finally:
                 inner.layers = layers
-        lost = [n for n in want if n not in got]
-        if lost:
-            raise RuntimeError(f"hooks {lost} did not fire")
-        return {n: got[n] for n in want}
+        return keeper.result()
