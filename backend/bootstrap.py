@@ -120,6 +120,9 @@ def run_step(step: Step) -> None:
 
 
 def _run_all(b: Bootstrap) -> None:
+    from .model.loading import import_stack
+
+    import_stack()   # before any page of this process can import the same stack (see there)
     for step in b.steps:
         try:
             run_step(step)

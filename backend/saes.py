@@ -77,6 +77,9 @@ def resolve(sae: str, root: Path | None = None) -> tuple[str, str]:
 def load_sae(sae: str, root: Path | None = None):
     """The SAELens SAE object (float32, eval mode, on the project's device), cached."""
     kind, ref = resolve(sae, root)
+    from .model.loading import import_stack
+
+    import_stack()
     with _lock:
         if ref not in _loaded:
             from sae_lens import SAE

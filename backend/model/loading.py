@@ -92,6 +92,19 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {m.model_id: m for m in [
 
 _loaded: dict[str, LoadedModel] = {}
 _load_lock = threading.Lock()
+_import_lock = threading.Lock()
+
+
+def import_stack() -> None:
+    """Import torch, transformers, TransformerLens and SAELens once, under one lock. Two threads
+    importing them for the first time at once (a page loading an SAE while the first-start build
+    loads the model) break their initialisation: partially initialised modules, KeyError
+    'transformers.utils'. Every path that loads a model or an SAE calls this first."""
+    with _import_lock:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+        import transformer_lens  # noqa: F401
+        import sae_lens  # noqa: F401
 
 
 def available_models() -> list[dict]:
@@ -107,6 +120,7 @@ def offline_model_ids() -> list[str]:
 def load_model(model_id: str, progress: Callable[[str], None] | None = None) -> LoadedModel:
     """Load (once per process) and return a model by id or TransformerLens / HF name."""
     check_model_id(model_id)
+    import_stack()
     with _load_lock:
         if model_id not in _loaded:
             t = time.perf_counter()
