@@ -91,7 +91,7 @@ def test_massive_corpus_on_ray_equals_local(model, tmp_path):
     b.close()
 
 
-def test_killed_worker_and_killed_driver_resume_without_lost_or_doubled_rows(local_run, model, tmp_path):
+def test_killed_driver_resumes_from_shards_without_lost_or_doubled_rows(local_run, model, tmp_path):
     local, _ = local_run
     key = JOB.key()
     spec = ns.job_spec(local, JOB)
@@ -114,11 +114,11 @@ def test_killed_worker_and_killed_driver_resume_without_lost_or_doubled_rows(loc
         if complete:
             (d / "DONE").write_text("1.0")
 
-    # This run: the worker that takes chunk 1 dies mid-chunk; the chunk is run again elsewhere.
+    # This run merges the complete shard without recomputing and reruns the incomplete one.
     store = Store(tmp_path / "resume.duckdb")
-    remote = jobs.Remote("tests.ray_helpers:dying_worker", (asdict(JOB), thresholds, key, str(tmp_path / "died")))
+    remote = jobs.Remote("backend.neuron_stats:chunk_worker", (asdict(JOB), thresholds, key))
     st = jobs.run_job(store, key, ns.KIND, JOB.model, spec, n_chunks, None, engine="ray", remote=remote)
-    assert st.done == n_chunks and (tmp_path / "died").exists()
+    assert st.done == n_chunks
     assert _rows(store, "neuron_part", key) == _rows(local, "neuron_part", key)
     big = store.cursor().execute("SELECT count(*), count(DISTINCT (chunk, layer)) FROM neuron_part_big "
                                  "WHERE job_key = ?", [key]).fetchall()[0]
