@@ -36,6 +36,11 @@ TokenChange (Gur-Arieh et al.): TC_WINDOWS held-out corpus windows of TC_LEN tok
     the median size ‖a · row‖ of one active (feature, token) pair of the SAE, measured on the
     index, or without one on the TokenChange windows; so a fallback feature is pushed as hard
     as a typical active feature. `c_source` says which.
+    Precision: the continued forwards run in kernels.forward.bulk_precision() (bfloat16 where
+    the CPU multiplies it fast, AMX/AVX512-BF16, or on a GPU; float32 elsewhere), recorded in
+    the job's parameters. Measured on 16 features each of L15 resid and L23 z: the top-10
+    lists agree with float32 on 98.3 % / 99.4 % of their tokens (the rest near-ties), values
+    within 0.3 % of the largest; 2.8x / 3.0x faster.
     Cheap enough: the windows run once up to the block of the hook; every (feature, sign,
     window) is a row continuing from there; the logits are never formed per row: the final
     norm's output is averaged first (logits are linear in it) and unembedded once per row of
@@ -266,9 +271,24 @@ def heldout_windows(model_id: str, n: int = TC_WINDOWS, length: int = TC_LEN, co
     return [wins[i][2] for i in sorted(order.tolist())]
 
 
-def windows_state(model, sae, windows: list[list[int]]) -> dict:
+def _rest(model, layer: int, resid, hook: str, add=None, precision: str = "float32"):
+    """The final norm's input [b T d_model] of the forward continued from block `layer` with
+    `add` (a TransformerLens-style hook fn) at `hook`: through the dense kernel
+    (kernels/forward.py) in `precision` where the model has one, else LoadedModel.run_from."""
+    from kernels import forward as kf
+
+    dm = kf.dense_model(model, *kf.PRECISIONS[precision])
+    if dm is not None:
+        hooks = {} if add is None else {hook: lambda x: add(x, None)}
+        return kf.run(dm, resid, start=layer, capture=[kf.FINAL], hooks=hooks)[kf.FINAL]
+    final = _final_in()
+    return model.run_from(layer, resid, [final], fwd_hooks=[] if add is None else [(hook, add)])[final]
+
+
+def windows_state(model, sae, windows: list[list[int]], precision: str = "float32") -> dict:
     """The windows run once up to the hook's block: resid_pre there, the clean mean of the
-    final norm's output over windows and positions >= 1, and the SAE's codes (for c fallback)."""
+    final norm's output over windows and positions >= 1, and the SAE's codes (for c fallback).
+    `precision`: of the continued forwards (kernels/forward.PRECISIONS)."""
     import torch
 
     from kernels.sae_encode import fused_encode
@@ -281,11 +301,11 @@ def windows_state(model, sae, windows: list[list[int]]) -> dict:
     pre = hook_name(Site(Component.RESID_PRE, layer))
     ids = model.tensor(windows)                                                    # [w T]
     cap = model.capture(ids, [pre, hook], flatten_heads=True)
-    final = _final_in()
     with torch.inference_mode():
-        clean = model.final_norm(model.run_from(layer, cap[pre], [final])[final][:, 1:]).float().mean((0, 1))
+        rest = _rest(model, layer, cap[pre], hook, precision=precision)
+        clean = model.final_norm(rest[:, 1:].to(cap[pre].dtype)).float().mean((0, 1))
     v, i = fused_encode(sae, cap[hook][:, 1:].reshape(-1, cap[hook].shape[-1]).float())
-    return {"layer": layer, "hook": hook, "resid": cap[pre], "clean": clean, "codes": (v, i)}
+    return {"layer": layer, "hook": hook, "resid": cap[pre], "clean": clean, "codes": (v, i), "precision": precision}
 
 
 def token_change(model, sae, features, rows, c, state: dict, chunk: int = TC_CHUNK, k: int = TC_K) -> dict:
@@ -305,10 +325,10 @@ def token_change(model, sae, features, rows, c, state: dict, chunk: int = TC_CHU
         signed = torch.stack([c[s:s + b], -c[s:s + b]], 1).reshape(-1, 1) * rows[f].repeat_interleave(2, 0)  # [2b d_in]
         delta = signed.repeat_interleave(nw, 0)                                    # [2b·w d_in]
         batch = resid.repeat(2 * b, 1, 1)                                          # [2b·w T d_model]
-        final = _final_in()
-        got = model.run_from(state["layer"], batch, [final], fwd_hooks=[(state["hook"], _adder(delta, slice(1, None)))])
+        got = _rest(model, state["layer"], batch, state["hook"], _adder(delta, slice(1, None)),
+                    state.get("precision", "float32"))
         with torch.inference_mode():
-            normed = model.final_norm(got[final][:, 1:]).float()                   # [2b·w T-1 d_model]
+            normed = model.final_norm(got[:, 1:].to(resid.dtype)).float()          # [2b·w T-1 d_model]
             mean = normed.mean(1).reshape(2 * b, nw, -1).mean(1)                   # [2b d_model]
             dl = (mean - state["clean"]) @ W_U.float().T                           # [2b V]
             up, down = dl.topk(k, dim=-1), dl.topk(k, dim=-1, largest=False)
@@ -526,13 +546,14 @@ def _index_or_none(store, sae_id: str):
 def build_scores(model_id: str, sae: str | list[str], store=None, progress: Callable[[str], jobs.Progress] | None = None,
                  corpus_name: str = corpus.DEFAULT_NAME, root=None, parts=("vocab", "output", "input", "token_change"),
                  stop_after: int | None = None, features: int | None = None, tc_windows: int = TC_WINDOWS,
-                 tc_len: int = TC_LEN) -> dict:
+                 tc_len: int = TC_LEN, tc_precision: str | None = None) -> dict:
     """Compute and store the scores of every feature of the SAE(s); resumable, idempotent.
 
     Two passes: first VocabProj, output and input score of every SAE (minutes: labels and
     scores appear early), then TokenChange of every SAE (the long part). `progress(description)`
     makes a progress callback per part; `features` limits each SAE to its first N features
-    (tests, benchmarks); `stop_after` stops each part after that many new chunks."""
+    (tests, benchmarks); `stop_after` stops each part after that many new chunks;
+    `tc_precision` the forward of TokenChange (default kernels.forward.bulk_precision())."""
     from ..saes import sae_info
     from ..store import default_store
     from .index import resolve_saes, sae_key
@@ -585,6 +606,9 @@ def build_scores(model_id: str, sae: str | list[str], store=None, progress: Call
             else:
                 res["input_score"] = _input_scores(store, ctx, key, index)
     if "token_change" in parts:                                      # pass 2: TokenChange
+        from kernels.forward import bulk_precision
+
+        precision = tc_precision or bulk_precision()
         for s, ctx in ctxs.items():
             key = sae_key(s)
             res = out["saes"][s]
@@ -601,14 +625,14 @@ def build_scores(model_id: str, sae: str | list[str], store=None, progress: Call
 
             def tc_work(feats, ctx=ctx, key=key, s=s, index=index, wins=wins, st={}):  # noqa: B006
                 if not st:
-                    st.update(windows_state(ctx.model, ctx.sae, wins))
+                    st.update(windows_state(ctx.model, ctx.sae, wins, precision))
                     st["c"], st["src"] = strengths(store, s, ctx.rows, index)
                 r = token_change(ctx.model, ctx.sae, feats, ctx.rows, st["c"][feats], st)
                 return _tc_table(key, index.ix, feats, st["c"][feats], st["src"][feats], r, len(wins), tc_len)
             res["token_change"] = _chunked(store, ctx, "token_change", key, res["features"], TC_CHUNK, tc_work,
                                            bar(s, "TokenChange"), "feature_token_change", ix=index.ix,
                                            stop_after=stop_after, windows=tc_windows, length=tc_len, mult=C_MULT,
-                                           corpus=corpus_name)
+                                           corpus=corpus_name, **({} if precision == "float32" else {"precision": precision}))
     out["seconds"] = round(time.perf_counter() - t_all, 2)
     return out
 
