@@ -40,13 +40,17 @@ import torch.nn.functional as F
 from .patching import FastModel
 
 FINAL = "final_resid"      # the residual stream entering the final norm
-_POINT = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|attn\.hook_z|hook_attn_out|mlp\.hook_post|hook_mlp_out|hook_resid_post)$")
+EMBED = "hook_embed"
+_POINT = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|attn\.hook_z|hook_attn_out|hook_resid_mid|mlp\.hook_post|"
+                    r"hook_mlp_out|hook_resid_post)$")
 
 
 def point_layer(name: str, n_layers: int) -> tuple[int, str]:
     """(block, kind) of a hook point this kernel knows; FINAL is (n_layers, "final")."""
     if name == FINAL:
         return n_layers, "final"
+    if name == EMBED:
+        return 0, "embed"
     m = _POINT.match(name)
     if not m or int(m.group(1)) >= n_layers:
         raise KeyError(f"no dense hook point {name!r}")
@@ -86,30 +90,53 @@ class DenseModel(FastModel):
         half = t.shape[-1] // 2
         return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
 
-    def attention(self, j: int, x: torch.Tensor, hooks: Mapping[str, Callable], keep: dict, want: set) -> torch.Tensor:
-        """Block j's attention for x [B T d_model]: returns what it adds to the residual."""
+    def _mask(self, j: int, start: int, T: int, total: int) -> torch.Tensor | None:
+        """Additive mask [T total] of queries at positions start.. over keys 0..total-1: causal
+        and, for a sliding-window layer, within the window; None when nothing is masked."""
+        w = self.layers[j]["window"]
+        if T == 1 and (w is None or w >= total):
+            return None
+        if start == 0:
+            return self.causal_mask(T, j)
+        qp = torch.arange(start, start + T, device=self.W_U.device)[:, None]
+        kp = torch.arange(total, device=self.W_U.device)[None, :]
+        bad = (kp > qp) if w is None else (kp > qp) | (qp - kp >= w)
+        return torch.zeros(T, total, device=qp.device).masked_fill(bad, float("-inf"))
+
+    def attention(self, j: int, x: torch.Tensor, hooks: Mapping[str, Callable], keep: dict, want: set,
+                  cache: "KVCache | None" = None, start: int = 0) -> torch.Tensor:
+        """Block j's attention for x [B T d_model] at positions start..start+T-1 (with a cache:
+        after the cached positions, whose keys and values it reads and extends); returns what
+        it adds to the residual."""
         L, H, KV, D = self.layers[j], self.n_heads, self.n_kv, self.d_head
         B, T, _ = x.shape
+        total = start + T
         h = self._rms(x, L["ln1"])
         q = self._lin(h, L["wq"], L["bq"]).view(B, T, H, D)
         k = self._lin(h, L["wk"], L["bk"]).view(B, T, KV, D)
         v = self._lin(h, L["wv"], L["bv"]).view(B, T, KV, D)
         if L["q_norm"] is not None:
             q, k = self._rms(q, L["q_norm"]), self._rms(k, L["k_norm"])
-        cos, sin = self.rope(T, j)
+        cos, sin = self.rope(total, j)
+        cos, sin = cos[start:total], sin[start:total]
         q, k = self._rot(q.transpose(1, 2), cos, sin), self._rot(k.transpose(1, 2), cos, sin)
         v = v.transpose(1, 2)
+        if cache is not None:
+            if j in cache.k:
+                k, v = torch.cat([cache.k[j], k], 2), torch.cat([cache.v[j], v], 2)
+            cache.k[j], cache.v[j] = k, v
         rep = H // KV
         if rep > 1:
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        window = L["window"]
+        mask = self._mask(j, start, T, total)
         if self.attn_softcap:                                  # no fused kernel for a softcap
-            probs = (self.scores(j, q, k.transpose(-1, -2)) + self.causal_mask(T, j)).softmax(-1, dtype=torch.float32)
-            z = probs.to(x.dtype) @ v
-        elif window is not None and window < T:
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=self.causal_mask(T, j).to(x.dtype), scale=L["scale"])
+            s = self.scores(j, q, k.transpose(-1, -2))
+            probs = (s if mask is None else s + mask).softmax(-1, dtype=torch.float32)
+            z = probs.to(q.dtype) @ v
+        elif mask is None or (start == 0 and (L["window"] is None or L["window"] >= T)):
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=mask is not None, scale=L["scale"])
         else:
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=L["scale"])
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=L["scale"])
         z = _point(f"blocks.{j}.attn.hook_z", z.transpose(1, 2), hooks, keep, want)       # [B T H D]
         out = self._lin(z.reshape(B, T, H * D), L["wo"], L["bo"])
         if L["ln1_post"] is not None:
@@ -138,6 +165,14 @@ def _point(name: str, x: torch.Tensor, hooks: Mapping[str, Callable], keep: dict
     return x
 
 
+class KVCache:
+    """Keys and values (after rotary, one entry per block) of the positions run so far."""
+
+    def __init__(self):
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+
 _dense: dict = {}
 
 
@@ -158,26 +193,31 @@ def dense_model(model, dtype: torch.dtype | None = None, mixed: bool = False) ->
 
 
 def run(dm: DenseModel, x: torch.Tensor, *, start: int = 0, capture: Iterable[str] = (),
-        hooks: Mapping[str, Callable] | None = None) -> dict[str, torch.Tensor]:
+        hooks: Mapping[str, Callable] | None = None, cache: KVCache | None = None,
+        position: int = 0) -> dict[str, torch.Tensor]:
     """{point: activation} for `capture`, from token ids x [B T] (start = 0) or from the
     residual stream entering block `start` [B T d_model]; stops after the last block that a
-    capture or hook needs."""
+    capture or hook needs. With a `cache`, x holds the positions from `position` on and the
+    cache the ones before (generation: the prompt once, then one token per call)."""
     hooks = dict(hooks or {})
     want = set(capture)
     stops = [point_layer(n, dm.n_layers) for n in want | set(hooks)]
     if any(b < start for b, _ in stops):
         raise KeyError(f"a hook point lies before block {start}")
     last = max((b for b, _ in stops), default=dm.n_layers - 1)
+    if cache is not None:
+        last = max(last, dm.n_layers - 1)        # every block's keys and values go in the cache
     keep: dict = {}
     with torch.inference_mode():
         if start == 0 and not x.is_floating_point():
-            x = dm.embed(x.to(dm.W_U.device))
+            x = _point(EMBED, dm.embed(x.to(dm.W_U.device)), hooks, keep, want)
         x = x.to(device=dm.W_U.device, dtype=dm.dtype)
         for j in range(start, min(last + 1, dm.n_layers)):
             x = _point(f"blocks.{j}.hook_resid_pre", x, hooks, keep, want)
-            if j == last and all(k == "hook_resid_pre" for b, k in stops if b == j):
+            if j == last and all(k == "hook_resid_pre" for b, k in stops if b == j) and cache is None:
                 break
-            x = x + dm.attention(j, x, hooks, keep, want)
+            x = _point(f"blocks.{j}.hook_resid_mid", x + dm.attention(j, x, hooks, keep, want, cache, position),
+                       hooks, keep, want)
             x = x + dm.mlp_dense(j, x, hooks, keep, want)
             x = _point(f"blocks.{j}.hook_resid_post", x, hooks, keep, want)
         if last == dm.n_layers:

@@ -49,18 +49,22 @@ def test_steered_generation_cached_equals_uncached(model, sentiment):
     hooks = [S.add_intervention(ta, 10.0, slice(None), prefix=True)]
     assert (model.generate([ids], 5, interventions=hooks, use_cache=True)
             == model.generate([ids], 5, interventions=hooks, use_cache=False))
-    # a hook the lean forward does not serve: the wrapped Hugging Face model with a cache
-    from backend.model.generate import _LeanLlama
+    # a hook the dense kernel does not serve: the wrapped Hugging Face model with a cache
+    from backend.model.generate import _dense
     from backend.sites import Site, hook_name
+    from kernels import forward as kf
     final = hook_name(Site(Component.FINAL_NORM))
-    assert not _LeanLlama.supports(model, [final]) and _LeanLlama.supports(model, [t.hook])
+    assert _dense(model, [final]) is None and _dense(model, [t.hook]) is not None
     hooks = [(final, lambda x, pos, hook: x * 1.5)]
     assert (model.generate([ids], 4, interventions=hooks, use_cache=True)
             == model.generate([ids], 4, interventions=hooks, use_cache=False))
     import torch
-    with torch.inference_mode():
-        lean = _LeanLlama(model).forward(model.tensor(ids), 0, {})
-        assert (lean - model.logits(model.tensor(ids))[:, -1]).abs().max().item() < 1e-3
+    with torch.inference_mode():                 # the cached kernel: prompt, then one token at a time
+        dm, cache = kf.dense_model(model), kf.KVCache()
+        x = model.tensor(ids + [base[0]])
+        kf.run(dm, x[:, :-1], capture=[kf.FINAL], cache=cache)
+        one = dm.logits(kf.run(dm, x[:, -1:], capture=[kf.FINAL], cache=cache, position=len(ids))[kf.FINAL][:, -1])
+        assert (one - model.logits(x)[:, -1]).abs().max().item() < 1e-3
     # sampled: same seed, same tokens, cached or not; a batch row samples as it does alone
     hooks = [S.add_intervention(t, 4.0, slice(None))]
     a = model.generate([ids, ids], 6, temperature=0.8, seed=5, interventions=hooks)

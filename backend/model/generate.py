@@ -11,12 +11,13 @@ Two paths, tested equal token for token (tests/test_steering.py):
 - `use_cache=False`, the reference: every step is a full TransformerBridge forward over the
   whole sequence with the hooks on.
 - `use_cache=True`: the prompt runs once, then one token per step with a KV cache.
-  For Llama-architecture models (SmolLM2) and interventions at the sites below, a lean
-  forward (`_LeanLlama`) runs the same weights as plain tensor operations with its own
-  cache and calls each intervention where the bridge's hook point would fire:
-  hook_embed, resid_pre, attn.hook_z, attn_out, resid_mid, mlp.hook_post, mlp_out,
-  resid_post. It skips the ~30 wrapper modules and hook points per block whose Python cost
-  dominated one-token steps. Otherwise the wrapped Hugging Face model runs with a
+  For models with canonical weights (Llama-style, Gemma-3) and interventions at the points
+  the dense kernel knows (hook_embed, resid_pre, attn.hook_z, attn_out, resid_mid,
+  mlp.hook_post, mlp_out, resid_post), kernels/forward.py runs the block of the fast kernels
+  (one implementation, kernels.patching.FastModel's) with its KV cache and calls each
+  intervention where the bridge's hook point would fire. It skips the ~30 wrapper modules
+  and hook points per block whose Python cost dominated one-token steps. Otherwise the
+  wrapped Hugging Face model runs with a
   DynamicCache: the bridge wraps the Hugging Face modules in place, so calling it directly
   fires the same hook points; it skips the bridge's top-level forward (~0.2 s here), and
   `logits_to_keep=1` skips the unembedding of every prompt position but the last.
@@ -53,121 +54,6 @@ def _cached_forward(bridge):
     return bridge_step
 
 
-class _LeanLlama:
-    """A Llama forward over the bridge's own parameters with a KV cache, calling interventions
-    by hook name (the points listed in the module docstring). Equal to the bridge's forward
-    within float rounding (tests/test_steering.py compares tokens with the uncached path)."""
-
-    COMPONENTS = ("resid_pre", "z", "attn_out", "resid_mid", "mlp_post", "mlp_out", "resid_post")
-
-    def __init__(self, model):
-        from types import SimpleNamespace
-
-        from ..sites import Component, Site, hook_name
-
-        hf = model.bridge.original_model
-        cfg = hf.config
-        self.P = {n.replace("._original_component", ""): p for n, p in hf.named_parameters()}
-        self.n_layers, self.H, self.dh = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
-        self.KV = cfg.num_key_value_heads
-        self.eps = cfg.rms_norm_eps
-        rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", 10000.0)}
-        self.theta = float(rope["rope_theta"])
-        self.names = {("embed", None): hook_name(Site(Component.EMBED))}
-        for layer in range(self.n_layers):
-            for c in self.COMPONENTS:
-                self.names[(c, layer)] = hook_name(Site(Component(c), layer))
-        self.points = {n: SimpleNamespace(name=n) for n in self.names.values()}
-        self.cache = []
-
-    @staticmethod
-    def supports(model, names) -> bool:
-        hf = getattr(model.bridge, "original_model", None)
-        cfg = getattr(hf, "config", None)
-        rope = (getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}) if cfg else {}
-        if cfg is None or getattr(cfg, "model_type", "") != "llama" or rope.get("rope_type", "default") != "default":
-            return False
-        if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False) or cfg.hidden_act != "silu":
-            return False
-        from ..sites import Component, Site, hook_name
-
-        ok = {hook_name(Site(Component.EMBED))} | {hook_name(Site(Component(c), layer))
-                                                   for c in _LeanLlama.COMPONENTS for layer in range(cfg.num_hidden_layers)}
-        return set(names) <= ok
-
-    def _norm(self, x, w):
-        import torch
-
-        v = x.float().pow(2).mean(-1, keepdim=True)
-        return w * (x.float() * torch.rsqrt(v + self.eps)).to(x.dtype)
-
-    def _cos_sin(self, pos, dtype):              # pos [p] -> cos, sin [p dh], as Hugging Face computes them
-        import torch
-
-        inv = 1.0 / (self.theta ** (torch.arange(0, self.dh, 2, dtype=torch.int64).to(pos.device).float() / self.dh))
-        freqs = pos.float()[:, None] * inv[None, :]
-        emb = torch.cat([freqs, freqs], -1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-    @staticmethod
-    def _rope(x, cos, sin):                      # x [B h p dh]
-        import torch
-
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
-
-    def forward(self, ids, start: int, hooks: dict):
-        """Last-position logits [B d_vocab] of ids [B p] at absolute positions start.. (cache kept)."""
-        import torch
-        import torch.nn.functional as F
-
-        P, H, KV, dh = self.P, self.H, self.KV, self.dh
-        B, p = ids.shape
-        pos = torch.arange(start, start + p, device=ids.device)
-        cos, sin = self._cos_sin(pos, P["model.embed_tokens.weight"].dtype)
-
-        def fire(key, x):
-            name = self.names[key]
-            for fn in hooks.get(name, ()):
-                x = fn(x, pos, self.points[name])
-            return x
-
-        x = fire(("embed", None), F.embedding(ids, P["model.embed_tokens.weight"]))
-        for layer in range(self.n_layers):
-            pre = f"model.layers.{layer}."
-            x = fire(("resid_pre", layer), x)
-            h = self._norm(x, P[pre + "input_layernorm.weight"])
-            q = F.linear(h, P[pre + "self_attn.q_proj.weight"]).view(B, p, H, dh).transpose(1, 2)
-            k = F.linear(h, P[pre + "self_attn.k_proj.weight"]).view(B, p, KV, dh).transpose(1, 2)
-            v = F.linear(h, P[pre + "self_attn.v_proj.weight"]).view(B, p, KV, dh).transpose(1, 2)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            if start == 0:                                                     # the prompt: a fresh cache
-                self.cache.append((k, v))
-            else:
-                k0, v0 = self.cache[layer]
-                k, v = torch.cat([k0, k], 2), torch.cat([v0, v], 2)
-                self.cache[layer] = (k, v)
-            kk = k.repeat_interleave(H // KV, dim=1)
-            vv = v.repeat_interleave(H // KV, dim=1)
-            scores = torch.matmul(q, kk.transpose(2, 3)) * dh ** -0.5          # [B H p T]
-            if p > 1:
-                T = kk.shape[2]
-                mask = torch.arange(T, device=ids.device)[None, :] > pos[:, None]
-                scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            z = fire(("z", layer), torch.matmul(probs, vv).transpose(1, 2))    # [B p H dh]
-            attn = fire(("attn_out", layer), F.linear(z.reshape(B, p, H * dh), P[pre + "self_attn.o_proj.weight"]))
-            x = fire(("resid_mid", layer), x + attn)
-            h = self._norm(x, P[pre + "post_attention_layernorm.weight"])
-            act = F.silu(F.linear(h, P[pre + "mlp.gate_proj.weight"])) * F.linear(h, P[pre + "mlp.up_proj.weight"])
-            act = fire(("mlp_post", layer), act)
-            mlp = fire(("mlp_out", layer), F.linear(act, P[pre + "mlp.down_proj.weight"]))
-            x = fire(("resid_post", layer), x + mlp)
-        x = self._norm(x[:, -1:], P["model.norm.weight"])[:, 0]
-        W = P.get("lm_head.weight", P["model.embed_tokens.weight"])
-        return F.linear(x, W, P.get("lm_head.bias"))
-
-
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
              seed: int = 0, interventions: Sequence[tuple[str, Callable]] = (), use_cache: bool = True,
              stop_at_eos: bool = True) -> list[list[int]]:
@@ -195,8 +81,10 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
     seqs = model.tensor(rows)                                   # [B P]
     done = torch.zeros(len(rows), dtype=torch.bool)
     out: list[list[int]] = [[] for _ in rows]
-    if use_cache and _LeanLlama.supports(model, [name for name, _ in interventions]):
-        return _generate_lean(model, seqs, max_new_tokens, temperature, gens, interventions, stop_at_eos, out, done)
+    dm = _dense(model, [name for name, _ in interventions]) if use_cache else None
+    if dm is not None:
+        return _generate_dense(model, dm, seqs, max_new_tokens, temperature, gens, interventions, stop_at_eos,
+                               out, done)
     step = _cached_forward(bridge) if use_cache else None
     cache = None
     with model.lock, torch.inference_mode(), bridge.hooks(fwd_hooks=hooks):
@@ -235,19 +123,52 @@ def _record(nxt, out, done, eos) -> bool:
     return bool(done.all())
 
 
-def _generate_lean(model, seqs, max_new_tokens, temperature, gens, interventions, stop_at_eos, out, done):
+def _dense(model, names):
+    """The dense kernel of the model (kernels/forward.py) if it has one and knows every hooked
+    point, else None."""
+    from kernels import forward as kf
+
+    dm = kf.dense_model(model)
+    if dm is None:
+        return None
+    try:
+        for n in names:
+            kf.point_layer(n, dm.n_layers)
+    except KeyError:
+        return None
+    return dm
+
+
+def _generate_dense(model, dm, seqs, max_new_tokens, temperature, gens, interventions, stop_at_eos, out, done):
+    from types import SimpleNamespace
+
     import torch
 
-    lean = _LeanLlama(model)
-    hooks: dict = {}
+    from kernels import forward as kf
+
+    by_name: dict = {}
     for name, fn in interventions:
-        hooks.setdefault(name, []).append(fn)
+        by_name.setdefault(name, []).append(fn)
+    points = {n: SimpleNamespace(name=n) for n in by_name}
+    cache = kf.KVCache()
     eos = model.eos_token_id if stop_at_eos else None
+
+    def step(ids, position: int):
+        pos = torch.arange(position, position + ids.shape[1], device=ids.device)
+
+        def chain(x, fns, point):
+            for fn in fns:
+                x = fn(x, pos, point)
+            return x
+        hooks = {n: (lambda x, fns=fns, n=n: chain(x, fns, points[n])) for n, fns in by_name.items()}
+        final = kf.run(dm, ids, capture=[kf.FINAL], hooks=hooks, cache=cache, position=position)[kf.FINAL]
+        return dm.logits(final[:, -1])
+
     with model.lock, torch.inference_mode():
-        last = lean.forward(seqs, 0, hooks)
-        for step in range(max_new_tokens):
+        last = step(seqs, 0)
+        for i in range(max_new_tokens):
             nxt = _pick(last, temperature, gens)
-            if _record(nxt, out, done, eos) or step == max_new_tokens - 1:
+            if _record(nxt, out, done, eos) or i == max_new_tokens - 1:
                 break
-            last = lean.forward(nxt.to(seqs.device)[:, None], seqs.shape[1] + step, hooks)
+            last = step(nxt.to(seqs.device)[:, None], seqs.shape[1] + i)
     return out
