@@ -7,8 +7,11 @@ thread of the dashboard process:
   1. feature-index --sae all --windows FIRST   (a small slice: the feature dashboards and the
                                                 map colours appear within minutes)
   2. neuron-stats --windows FIRST              (the neuron pages' statistics)
-  3. feature-scores --sae all                  (when that subcommand exists; skipped if not)
+  3. feature-scores --parts vocab,output,input (labels, VocabProj, input and output scores: minutes)
   4. feature-index --sae all --windows FULL    (replaces the small index when it lands)
+  5. feature-scores --parts input,token_change (TokenChange of every feature: the long part, about
+                                                an hour for the four shipped SAEs with bfloat16
+                                                matmuls (AMX), several in float32)
 
 Why a thread, not a subprocess: DuckDB lets one process open a file for writing, and the
 dashboard process holds the store, so a CLI subprocess gets StoreLocked. In the same process
@@ -82,10 +85,15 @@ def plan(model: str | None = None) -> list[Step]:
     steps = [Step("feature-index", [*m, "--sae", "all", "--windows", str(first)],
                   f"feature index ({first} windows)"),
              Step("neuron-stats", [*m, "--windows", str(first)], f"neuron statistics ({first} windows)"),
-             Step("feature-scores", [*m, "--sae", "all"], "feature output scores")]
+             Step("feature-scores", [*m, "--sae", "all", "--parts", "vocab,output,input"],
+                  "feature labels, VocabProj, input and output scores")]
     if full > first:
         steps.append(Step("feature-index", [*m, "--sae", "all", "--windows", str(full)],
                           f"feature index ({full} windows)"))
+    # TokenChange last: the long part (its strengths come from the index, so after the full one),
+    # with the input scores of the full index
+    steps.append(Step("feature-scores", [*m, "--sae", "all", "--parts", "input,token_change"],
+                      "feature TokenChange (every feature)"))
     return steps
 
 

@@ -250,3 +250,38 @@ def generate(model, task: str, n: int = 8, seed: int = 0, **kw) -> list[PromptPa
     if task not in GENERATORS:
         raise InvalidSpec(f"unknown task {task!r}; known: {', '.join(GENERATORS)}")
     return GENERATORS[task](model, n=n, seed=seed, **kw)
+
+
+# -- pairs of a task, remembered ------------------------------------------------------------
+# A page link names a task ("ioi", 8 pairs) rather than its prompts; the pairs depend on the
+# model's tokenizer, so making them needs the model. They are kept in the store the first time,
+# and a link reopened later rebuilds its spec from there without loading the model (or torch).
+PAIRS_SCHEMA = """CREATE TABLE IF NOT EXISTS task_pairs(model VARCHAR NOT NULL, task VARCHAR NOT NULL,
+    n INTEGER NOT NULL, seed INTEGER NOT NULL, pairs JSON NOT NULL, created TIMESTAMP DEFAULT current_timestamp,
+    PRIMARY KEY (model, task, n, seed))"""
+
+
+def stored_pairs(store, model_id: str, task: str, n: int = 8, seed: int = 0, load=None) -> list[PromptPair]:
+    """The task's pairs for the model: from the store, else generated (load(model_id) gives the
+    model; default backend.model.load_model) and stored."""
+    import json
+
+    if task not in GENERATORS:
+        raise InvalidSpec(f"unknown task {task!r}; known: {', '.join(GENERATORS)}")
+    cur = store.cursor()
+    with store._write_lock:
+        cur.execute(PAIRS_SCHEMA)
+    rows = cur.execute("SELECT pairs FROM task_pairs WHERE model = ? AND task = ? AND n = ? AND seed = ?",
+                       [model_id, task, int(n), int(seed)]).fetchall()
+    if rows:
+        try:
+            return [PromptPair(*p) for p in json.loads(rows[0][0])]
+        except (TypeError, ValueError):
+            pass                                   # a damaged row: made again below
+    if load is None:
+        from .model import load_model as load
+    pairs = generate(load(model_id), task, n=n, seed=seed)
+    with store._write_lock:
+        cur.execute("INSERT OR REPLACE INTO task_pairs(model, task, n, seed, pairs) VALUES (?, ?, ?, ?, ?)",
+                    [model_id, task, int(n), int(seed), json.dumps([list(p.as_tuple()) for p in pairs])])
+    return pairs

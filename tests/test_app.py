@@ -196,3 +196,39 @@ def test_click_to_patch_runs_the_clicked_patch(server, tmp_path):
     before, after, stored = (float(v) for v in values[:3])
     assert after == pytest.approx(stored, abs=2e-3) and after > 0.5 and before == pytest.approx(0.0, abs=1e-3)
     ctx.close()
+
+
+_REOPEN = """
+import json, sys
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file(sys.argv[1], default_timeout=600)
+for kv in sys.argv[2:]:
+    k, v = kv.split("=", 1)
+    at.query_params[k] = v
+at.run()
+print(json.dumps({"torch": "torch" in sys.modules, "errors": [e.value for e in at.error],
+                  "exception": [str(x.value) for x in at.exception], "charts": len(at.get("plotly_chart"))}))
+"""
+
+
+def test_a_task_link_reopens_from_the_store_without_torch(tmp_path):
+    """A patching link that names a task (IOI, 2 pairs): the first open generates the pairs with
+    the model and stores them with the result; reopening it in a fresh process reads both from
+    the store and never imports torch."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DASHBOARD_STORE": str(tmp_path / "s.duckdb"), "DASHBOARD_BOOTSTRAP": "0"}
+    params = [f"model={DEFAULT_MODEL}", "page=patching", "task=ioi", "n_pairs=2", "site=resid_pre"]
+
+    def open_link():
+        r = subprocess.run([sys.executable, "-c", _REOPEN, APP, *params], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    first = open_link()
+    assert not first["exception"] and not first["errors"] and first["charts"] >= 1, first
+    again = open_link()
+    assert not again["exception"] and not again["errors"] and again["charts"] >= 1, again
+    assert not again["torch"], "reopening a stored task link imported torch"

@@ -54,10 +54,10 @@ def spec_of(view: View, removed: tuple[str, ...] | None = None) -> CircuitSpec:
     if view.task == "custom":
         return CircuitSpec(model=view.model, clean=view.clean, corrupt=view.corrupt, answer=view.answer,
                            wrong=view.wrong, **kw)
-    from backend.model import load_model
-    from backend.tasks import generate
+    from backend.store import default_store
+    from backend.tasks import stored_pairs
 
-    return CircuitSpec.from_pairs(view.model, generate(load_model(view.model), view.task, n=view.n_pairs), **kw)
+    return CircuitSpec.from_pairs(view.model, stored_pairs(default_store(), view.model, view.task, view.n_pairs), **kw)
 
 
 def render(view: View) -> View:

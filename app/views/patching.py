@@ -53,10 +53,10 @@ def _spec(view: View) -> PatchSpec:
 
 
 def _pairs(view: View):
-    from backend.model import load_model
-    from backend.tasks import generate
+    from backend.store import default_store
+    from backend.tasks import stored_pairs
 
-    return generate(load_model(view.model), view.task, n=view.n_pairs)
+    return stored_pairs(default_store(), view.model, view.task, view.n_pairs)
 
 
 def render(view: View) -> View:
