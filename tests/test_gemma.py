@@ -179,3 +179,24 @@ def test_massive_scan_equals_reference(gemma):
             np.testing.assert_array_equal(a, b, err_msg=f.name)
         else:
             assert a == b, f.name
+
+
+@pytest.mark.parametrize("page", ["prompt", "attention", "heads", "patching", "massive", "features", "neurons",
+                                  "neuron", "feature", "featuremap", "search", "circuits", "steering"])
+def test_every_page_runs_on_gemma(gemma, page):
+    """Every page under Streamlit's AppTest on the second offline model: no exception, no error
+    box (pages without an SAE or an index for it say so in an info box)."""
+    from streamlit.testing.v1 import AppTest
+
+    from .conftest import ROOT
+
+    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=900)
+    for k, v in dict(page=page, model=GEMMA, text="The capital of France is", layer=3, head=1,
+                     clean=FACT.clean, corrupt=FACT.corrupt, answer=FACT.answer, wrong=FACT.wrong, top_n=20,
+                     prompt="Tell me about the sea.", max_new=4).items():
+        at.query_params[k] = str(v)
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    if page in ("prompt", "attention", "heads", "patching", "massive", "neurons", "circuits"):
+        assert len(at.get("plotly_chart")) >= 1

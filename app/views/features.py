@@ -38,6 +38,8 @@ def render(view: View) -> View:
     if not saes:
         st.info(f"No SAE is available for {view.model}. Shipped SAEs are for smollm2-135m; any SAELens-format "
                 "folder or pretrained release can be named in the link's `sae` field.")
+        if view.sae == View().sae:          # the default SAE belongs to another model: nothing to run
+            return view
     ids = [s["sae_id"] for s in saes]
     if ids:
         choice = st.selectbox("SAE", ids + ([view.sae] if view.sae not in ids else []),
