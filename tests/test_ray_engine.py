@@ -1,5 +1,7 @@
-"""Corpus jobs on Ray (a real local Ray instance): the same rows as the local engine; a worker
-killed mid-chunk and a driver killed after workers finished both resume with no row lost or
+"""Corpus jobs on Ray (a real local Ray instance): the same rows as the local engine (neuron
+stats, massive corpus, feature index, feature scores) and the same activation-cache files (SAE
+training); a worker killed mid-chunk (SIGKILL from a watcher thread in this process, never this
+process itself) and a driver killed after workers finished both resume with no row lost or
 written twice."""
 
 from __future__ import annotations
@@ -151,3 +153,70 @@ def test_feature_index_on_ray_equals_local(model, tmp_path):
     assert rows and rows == b.cursor().execute(q).fetchall()
     a.close()
     b.close()
+
+
+def _kill_when_published(pid_file, seen: dict, stop, timeout: float = 300.0) -> None:
+    """Watcher thread: SIGKILL the process whose id appears in pid_file; never this pytest
+    process (nor its parent), and only a Ray worker where /proc tells."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not stop.is_set():
+        if pid_file.exists():
+            pid = int(pid_file.read_text())
+            if pid in (os.getpid(), os.getppid()) or pid <= 1:
+                seen["own"] = pid               # Ray local mode: the work runs in this process
+                return
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                cmd = None
+            if cmd is not None and "ray" not in cmd.lower():
+                seen["not_ray"] = (pid, cmd)
+                return
+            os.kill(pid, signal.SIGKILL)
+            seen["killed"] = pid
+            return
+        time.sleep(0.02)
+
+
+def test_a_worker_killed_mid_chunk_loses_and_doubles_no_row(local_run, model, tmp_path, monkeypatch):
+    import os
+    import threading
+
+    local, _ = local_run
+    key = JOB.key()
+    spec = ns.job_spec(local, JOB)
+    n_chunks = 3
+    monkeypatch.setenv("DASHBOARD_SHARDS", str(tmp_path / "shards"))
+    pid_file = tmp_path / "worker.pid"
+    remote = jobs.Remote("tests.ray_kill_helper:slow_chunk_worker",
+                         (asdict(JOB), spec["thresholds"], key, str(pid_file), 1, 20.0))
+    seen: dict = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_kill_when_published, args=(pid_file, seen, stop), daemon=True)
+    watcher.start()
+    store = Store(tmp_path / "killed.duckdb")
+    try:
+        st = jobs.run_job(store, key, ns.KIND, JOB.model, spec, n_chunks, None, engine="ray", remote=remote)
+    finally:
+        stop.set()
+        watcher.join(5)
+    if "own" in seen:
+        store.close()
+        pytest.skip("Ray runs the work in this process (local mode): no worker to kill")
+    assert "not_ray" not in seen, seen
+    assert "killed" in seen and seen["killed"] != os.getpid()
+    assert st.done == n_chunks
+    assert _rows(store, "neuron_part", key) == _rows(local, "neuron_part", key)
+    counts = store.cursor().execute("SELECT chunk, count(*) FROM job_chunks WHERE job_key = ? GROUP BY 1 ORDER BY 1",
+                                    [key]).fetchall()
+    assert counts == [(0, 1), (1, 1), (2, 1)]
+    big = store.cursor().execute("SELECT count(*), count(DISTINCT (chunk, layer)) FROM neuron_part_big "
+                                 "WHERE job_key = ?", [key]).fetchall()[0]
+    assert big == (n_chunks * model.info.n_layers,) * 2
+    assert not any((tmp_path / "shards").glob(f"{key}/chunk-*")), "merged shards are deleted"
+    store.close()
+
