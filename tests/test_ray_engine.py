@@ -220,3 +220,33 @@ def test_a_worker_killed_mid_chunk_loses_and_doubles_no_row(local_run, model, tm
     assert not any((tmp_path / "shards").glob(f"{key}/chunk-*")), "merged shards are deleted"
     store.close()
 
+
+def _score_rows(store: Store, table: str) -> list[tuple]:
+    return store.cursor().execute(f"SELECT * FROM {table} ORDER BY feature").fetchall()
+
+
+def test_feature_scores_on_ray_equal_local(model, tmp_path):
+    from backend.features_corpus import scores as S
+    from backend.features_corpus.index import build_index
+    from backend.saes import list_saes
+
+    sae = list_saes(DEFAULT_MODEL)[0]["sae_id"]
+    runs = {}
+    for engine in ("local", "ray"):
+        store = Store(tmp_path / f"{engine}.duckdb")
+        with threads(1):   # the driver computes the lens tokens (and, here, the index behind c)
+            build_index(DEFAULT_MODEL, sae, 4, store=store, chunk_windows=2)
+            r = S.build_scores(DEFAULT_MODEL, sae, store=store, features=16, tc_windows=8, tc_precision="float32",
+                               engine=engine)
+        runs[engine] = (store, r["saes"][sae])
+    (a, ra), (b, rb) = runs["local"], runs["ray"]
+    for part in ("vocab_proj", "output_score", "token_change"):
+        assert ra[part]["status"] == rb[part]["status"] == "done", (part, ra[part], rb[part])
+        assert ra[part]["computed"] == rb[part]["computed"] == 16, part
+    assert rb["token_change"]["n_chunks"] >= 2
+    for table in ("feature_vocab_proj", "feature_output_scores", "feature_token_change"):
+        rows = _score_rows(a, table)
+        assert len(rows) == 16 and rows == _score_rows(b, table), table
+    a.close()
+    b.close()
+
