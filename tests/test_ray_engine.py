@@ -250,3 +250,28 @@ def test_feature_scores_on_ray_equal_local(model, tmp_path):
     a.close()
     b.close()
 
+
+def test_sae_activation_cache_on_ray_equals_local(model, tmp_path, monkeypatch):
+    import numpy as np
+
+    from backend import train_sae as T
+
+    monkeypatch.setattr(T, "CHUNK_TOKENS", 300)   # the driver passes it to the workers
+    cfg = T.TrainConfig(sites=(("resid_pre", 3), ("z", 2)), train_tokens=700, precision="float32")
+    with threads(1):
+        got_local = T.collect(model, cfg, "train", cfg.train_tokens, tmp_path / "local")
+    got_ray = T.collect(None, cfg, "train", cfg.train_tokens, tmp_path / "ray", engine="ray")
+    files = sorted(p.name for p in (tmp_path / "local" / "acts-train").iterdir())
+    assert len(files) >= 2 and all(f.endswith(".npz") and ".tmp" not in f for f in files)
+    assert files == sorted(p.name for p in (tmp_path / "ray" / "acts-train").iterdir())
+    for f in files:
+        x, y = np.load(tmp_path / "local" / "acts-train" / f), np.load(tmp_path / "ray" / "acts-train" / f)
+        assert sorted(x.files) == sorted(y.files) == ["s0", "s1"]
+        for k in x.files:
+            assert x[k].dtype == y[k].dtype == np.float16 and x[k].shape == y[k].shape
+            assert x[k].tobytes() == y[k].tobytes(), (f, k)
+    for x, y in zip(got_local, got_ray):
+        assert x.tobytes() == y.tobytes()
+    import json
+
+    assert json.loads((tmp_path / "ray" / "collect-train.json").read_text())["engine"] == "ray"
