@@ -17,6 +17,11 @@ transaction (jobs.write_chunk), then the shard is deleted. So:
 - a shard merged but not yet deleted is recognised by the store's done-mark and dropped.
 No row is lost or written twice, and the rows are those the local engine writes.
 
+The actor pool itself is `map_chunks(remote, chunks, on_result)`: any work function over
+chunks (its result handed back to the driver), with the same retry of a chunk whose actor
+died. The store path above wraps the job's work function in `shard_worker`; a job whose
+chunks are files (the SAE training's activation cache, backend/train_sae.py) uses it directly.
+
 Shards live beside the store (`<store dir>/shards`, or DASHBOARD_SHARDS); on a cluster it must
 be a folder every node sees (NFS, a mounted bucket), as must the corpus.
 """
@@ -73,35 +78,45 @@ def _worker_class():
 
     @ray.remote
     class ChunkWorker:
-        """Builds the job's work function once (model loaded once), then runs chunks."""
+        """Builds a job's work function once (the model loaded once), then runs chunks."""
 
-        def __init__(self, remote, root: str, job_key: str, threads: int):
+        def __init__(self, remote, threads: int):
             import torch
 
             torch.set_num_threads(threads)
             t = time.perf_counter()
             self.work = remote.build()
             self.build_seconds = time.perf_counter() - t
-            self.root, self.job_key = Path(root), job_key
 
-        def run(self, chunk: int) -> tuple[int, float, float]:
-            import pyarrow.parquet as pq
-
-            t = time.perf_counter()
-            tables = self.work(chunk)
-            compute = time.perf_counter() - t
-            out = chunk_dir(self.root, self.job_key, chunk)
-            shutil.rmtree(out, ignore_errors=True)      # a partial shard of a killed worker
-            out.mkdir(parents=True)
-            for name, table in tables.items():
-                pq.write_table(table, out / f"{name}.parquet")
-            (out / "DONE").write_text(f"{compute:.6f}")
-            return chunk, compute, time.perf_counter() - t
+        def run(self, chunk: int):
+            return self.work(chunk)
 
         def ready(self) -> float:
             return self.build_seconds
 
     return ChunkWorker
+
+
+def shard_worker(remote, root: str, job_key: str):
+    """A worker's function for the store path: `remote`'s work(chunk) -> tables, written as the
+    chunk's shard (Parquet files, then DONE); returns (compute seconds, seconds with the write)."""
+    import pyarrow.parquet as pq
+
+    work = remote.build()
+    root_path = Path(root)
+
+    def run(chunk: int) -> tuple[float, float]:
+        t = time.perf_counter()
+        tables = work(chunk)
+        compute = time.perf_counter() - t
+        out = chunk_dir(root_path, job_key, chunk)
+        shutil.rmtree(out, ignore_errors=True)      # a partial shard of a killed worker
+        out.mkdir(parents=True)
+        for name, table in tables.items():
+            pq.write_table(table, out / f"{name}.parquet")
+        (out / "DONE").write_text(f"{compute:.6f}")
+        return compute, time.perf_counter() - t
+    return run
 
 
 def read_shard(path: Path) -> dict:
@@ -123,11 +138,91 @@ def _merge(store, job_key: str, chunk: int, path: Path, seconds: float) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _dead_errors():
+    import ray
+
+    names = ("RayActorError", "WorkerCrashedError", "ActorUnavailableError")
+    return tuple(getattr(ray.exceptions, n) for n in names if hasattr(ray.exceptions, n))
+
+
+def map_chunks(remote, chunks, on_result, workers: int | None = None, stats: dict | None = None) -> dict:
+    """Run `remote`'s work function on each of `chunks` on Ray actors (one per worker, each
+    builds the function once) and call `on_result(chunk, result)` here, in this process, as
+    each one finishes (in completion order). A chunk whose actor died (a killed or crashed
+    worker) runs again on a fresh actor, up to MAX_RETRIES times; so the work function must be
+    safe to run twice on a chunk (write to a temporary name, then rename). Returns timing
+    statistics (also filled into `stats` if given): start_seconds (actors built), dispatch_seconds
+    (one task start on a loaded actor), wall_seconds, retries."""
+    workers = max(1, int(workers or os.environ.get("DASHBOARD_RAY_WORKERS", 2)))
+    stats = stats if stats is not None else {}
+    todo = deque(chunks)
+    stats.setdefault("retries", 0)
+    if not todo:
+        return stats
+    connect(workers)
+    import ray
+
+    dead = _dead_errors()
+    Worker = _worker_class()
+    threads = int(os.environ.get("DASHBOARD_RAY_THREADS", 1))
+    gpus = float(os.environ.get("DASHBOARD_RAY_GPUS", 0))
+    make = lambda: Worker.options(num_cpus=threads, num_gpus=gpus).remote(remote, threads)  # noqa: E731
+    actors = [make() for _ in range(min(workers, len(todo)))]
+    t0 = time.perf_counter()
+    try:
+        ray.get([a.ready.remote() for a in actors])
+        stats["start_seconds"] = time.perf_counter() - t0
+        t = time.perf_counter()                 # the cost of one task start on a loaded actor
+        for _ in range(5):
+            ray.get([a.ready.remote() for a in actors])
+        stats["dispatch_seconds"] = (time.perf_counter() - t) / 5
+        in_flight: dict = {}
+        retries: dict[int, int] = {}
+        replaced: dict = {}                     # a dead actor's id -> its replacement
+
+        def submit(actor) -> None:
+            if todo:
+                chunk = todo.popleft()
+                in_flight[actor.run.remote(chunk)] = (actor, chunk)
+
+        for a in actors:      # two chunks in flight per actor: it computes the next while the
+            submit(a)         # driver handles the last one
+            submit(a)
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            actor, chunk = in_flight.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except dead:
+                retries[chunk] = retries.get(chunk, 0) + 1
+                stats["retries"] += 1
+                if retries[chunk] > MAX_RETRIES:
+                    raise
+                todo.appendleft(chunk)          # run it again on a fresh actor (one per dead actor:
+                aid = actor._actor_id.hex()     # its other chunk in flight fails too)
+                if aid not in replaced:
+                    ray.kill(actor)
+                    replaced[aid] = make()
+                    actors.append(replaced[aid])
+                    submit(replaced[aid])
+                else:
+                    submit(replaced[aid])
+                continue
+            on_result(chunk, result)
+            submit(actor)
+    finally:
+        for a in actors:
+            ray.kill(a)
+    stats["wall_seconds"] = time.perf_counter() - t0
+    return stats
+
+
 def run_chunks(store, job_key: str, kind: str, n_chunks: int, done: set[int], remote, progress=None,
                stop_after: int | None = None, workers: int | None = None, stats: dict | None = None) -> dict:
-    """Run the chunks not in `done` on Ray actors and merge their shards into the store.
-    Returns timing statistics (also filled into `stats` if given)."""
-    workers = max(1, int(workers or os.environ.get("DASHBOARD_RAY_WORKERS", 2)))
+    """Run the chunks not in `done` on Ray actors (map_chunks) and merge their shards into the
+    store. Returns timing statistics (also filled into `stats` if given)."""
+    from .jobs import Remote
+
     root = shard_root()
     stats = stats if stats is not None else {}
     # Shards a previous run completed but did not merge: merge them now, no recompute.
@@ -138,64 +233,23 @@ def run_chunks(store, job_key: str, kind: str, n_chunks: int, done: set[int], re
         elif (path / "DONE").exists():
             _merge(store, job_key, chunk, path, float((path / "DONE").read_text() or 0))
             done.add(chunk)
-    todo = deque(c for c in range(n_chunks) if c not in done)
+    todo = [c for c in range(n_chunks) if c not in done]
     if stop_after is not None:
-        todo = deque(list(todo)[:stop_after])
+        todo = todo[:stop_after]
     stats.update(chunks=len(todo), compute_seconds=0.0, task_seconds=0.0, merge_seconds=0.0)
     if not todo:
         return stats
-    connect(workers)
-    import ray
 
-    Worker = _worker_class()
-    threads = int(os.environ.get("DASHBOARD_RAY_THREADS", 1))
-    gpus = float(os.environ.get("DASHBOARD_RAY_GPUS", 0))
-    make = lambda: Worker.options(num_cpus=threads, num_gpus=gpus).remote(remote, str(root), job_key, threads)  # noqa: E731
-    actors = [make() for _ in range(min(workers, len(todo)))]
-    t0 = time.perf_counter()
-    ray.get([a.ready.remote() for a in actors])
-    stats["start_seconds"] = time.perf_counter() - t0
-    t = time.perf_counter()                 # the cost of one task start on a loaded actor
-    for _ in range(5):
-        ray.get([a.ready.remote() for a in actors])
-    stats["dispatch_seconds"] = (time.perf_counter() - t) / 5
-    in_flight: dict = {}
-    retries: dict[int, int] = {}
+    def merge(chunk: int, result: tuple[float, float]) -> None:
+        compute, task = result
+        stats["compute_seconds"] += compute
+        stats["task_seconds"] += task
+        t = time.perf_counter()
+        _merge(store, job_key, chunk, chunk_dir(root, job_key, chunk), compute)
+        stats["merge_seconds"] += time.perf_counter() - t
+        done.add(chunk)
+        if progress:
+            progress(len(done), n_chunks, f"{kind}: chunk {chunk + 1}/{n_chunks} (ray)")
 
-    def submit(actor) -> None:
-        if todo:
-            chunk = todo.popleft()
-            in_flight[actor.run.remote(chunk)] = (actor, chunk, time.perf_counter())
-
-    for a in actors:      # two chunks in flight per actor: it computes the next while the
-        submit(a)         # driver merges the last one
-        submit(a)
-    try:
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            actor, chunk, started = in_flight.pop(ready[0])
-            try:
-                _, compute, task = ray.get(ready[0])
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
-                retries[chunk] = retries.get(chunk, 0) + 1
-                if retries[chunk] > MAX_RETRIES:
-                    raise
-                todo.appendleft(chunk)          # run it again on a fresh actor
-                actor = make()
-                actors.append(actor)
-                submit(actor)
-                continue
-            stats["compute_seconds"] += compute
-            stats["task_seconds"] += task
-            t = time.perf_counter()
-            _merge(store, job_key, chunk, chunk_dir(root, job_key, chunk), compute)
-            stats["merge_seconds"] += time.perf_counter() - t
-            done.add(chunk)
-            if progress:
-                progress(len(done), n_chunks, f"{kind}: chunk {chunk + 1}/{n_chunks} (ray)")
-            submit(actor)
-    finally:
-        for a in actors:
-            ray.kill(a)
-    stats["wall_seconds"] = time.perf_counter() - t0
-    return stats
+    return map_chunks(Remote("backend.ray_engine:shard_worker", (remote, str(root), job_key)), todo, merge,
+                      workers=workers, stats=stats)

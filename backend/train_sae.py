@@ -16,7 +16,10 @@
    error per activation, 2x the float32 speed with AMX); the held-out cache and every
    evaluation use the float32 bridge.
    Chunks are float16 .npz files in the work directory; a larger or interrupted run reuses
-   every finished chunk, and collect-<split>.json records tokens/s.
+   every finished chunk, and collect-<split>.json records tokens/s. With --engine ray the
+   missing chunks are Ray tasks (one actor per worker loads the model once; each writes its
+   chunk's file, the same file the local engine writes); the work directory must then be a
+   folder every Ray node sees.
 2. Training. Each SAE is a TopK SAE (k latents per token, k_z for hook_z) with the aux-k loss
    on dead latents, trained with SAELens's SAETrainer over an iterator of batches drawn from
    the cache (seeded permutation per epoch). Checkpoints land in the work directory; a rerun
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -142,17 +146,19 @@ def site_activations(model, sites: list[Site], ids, precision: str = "float32"):
 CHUNK_TOKENS = 32_768   # activations are cached in chunks of about this many tokens
 
 
-def _chunks(cfg: TrainConfig, split: str, n_tokens: int, root=None) -> list[list[tuple[int, int, list[int]]]]:
+def _chunks(cfg: TrainConfig, split: str, n_tokens: int, root=None,
+            chunk_tokens: int | None = None) -> list[list[tuple[int, int, list[int]]]]:
     """The split's windows in a seeded random order, cut into consecutive chunks of about
-    CHUNK_TOKENS positions (>= 1), as many as cover n_tokens. The order does not depend on
-    n_tokens, so a larger run reuses every chunk a smaller one cached."""
+    `chunk_tokens` (default CHUNK_TOKENS) positions (>= 1), as many as cover n_tokens. The
+    order does not depend on n_tokens, so a larger run reuses every chunk a smaller one cached."""
+    chunk_tokens = chunk_tokens or CHUNK_TOKENS
     wins = corpus.windows(cfg.model, split, cfg.context, cfg.corpus, root)
     order = np.random.default_rng(cfg.seed + (split == "heldout")).permutation(len(wins))
     chunks, cur, n, total = [], [], 0, 0
     for i in order:
         cur.append(wins[i])
         n += len(wins[i][2]) - 1
-        if n >= CHUNK_TOKENS:
+        if n >= chunk_tokens:
             chunks.append(cur)
             total += n
             cur, n = [], 0
@@ -163,16 +169,66 @@ def _chunks(cfg: TrainConfig, split: str, n_tokens: int, root=None) -> list[list
     return chunks
 
 
+def _precision(cfg: TrainConfig, split: str) -> str:
+    return cfg.precision if split == "train" else "float32"    # what is measured stays exact
+
+
+def write_chunk(model, cfg: TrainConfig, split: str, wins, path: Path, on_tokens: Callable[[int], None] | None = None
+                ) -> int:
+    """One chunk of the activation cache: float16 activations [n d] per site (s0, s1, ... in
+    cfg.sites order) of positions >= 1 of `wins`, written to a temporary file and renamed to
+    `path` (a reader never sees a partial file; a killed writer leaves none). Returns the
+    number of positions."""
+    sites = [Site(Component(c), layer) for c, layer in cfg.sites]
+    precision = _precision(cfg, split)
+    parts: list[list[np.ndarray]] = [[] for _ in sites]
+    n = 0
+    for idx in _batches(wins):
+        ids, mask = _pad([wins[i][2] for i in idx])
+        mask[:, 0] = False
+        for j, a in enumerate(site_activations(model, sites, ids, precision)):
+            parts[j].append(a[mask].to("cpu").half().numpy())
+        n += int(mask.sum())
+        if on_tokens:
+            on_tokens(int(mask.sum()))
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")   # one per writer: two may race on a chunk
+    np.savez(tmp, **{f"s{j}": np.concatenate(p) for j, p in enumerate(parts)})
+    tmp.replace(path)
+    return n
+
+
+def chunk_worker(cfg: TrainConfig, split: str, n_tokens: int, work: str, root, chunk_tokens: int):
+    """The cache's work function in another process (a Ray worker): the model loaded there
+    once; chunk c -> writes acts-<split>/chunk<c>.npz (exactly the local engine's file) and
+    returns its number of positions. The work directory must be one the driver sees."""
+    from .model import load_model
+
+    model = load_model(cfg.model)
+    chunks = _chunks(cfg, split, n_tokens, root, chunk_tokens)
+    out_dir = Path(work) / f"acts-{split}"
+
+    def run(c: int) -> int:
+        return write_chunk(model, cfg, split, chunks[c], out_dir / f"chunk{c:05d}.npz")
+    return run
+
+
 def collect(model, cfg: TrainConfig, split: str, n_tokens: int, work: Path, root=None,
             progress: Callable[[str], None] | None = None,
-            load: Iterable[int] | None = None) -> list[np.ndarray | None]:
+            load: Iterable[int] | None = None, engine: str = "local") -> list[np.ndarray | None]:
     """float16 activations [n d] per site for positions >= 1 of sampled windows, all sites
     from one forward per batch that stops after the deepest site. Cached per chunk (an
-    interrupted or a larger run resumes chunk-wise); tokens/s goes to collect-<split>.json."""
+    interrupted or a larger run resumes chunk-wise); tokens/s goes to collect-<split>.json.
+    engine "ray": the missing chunks are Ray tasks (backend/ray_engine.map_chunks, one actor
+    per worker loads the model once; `model` is not used and may be None), each writing its
+    chunk's file; then the files are read here as with the local engine."""
     from tqdm import tqdm
 
+    from .jobs import ENGINES
+
+    if engine not in ENGINES:
+        raise InvalidSpec(f"Unknown engine {engine!r}; use one of {', '.join(ENGINES)}.")
     sites = [Site(Component(c), layer) for c, layer in cfg.sites]
-    precision = cfg.precision if split == "train" else "float32"    # what is measured stays exact
+    precision = _precision(cfg, split)
     out_dir = work / f"acts-{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
     chunks = _chunks(cfg, split, n_tokens, root)
@@ -180,28 +236,29 @@ def collect(model, cfg: TrainConfig, split: str, n_tokens: int, work: Path, root
     bar = tqdm(total=sum(sizes), desc=f"activations ({split})", unit="tok", file=sys.stderr,
                disable=progress is None)
     t0, fresh = time.perf_counter(), 0
-    for c, wins in enumerate(chunks):
-        path = out_dir / f"chunk{c:05d}.npz"
-        if path.exists():
+    missing = [c for c in range(len(chunks)) if not (out_dir / f"chunk{c:05d}.npz").exists()]
+    bar.update(sum(sizes) - sum(sizes[c] for c in missing))
+    if engine == "ray" and missing:
+        from .jobs import Remote
+        from .ray_engine import map_chunks
+
+        def done(c: int, n: int) -> None:
+            nonlocal fresh
+            fresh += sizes[c]
             bar.update(sizes[c])
-            continue
-        parts: list[list[np.ndarray]] = [[] for _ in sites]
-        for idx in _batches(wins):
-            ids, mask = _pad([wins[i][2] for i in idx])
-            mask[:, 0] = False
-            for j, a in enumerate(site_activations(model, sites, ids, precision)):
-                parts[j].append(a[mask].to("cpu").half().numpy())
-            bar.update(int(mask.sum()))
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **{f"s{j}": np.concatenate(p) for j, p in enumerate(parts)})
-        tmp.replace(path)
-        fresh += sizes[c]
+        map_chunks(Remote("backend.train_sae:chunk_worker",
+                          (cfg, split, n_tokens, str(Path(work).resolve()), None if root is None else str(root),
+                           CHUNK_TOKENS)), missing, done)
+    else:
+        for c in missing:
+            write_chunk(model, cfg, split, chunks[c], out_dir / f"chunk{c:05d}.npz", bar.update)
+            fresh += sizes[c]
     bar.close()
     secs = time.perf_counter() - t0
     stats = {"split": split, "precision": precision, "tokens": int(sum(sizes)), "chunks": len(chunks),
              "windows": sum(len(ch) for ch in chunks), "sites": [hook_name(s) for s in sites],
              "collected_now": fresh, "seconds": round(secs, 1),
-             "tokens_per_second": round(fresh / secs, 1) if fresh else None}
+             "tokens_per_second": round(fresh / secs, 1) if fresh else None, "engine": engine}
     if fresh:
         (work / f"collect-{split}.json").write_text(json.dumps(stats))
     if progress:
@@ -538,10 +595,11 @@ def _check_sites(model, cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig, out_dir: Path | None = None, work: Path | None = None, root=None,
           progress: Callable[[str], None] | None = None, collect_only: bool = False,
-          only: tuple[int, ...] | None = None, compare: Path | None = None) -> list[dict]:
+          only: tuple[int, ...] | None = None, compare: Path | None = None, engine: str = "local") -> list[dict]:
     """Collect activations once (all sites, one pass), train every SAE of cfg.sites (or the
     indices in `only`), measure and save them. `compare`: a folder of earlier SAEs (same ids)
-    measured on the same data, whose figures go beside the new ones as "previous"."""
+    measured on the same data, whose figures go beside the new ones as "previous". `engine`
+    "ray": the activation cache's chunks are collected by Ray workers (collect)."""
     import torch
 
     from .model import load_model
@@ -554,8 +612,8 @@ def train(cfg: TrainConfig, out_dir: Path | None = None, work: Path | None = Non
     _check_sites(model, cfg)
     corpus.tokenize(cfg.model, cfg.corpus, root)
     t0 = time.perf_counter()
-    train_acts = collect(model, cfg, "train", cfg.train_tokens, work, root, progress, only)
-    held_acts = collect(model, cfg, "heldout", cfg.heldout_tokens, work, root, progress, only)
+    train_acts = collect(model, cfg, "train", cfg.train_tokens, work, root, progress, only, engine=engine)
+    held_acts = collect(model, cfg, "heldout", cfg.heldout_tokens, work, root, progress, only, engine=engine)
     collect_s = time.perf_counter() - t0
     rates = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("collect-*.json"))}
     if collect_only:
@@ -625,7 +683,7 @@ def _previous(model, cfg, folder: Path, sid: str, j: int, held_acts, dead_acts, 
 
 
 def measure_previous(cfg: TrainConfig, folder: Path, work: Path | None = None, root=None,
-                     progress: Callable[[str], None] | None = None) -> list[dict]:
+                     progress: Callable[[str], None] | None = None, engine: str = "local") -> list[dict]:
     """Measure the SAEs in `folder` (ids as cfg.sites would train) on the evaluation data of
     a training run, before it trains: the figures land in the work dir, where train(...,
     compare=folder) picks them up. Dead latents are counted on the held-out cache plus the
@@ -638,8 +696,8 @@ def measure_previous(cfg: TrainConfig, folder: Path, work: Path | None = None, r
     work.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg.model)
     _check_sites(model, cfg)
-    train_acts = collect(model, cfg, "train", cfg.dead_tokens, work, root, progress)
-    held_acts = collect(model, cfg, "heldout", cfg.heldout_tokens, work, root, progress)
+    train_acts = collect(model, cfg, "train", cfg.dead_tokens, work, root, progress, engine=engine)
+    held_acts = collect(model, cfg, "heldout", cfg.heldout_tokens, work, root, progress, engine=engine)
     ed = eval_data(model, cfg, root)
     out = []
     for j, (c, layer) in enumerate(cfg.sites):
@@ -692,6 +750,9 @@ def add_cli_args(p) -> None:
                    help="the forward that fills the training caches (quality is always measured in float32)")
     p.add_argument("--collect-only", action="store_true",
                    help="only cache the activations (all sites, one pass) and report tokens/s")
+    from .jobs import add_engine_args
+
+    add_engine_args(p)   # ray: the activation cache's chunks on Ray workers (a --work folder they all see)
 
 
 def run_cli(a) -> dict:
@@ -706,9 +767,9 @@ def run_cli(a) -> dict:
     only = tuple(int(i) for i in a.only.split(",")) if a.only else None
     if a.measure_previous:
         return {"previous": measure_previous(cfg, Path(a.compare), a.work,
-                                             progress=lambda m: print(m, file=sys.stderr))}
+                                             progress=lambda m: print(m, file=sys.stderr), engine=a.engine)}
     reports = train(cfg, a.out, a.work, progress=lambda m: print(m, file=sys.stderr),
-                    collect_only=a.collect_only, only=only, compare=a.compare)
+                    collect_only=a.collect_only, only=only, compare=a.compare, engine=a.engine)
     return {"collected": reports} if a.collect_only else {"saes": reports}
 
 

@@ -1,5 +1,7 @@
-"""Corpus jobs on Ray (a real local Ray instance): the same rows as the local engine; a worker
-killed mid-chunk and a driver killed after workers finished both resume with no row lost or
+"""Corpus jobs on Ray (a real local Ray instance): the same rows as the local engine (neuron
+stats, massive corpus, feature index, feature scores) and the same activation-cache files (SAE
+training); a worker killed mid-chunk (SIGKILL from a watcher thread in this process, never this
+process itself) and a driver killed after workers finished both resume with no row lost or
 written twice."""
 
 from __future__ import annotations
@@ -151,3 +153,125 @@ def test_feature_index_on_ray_equals_local(model, tmp_path):
     assert rows and rows == b.cursor().execute(q).fetchall()
     a.close()
     b.close()
+
+
+def _kill_when_published(pid_file, seen: dict, stop, timeout: float = 300.0) -> None:
+    """Watcher thread: SIGKILL the process whose id appears in pid_file; never this pytest
+    process (nor its parent), and only a Ray worker where /proc tells."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not stop.is_set():
+        if pid_file.exists():
+            pid = int(pid_file.read_text())
+            if pid in (os.getpid(), os.getppid()) or pid <= 1:
+                seen["own"] = pid               # Ray local mode: the work runs in this process
+                return
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                cmd = None
+            if cmd is not None and "ray" not in cmd.lower():
+                seen["not_ray"] = (pid, cmd)
+                return
+            os.kill(pid, signal.SIGKILL)
+            seen["killed"] = pid
+            return
+        time.sleep(0.02)
+
+
+def test_a_worker_killed_mid_chunk_loses_and_doubles_no_row(local_run, model, tmp_path, monkeypatch):
+    import os
+    import threading
+
+    local, _ = local_run
+    key = JOB.key()
+    spec = ns.job_spec(local, JOB)
+    n_chunks = 3
+    monkeypatch.setenv("DASHBOARD_SHARDS", str(tmp_path / "shards"))
+    pid_file = tmp_path / "worker.pid"
+    remote = jobs.Remote("tests.ray_kill_helper:slow_chunk_worker",
+                         (asdict(JOB), spec["thresholds"], key, str(pid_file), 1, 20.0))
+    seen: dict = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_kill_when_published, args=(pid_file, seen, stop), daemon=True)
+    watcher.start()
+    store = Store(tmp_path / "killed.duckdb")
+    try:
+        st = jobs.run_job(store, key, ns.KIND, JOB.model, spec, n_chunks, None, engine="ray", remote=remote)
+    finally:
+        stop.set()
+        watcher.join(5)
+    if "own" in seen:
+        store.close()
+        pytest.skip("Ray runs the work in this process (local mode): no worker to kill")
+    assert "not_ray" not in seen, seen
+    assert "killed" in seen and seen["killed"] != os.getpid()
+    assert st.done == n_chunks
+    assert _rows(store, "neuron_part", key) == _rows(local, "neuron_part", key)
+    counts = store.cursor().execute("SELECT chunk, count(*) FROM job_chunks WHERE job_key = ? GROUP BY 1 ORDER BY 1",
+                                    [key]).fetchall()
+    assert counts == [(0, 1), (1, 1), (2, 1)]
+    big = store.cursor().execute("SELECT count(*), count(DISTINCT (chunk, layer)) FROM neuron_part_big "
+                                 "WHERE job_key = ?", [key]).fetchall()[0]
+    assert big == (n_chunks * model.info.n_layers,) * 2
+    assert not any((tmp_path / "shards").glob(f"{key}/chunk-*")), "merged shards are deleted"
+    store.close()
+
+
+def _score_rows(store: Store, table: str) -> list[tuple]:
+    return store.cursor().execute(f"SELECT * FROM {table} ORDER BY feature").fetchall()
+
+
+def test_feature_scores_on_ray_equal_local(model, tmp_path):
+    from backend.features_corpus import scores as S
+    from backend.features_corpus.index import build_index
+    from backend.saes import list_saes
+
+    sae = list_saes(DEFAULT_MODEL)[0]["sae_id"]
+    runs = {}
+    for engine in ("local", "ray"):
+        store = Store(tmp_path / f"{engine}.duckdb")
+        with threads(1):   # the driver computes the lens tokens (and, here, the index behind c)
+            build_index(DEFAULT_MODEL, sae, 4, store=store, chunk_windows=2)
+            r = S.build_scores(DEFAULT_MODEL, sae, store=store, features=16, tc_windows=8, tc_precision="float32",
+                               engine=engine)
+        runs[engine] = (store, r["saes"][sae])
+    (a, ra), (b, rb) = runs["local"], runs["ray"]
+    for part in ("vocab_proj", "output_score", "token_change"):
+        assert ra[part]["status"] == rb[part]["status"] == "done", (part, ra[part], rb[part])
+        assert ra[part]["computed"] == rb[part]["computed"] == 16, part
+    assert rb["token_change"]["n_chunks"] >= 2
+    for table in ("feature_vocab_proj", "feature_output_scores", "feature_token_change"):
+        rows = _score_rows(a, table)
+        assert len(rows) == 16 and rows == _score_rows(b, table), table
+    a.close()
+    b.close()
+
+
+def test_sae_activation_cache_on_ray_equals_local(model, tmp_path, monkeypatch):
+    import numpy as np
+
+    from backend import train_sae as T
+
+    monkeypatch.setattr(T, "CHUNK_TOKENS", 300)   # the driver passes it to the workers
+    cfg = T.TrainConfig(sites=(("resid_pre", 3), ("z", 2)), train_tokens=700, precision="float32")
+    with threads(1):
+        got_local = T.collect(model, cfg, "train", cfg.train_tokens, tmp_path / "local")
+    got_ray = T.collect(None, cfg, "train", cfg.train_tokens, tmp_path / "ray", engine="ray")
+    files = sorted(p.name for p in (tmp_path / "local" / "acts-train").iterdir())
+    assert len(files) >= 2 and all(f.endswith(".npz") and ".tmp" not in f for f in files)
+    assert files == sorted(p.name for p in (tmp_path / "ray" / "acts-train").iterdir())
+    for f in files:
+        x, y = np.load(tmp_path / "local" / "acts-train" / f), np.load(tmp_path / "ray" / "acts-train" / f)
+        assert sorted(x.files) == sorted(y.files) == ["s0", "s1"]
+        for k in x.files:
+            assert x[k].dtype == y[k].dtype == np.float16 and x[k].shape == y[k].shape
+            assert x[k].tobytes() == y[k].tobytes(), (f, k)
+    for x, y in zip(got_local, got_ray):
+        assert x.tobytes() == y.tobytes()
+    import json
+
+    assert json.loads((tmp_path / "ray" / "collect-train.json").read_text())["engine"] == "ray"

@@ -104,6 +104,9 @@ def add_scores_args(p) -> None:
     p.add_argument("--parts", default="vocab,output,input,token_change",
                    help="comma-separated subset of vocab,output,input,token_change")
     p.add_argument("--features", type=int, default=None, help="only the first N features of each SAE (trials)")
+    from ..jobs import add_engine_args
+
+    add_engine_args(p)
 
 
 def run_scores(a) -> dict:
@@ -117,4 +120,5 @@ def run_scores(a) -> dict:
         raise InvalidSpec(f"Unknown parts {bad}: use a subset of vocab,output,input,token_change.")
     if a.features is not None and a.features < 1:
         raise InvalidSpec("--features must be at least 1.")
-    return build_scores(a.model, a.sae, progress=tqdm_progress, corpus_name=a.corpus, parts=parts, features=a.features)
+    return build_scores(a.model, a.sae, progress=tqdm_progress, corpus_name=a.corpus, parts=parts, features=a.features,
+                        engine=a.engine)

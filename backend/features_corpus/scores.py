@@ -466,30 +466,109 @@ def _tc_table(key, ix, feats, c, src, r, n_windows, length) -> pa.Table:
     return pa.table(cols)
 
 
-def _chunked(store, ctx: _Ctx, part: str, key: str, n: int, size: int, work: Callable, progress, table: str,
-             ix: int | None = None, stop_after: int | None = None, **params) -> dict:
+PART_TABLE = {"vocab": "feature_vocab_proj", "output": "feature_output_scores", "token_change": "feature_token_change"}
+
+
+def part_work(part: str, ctx: _Ctx, key: str, inputs: dict) -> Callable[[np.ndarray], pa.Table]:
+    """The rows of one part for an array of features, from the model and SAE (loaded on first
+    use) and `inputs` the driver computed before the job, so it never reads the store (a Ray
+    worker cannot: the driver holds it):
+      output:       lens [n LENS_K] int token ids (VocabProj's top LENS_K of features 0..n-1)
+      token_change: windows (the held-out windows), c [n] and c_source [n] (`strengths`),
+                    precision, ix (the index c came from), length
+    Both engines build their work with it (`_chunked` here, `chunk_worker` in a Ray worker)."""
+    import torch
+
+    if part == "vocab":
+        def fn(feats):
+            with torch.inference_mode():
+                ti, tv, bi, bv = vocab_proj(ctx.model, ctx.dirs[torch.as_tensor(feats)])
+            return _vp_table(key, feats, ti.numpy(), tv.numpy(), bi.numpy(), bv.numpy())
+        return fn
+    if part == "output":
+        lens = np.asarray(inputs["lens"], dtype=np.int64)
+        state: dict = {}                                   # the prompt's state, made once
+
+        def fn(feats):
+            if not state:
+                state.update(prompt_state(ctx.model, ctx.sae))
+            r = output_scores(ctx.model, ctx.sae, feats, ctx.rows, torch.as_tensor(lens[feats]), state)
+            return _out_table(key, feats, r)
+        return fn
+    if part == "token_change":
+        c = np.asarray(inputs["c"], dtype=np.float32)
+        src = np.asarray(inputs["c_source"])
+        wins, length = inputs["windows"], inputs["length"]
+        st: dict = {}                                      # the windows' state, made once
+
+        def fn(feats):
+            if not st:
+                st.update(windows_state(ctx.model, ctx.sae, wins, inputs["precision"]))
+            r = token_change(ctx.model, ctx.sae, feats, ctx.rows, c[feats], st)
+            return _tc_table(key, inputs["ix"], feats, c[feats], src[feats], r, len(wins), length)
+        return fn
+    raise ValueError(f"No chunked part {part!r}")
+
+
+def _chunk_features(chunk: int, size: int, n: int, stored: Callable[[np.ndarray], set]) -> np.ndarray:
+    """The features of a chunk that are not stored yet."""
+    feats = np.arange(chunk * size, min(n, (chunk + 1) * size), dtype=np.int64)
+    have = stored(feats)
+    return np.array([f for f in feats if f not in have], dtype=np.int64)
+
+
+def _chunk_work(part: str, fn: Callable, size: int, n: int, stored: Callable[[np.ndarray], set]):
+    table = PART_TABLE[part]
+
+    def work(chunk: int) -> dict[str, pa.Table]:
+        feats = _chunk_features(chunk, size, n, stored)
+        return {table: fn(feats)} if len(feats) else {}
+    return work
+
+
+def chunk_worker(part: str, model_id: str, sae_id: str, key: str, n: int, size: int, inputs: dict,
+                 skip: list[int] = ()):
+    """A part's work function rebuilt in another process (a Ray worker): the same `part_work`
+    as the local engine, on inputs the driver computed; `skip`: features stored when the job
+    started (on demand, by a dashboard)."""
+    skip = set(int(f) for f in skip)
+    return _chunk_work(part, part_work(part, _Ctx(model_id, sae_id), key, inputs), size, n, lambda f: skip)
+
+
+def _chunked(store, ctx: _Ctx, part: str, key: str, n: int, size: int, inputs: Callable[[], dict], progress,
+             ix: int | None = None, stop_after: int | None = None, engine: str = "local", **params) -> dict:
     """One part of one SAE as a resumable job over chunks of `size` features. Features already
-    stored (on demand, by a dashboard) are skipped inside a chunk."""
+    stored (on demand, by a dashboard) are skipped: by the local engine when it reaches their
+    chunk, by Ray as they were when the job started. `inputs()` (called only when there is work
+    left) makes what part_work needs from the store, here in the driver."""
     job_key = _job_key(part, key, size=size, ix=ix, n=n, **params)
     n_chunks = (n + size - 1) // size
     st = jobs.state(store, job_key)
     if st is not None and st.finished:
         return {"part": part, "status": "done", "already_done": True, **(st.summary or {})}
+    table = PART_TABLE[part]
     t0, computed = time.perf_counter(), 0
+    before = jobs.done_chunks(store, job_key)
+    inp = inputs()
+    work, remote = None, None
+    if engine == "ray":
+        skip = sorted(_present(store, table, key, np.arange(n, dtype=np.int64), ix))
+        remote = jobs.Remote(f"{__name__}:chunk_worker", (part, ctx.model_id, ctx.sae_id, key, n, size, inp, skip))
+    else:
+        fn = part_work(part, ctx, key, inp)
 
-    def run(chunk: int) -> dict[str, pa.Table]:
-        nonlocal computed
-        feats = np.arange(chunk * size, min(n, (chunk + 1) * size), dtype=np.int64)
-        have = _present(store, table, key, feats, ix)
-        feats = np.array([f for f in feats if f not in have], dtype=np.int64)
-        if not len(feats):
-            return {}
-        computed += len(feats)
-        return {table: work(feats)}
-
+        def counted(feats):
+            nonlocal computed
+            computed += len(feats)
+            return fn(feats)
+        work = _chunk_work(part, counted, size, n, lambda f: _present(store, table, key, f, ix))
     state = jobs.run_job(store, job_key, f"feature_scores_{part}", ctx.model_id,
-                         {"sae_key": key, "part": part, "ix": ix, **params}, n_chunks, run, progress,
-                         stop_after=stop_after)
+                         {"sae_key": key, "part": part, "ix": ix, **params}, n_chunks, work, progress,
+                         stop_after=stop_after, engine=engine, remote=remote)
+    if engine == "ray":   # the workers computed the chunks done now, less the features skipped
+        new = jobs.done_chunks(store, job_key) - before
+        have = set(skip)
+        computed = sum(len(_chunk_features(c, size, n, lambda f: have)) for c in new)
     secs = time.perf_counter() - t0
     summary = {"part": part, "chunks_done": state.done, "n_chunks": n_chunks, "computed": computed,
                "seconds": round(secs, 2), "features_per_s": round(computed / secs, 2) if computed else None}
@@ -499,6 +578,15 @@ def _chunked(store, ctx: _Ctx, part: str, key: str, n: int, size: int, work: Cal
     else:
         summary["status"] = "partial"
     return summary
+
+
+def _ensure_strings(store, ctx: _Ctx) -> None:
+    """Token strings for labels, once per model (the model loads only if they are missing)."""
+    from .index import ensure_vocab
+
+    if not store.cursor().execute("SELECT count(*) FROM token_strings WHERE model = ?",
+                                  [ctx.model_id]).fetchall()[0][0]:
+        ensure_vocab(store, ctx.model)
 
 
 def _input_scores(store, ctx: _Ctx, key: str, index) -> dict:
@@ -546,14 +634,16 @@ def _index_or_none(store, sae_id: str):
 def build_scores(model_id: str, sae: str | list[str], store=None, progress: Callable[[str], jobs.Progress] | None = None,
                  corpus_name: str = corpus.DEFAULT_NAME, root=None, parts=("vocab", "output", "input", "token_change"),
                  stop_after: int | None = None, features: int | None = None, tc_windows: int = TC_WINDOWS,
-                 tc_len: int = TC_LEN, tc_precision: str | None = None) -> dict:
+                 tc_len: int = TC_LEN, tc_precision: str | None = None, engine: str = "local") -> dict:
     """Compute and store the scores of every feature of the SAE(s); resumable, idempotent.
 
     Two passes: first VocabProj, output and input score of every SAE (minutes: labels and
     scores appear early), then TokenChange of every SAE (the long part). `progress(description)`
     makes a progress callback per part; `features` limits each SAE to its first N features
     (tests, benchmarks); `stop_after` stops each part after that many new chunks;
-    `tc_precision` the forward of TokenChange (default kernels.forward.bulk_precision())."""
+    `tc_precision` the forward of TokenChange (default kernels.forward.bulk_precision());
+    `engine` "ray" runs the chunks of VocabProj, output score and TokenChange as Ray tasks
+    (jobs.run_job): what they read from the store (lens tokens, c) is computed here first."""
     from ..saes import sae_info
     from ..store import default_store
     from .index import resolve_saes, sae_key
@@ -572,28 +662,17 @@ def build_scores(model_id: str, sae: str | list[str], store=None, progress: Call
         n = int(sae_info(s)["d_sae"]) if features is None else int(features)
         res: dict = out["saes"].setdefault(s, {"sae_key": key, "features": n})
         if "vocab" in parts:
-            def vp_work(feats, ctx=ctx, key=key):
-                import torch
-
-                from .index import ensure_vocab
-
-                ensure_vocab(store, ctx.model)               # token strings for labels, once per model
-                with torch.inference_mode():
-                    ti, tv, bi, bv = vocab_proj(ctx.model, ctx.dirs[torch.as_tensor(feats)])
-                return _vp_table(key, feats, ti.numpy(), tv.numpy(), bi.numpy(), bv.numpy())
-            res["vocab_proj"] = _chunked(store, ctx, "vocab", key, n, VP_CHUNK, vp_work, bar(s, "VocabProj"),
-                                         "feature_vocab_proj", stop_after=stop_after, k=VOCAB_K)
+            def vp_inputs(ctx=ctx):
+                _ensure_strings(store, ctx)
+                return {}
+            res["vocab_proj"] = _chunked(store, ctx, "vocab", key, n, VP_CHUNK, vp_inputs, bar(s, "VocabProj"),
+                                         stop_after=stop_after, engine=engine, k=VOCAB_K)
         if "output" in parts:
-            def out_work(feats, ctx=ctx, key=key, state={}):   # noqa: B006 (the prompt's state, made once)
-                import torch
-
-                if not state:
-                    state.update(prompt_state(ctx.model, ctx.sae))
-                lens = ctx.lens(store, key)[torch.as_tensor(feats)]
-                return _out_table(key, feats, output_scores(ctx.model, ctx.sae, feats, ctx.rows, lens, state))
-            res["output_score"] = _chunked(store, ctx, "output", key, n, OUT_CHUNK, out_work, bar(s, "output score"),
-                                           "feature_output_scores", stop_after=stop_after, prompt=PROMPT,
-                                           scale=OUT_SCALE, lens=LENS_K)
+            def out_inputs(ctx=ctx, key=key, n=n):
+                return {"lens": ctx.lens(store, key)[:n].cpu().numpy().astype(np.int64)}
+            res["output_score"] = _chunked(store, ctx, "output", key, n, OUT_CHUNK, out_inputs, bar(s, "output score"),
+                                           stop_after=stop_after, engine=engine, prompt=PROMPT, scale=OUT_SCALE,
+                                           lens=LENS_K)
         if "input" in parts:
             index = _index_or_none(store, s)
             n_vp = store.cursor().execute("SELECT count(DISTINCT feature) FROM feature_vocab_proj WHERE sae_key = ?",
@@ -623,16 +702,14 @@ def build_scores(model_id: str, sae: str | list[str], store=None, progress: Call
                 res["token_change"] = {"part": "token_change", "status": "pending", "reason": str(e)}
                 continue
 
-            def tc_work(feats, ctx=ctx, key=key, s=s, index=index, wins=wins, st={}):  # noqa: B006
-                if not st:
-                    st.update(windows_state(ctx.model, ctx.sae, wins, precision))
-                    st["c"], st["src"] = strengths(store, s, ctx.rows, index)
-                r = token_change(ctx.model, ctx.sae, feats, ctx.rows, st["c"][feats], st)
-                return _tc_table(key, index.ix, feats, st["c"][feats], st["src"][feats], r, len(wins), tc_len)
-            res["token_change"] = _chunked(store, ctx, "token_change", key, res["features"], TC_CHUNK, tc_work,
-                                           bar(s, "TokenChange"), "feature_token_change", ix=index.ix,
-                                           stop_after=stop_after, windows=tc_windows, length=tc_len, mult=C_MULT,
-                                           corpus=corpus_name, **({} if precision == "float32" else {"precision": precision}))
+            def tc_inputs(ctx=ctx, s=s, index=index, wins=wins, n=res["features"]):
+                c, src = strengths(store, s, ctx.rows, index)
+                return {"windows": wins, "length": tc_len, "c": c[:n], "c_source": src[:n].tolist(),
+                        "precision": precision, "ix": index.ix}
+            res["token_change"] = _chunked(store, ctx, "token_change", key, res["features"], TC_CHUNK, tc_inputs,
+                                           bar(s, "TokenChange"), ix=index.ix, stop_after=stop_after, engine=engine,
+                                           windows=tc_windows, length=tc_len, mult=C_MULT, corpus=corpus_name,
+                                           **({} if precision == "float32" else {"precision": precision}))
     out["seconds"] = round(time.perf_counter() - t_all, 2)
     return out
 
