@@ -203,15 +203,21 @@ def _fortunes() -> Iterator[tuple[str, str]]:
         if path.is_dir() or path.suffix or path.is_symlink():
             continue
         items = [f.strip("\n") for f in re.split(r"^%\s*$", path.read_text(errors="replace"), flags=re.M)]
-        group, n, i = [], 0, 0
-        for f in (x for x in items if x.strip()):
-            group.append(f)
-            n += len(f.split())
-            if n >= 200:
-                yield f"{path.name} {i}", "\n\n".join(group)
-                group, n, i = [], 0, i + 1
-        if group:
-            yield f"{path.name} {i}", "\n\n".join(group)
+        yield from _grouped(path.name, ((x, len(x.split())) for x in items if x.strip()), 200)
+
+
+def _grouped(name: str, items: Iterable[tuple[str, int]], words: int) -> Iterator[tuple[str, str]]:
+    """Short items (fortunes, dictionary entries; each with its word count) joined into
+    documents of about `words` words, named "<name> 0", "<name> 1", ..."""
+    group, n, i = [], 0, 0
+    for item, count in items:
+        group.append(item)
+        n += count
+        if n >= words:
+            yield f"{name} {i}", "\n\n".join(group)
+            group, n, i = [], 0, i + 1
+    if group:
+        yield f"{name} {i}", "\n\n".join(group)
 
 
 _AUSTEN = Path("/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb")
@@ -447,20 +453,14 @@ def _foldoc() -> Iterator[tuple[str, str]]:
         elif cur is not None:
             cur.append(line.strip())
     entries.append(cur)
-    group, n, i = [], 0, 0
-    for e in entries:
-        if not e or e[0].startswith("00-database"):
-            continue
-        body = re.sub(r"\s+", " ", " ".join(e[1:])).replace("{", "").replace("}", "").strip()
-        if len(body.split()) < 4:
-            continue
-        group.append(f"{e[0]}: {body}")
-        n += len(body.split())
-        if n >= 300:
-            yield f"foldoc {i}", "\n\n".join(group)
-            group, n, i = [], 0, i + 1
-    if group:
-        yield f"foldoc {i}", "\n\n".join(group)
+    def items():
+        for e in entries:
+            if not e or e[0].startswith("00-database"):
+                continue
+            body = re.sub(r"\s+", " ", " ".join(e[1:])).replace("{", "").replace("}", "").strip()
+            if len(body.split()) >= 4:
+                yield f"{e[0]}: {body}", len(body.split())
+    yield from _grouped("foldoc", items(), 300)
 
 
 _LINUX_DOC = Path("/usr/share/doc/linux-doc-6.1/Documentation")
