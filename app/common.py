@@ -44,6 +44,20 @@ def main_result(view: View, spec, what: str) -> tuple[View, object | None]:
     return view.replace(key=out.run_key), out
 
 
+def form_result(view: View, form, spec_of, what: str) -> tuple[View, object | None]:
+    """A form page's main result: the form (navigating to the view it returns if that differs),
+    the spec built from the view (a bad one said in the page), then main_result."""
+    new = form(view)
+    if new != view:
+        navigate(new)
+    try:
+        spec = spec_of(view)
+    except DashboardError as e:
+        st.error(str(e), icon=":material/warning:")
+        return view, None
+    return main_result(view, spec, what)
+
+
 def downloads(run_key: str, kind: str) -> None:
     """Download buttons for a stored result: its JSON and, where the kind has figures, the main
     figure as HTML (the files are made only when a button is pressed)."""

@@ -83,27 +83,14 @@ def write_chunk(store, job_key: str, chunk: int, tables: dict[str, pa.Table], se
     for name in tables:
         if not _IDENT.match(name):
             raise StoreError(f"Not a table name: {name!r}")
-    cur = store.cursor()
-    with store._write_lock:
+    from .store import insert_arrow
+
+    with store.transaction() as cur:
         if cur.execute("SELECT 1 FROM job_chunks WHERE job_key = ? AND chunk = ?",
                        [job_key, chunk]).fetchall():
             return False
-        cur.begin()
-        try:
-            n = 0
-            for name, table in tables.items():
-                if table.num_rows == 0:
-                    continue
-                cur.register("_chunk_rows", table)
-                cols = ", ".join(table.column_names)
-                cur.execute(f"INSERT INTO {name}({cols}) SELECT {cols} FROM _chunk_rows")
-                cur.unregister("_chunk_rows")
-                n += table.num_rows
-            cur.execute("INSERT INTO job_chunks VALUES (?, ?, ?, ?)", [job_key, chunk, n, seconds])
-            cur.commit()
-        except Exception:
-            cur.rollback()
-            raise
+        n = sum(insert_arrow(cur, name, table) for name, table in tables.items())
+        cur.execute("INSERT INTO job_chunks VALUES (?, ?, ?, ?)", [job_key, chunk, n, seconds])
     return True
 
 
@@ -111,18 +98,11 @@ def finish(store, job_key: str, summary: dict[str, Any], sql: list[str] | None =
            params: list[list] | None = None) -> None:
     """Mark a job finished with its summary; `sql` (e.g. building a clustered copy) runs in the
     same transaction."""
-    cur = store.cursor()
-    with store._write_lock:
-        cur.begin()
-        try:
-            for k, q in enumerate(sql or []):
-                cur.execute(q, (params or [[]] * len(sql))[k])
-            cur.execute("UPDATE jobs SET summary = ?, finished = current_timestamp WHERE job_key = ?",
-                        [json.dumps(summary), job_key])
-            cur.commit()
-        except Exception:
-            cur.rollback()
-            raise
+    with store.transaction() as cur:
+        for k, q in enumerate(sql or []):
+            cur.execute(q, (params or [[]] * len(sql))[k])
+        cur.execute("UPDATE jobs SET summary = ?, finished = current_timestamp WHERE job_key = ?",
+                    [json.dumps(summary), job_key])
 
 
 @dataclass(frozen=True)

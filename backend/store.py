@@ -14,6 +14,7 @@ Later migrations add the tables of corpus jobs (neuron statistics, SAE feature a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from pathlib import Path
@@ -176,6 +177,20 @@ class Store:
     def close(self) -> None:
         self._conn.close()
 
+    @contextlib.contextmanager
+    def transaction(self):
+        """A cursor in one transaction under the store's write lock: committed when the block
+        ends, rolled back if it raises."""
+        cur = self.cursor()
+        with self._write_lock:
+            cur.begin()
+            try:
+                yield cur
+                cur.commit()
+            except BaseException:
+                cur.rollback()
+                raise
+
     # -- results ------------------------------------------------------------------------
     def has(self, run_key: str) -> bool:
         return bool(self.cursor().execute("SELECT 1 FROM runs WHERE run_key = ?", [run_key]).fetchall())
@@ -209,9 +224,7 @@ class Store:
                             "VALUES (?, ?, ?, ?, ?, ?)",
                             [run_key, kind, model, spec_json, json.dumps(meta), compute_seconds])
                 if arrays:
-                    cur.register("_new_arrays", table)
-                    cur.execute("INSERT INTO arrays SELECT * FROM _new_arrays")
-                    cur.unregister("_new_arrays")
+                    insert_arrow(cur, "arrays", table)
                 cur.commit()
             except Exception:
                 cur.rollback()
@@ -272,6 +285,21 @@ class Store:
 
 _default: Store | None = None
 _default_lock = threading.Lock()
+
+
+def insert_arrow(cur, table: str, rows: pa.Table, order_by: str | None = None) -> int:
+    """Insert an Arrow table's rows into `table` by column name (in the caller's transaction);
+    the number of rows."""
+    if rows.num_rows == 0:
+        return 0
+    name = "_arrow_rows"
+    cur.register(name, rows)
+    try:
+        cols = ", ".join(rows.column_names)
+        cur.execute(f"INSERT INTO {table}({cols}) SELECT {cols} FROM {name}" + (f" ORDER BY {order_by}" if order_by else ""))
+    finally:
+        cur.unregister(name)
+    return rows.num_rows
 
 
 def default_store() -> Store:

@@ -11,7 +11,7 @@ from backend.analyses.circuits import CIRCUIT_METRICS, METHODS, CircuitSpec, sav
 from backend.errors import DashboardError
 
 from .. import figures
-from ..common import fetch, main_result, model_dims, navigate, synced
+from ..common import fetch, form_result, model_dims, navigate, synced
 from ..figures_circuits import circuit_graph, clicked_item
 from ..state import View, view_params
 from .patching import TASKS
@@ -66,17 +66,10 @@ def render(view: View) -> View:
                "logits); the top edges form a circuit, which is then RUN: every edge outside it carries "
                "the corrupted activation. Faithfulness = (M(circuit) − M(corrupt)) / (M(clean) − M(corrupt)). "
                "Click a node or an edge (its midpoint) to remove it and rerun.")
-    new = _form(view)
-    if new != view:
-        navigate(new)
-    try:
-        spec = spec_of(view)
-    except DashboardError as e:
-        st.error(str(e), icon=":material/warning:")
-        return view
-    view, out = main_result(view, spec, "circuit")
+    view, out = form_result(view, _form, spec_of, "circuit")
     if out is None:
         return view
+    spec = out.spec
     r = out.result
     removed = removed_list(view)
     prev = None

@@ -9,7 +9,7 @@ from backend.patch_sites import ATP_SITES, SITE_AXES, SITE_LABELS, SITES, STAR_S
 from backend.errors import DashboardError
 
 from .. import figures
-from ..common import fetch, main_result, navigate, synced
+from ..common import fetch, form_result, navigate, synced
 from ..state import View
 
 TASKS = {"custom": "your own pair", "ioi": "IOI (names)", "induction": "induction (repeated tokens)",
@@ -63,17 +63,10 @@ def render(view: View) -> View:
     st.header("Activation patching")
     st.caption("Patch one activation from one run into the other and measure how much of the clean "
                "behaviour comes back. Click a cell of the heatmap to run that patch live.")
-    new = _form(view)
-    if new != view:
-        navigate(new)
-    try:
-        spec = _spec(view)
-    except DashboardError as e:
-        st.error(str(e), icon=":material/warning:")
-        return view
-    view, out = main_result(view, spec, f"{view.site} patching sweep")
+    view, out = form_result(view, _form, _spec, f"{view.site} patching sweep")
     if out is None:
         return view
+    spec = out.spec
     r = out.result
     st.markdown(f"**{r.n_pairs} pair(s)** · clean metric {r.clean_metric:.3f} · corrupted {r.corrupt_metric:.3f}"
                 f" · logit difference clean {r.clean_logit_diff:.2f}, corrupted {r.corrupt_logit_diff:.2f}")

@@ -207,10 +207,11 @@ def ensure_vocab(store, model) -> None:
     texts = [model.tokenizer.decode([i]) for i in range(n)]
     t = pa.table({"model": pa.array([model.info.model_id] * n), "token": pa.array(range(n), pa.int32()),
                   "text": pa.array(texts)})
-    with store._write_lock:
-        cur.register("_vocab", t)
-        cur.execute("INSERT INTO token_strings SELECT model, token, text FROM _vocab")
-        cur.unregister("_vocab")
+    from ..store import insert_arrow
+
+    with store.transaction() as cur:       # checked again under the lock: another thread may have won
+        if not cur.execute("SELECT count(*) FROM token_strings WHERE model = ?", [model.info.model_id]).fetchall()[0][0]:
+            insert_arrow(cur, "token_strings", t)
 
 
 def _finish_sql(ix: int, n_tokens: int) -> tuple[list[str], list[list]]:
@@ -431,19 +432,12 @@ def ensure_weight_tables(store, sae_id: str, model=None) -> str:
                       "rank": np.tile(np.arange(1, N_SIMILAR + 1, dtype=np.int16), n),
                       "other": sim.indices.numpy().reshape(-1).astype(np.int32),
                       "cosine": sim.values.numpy().reshape(-1).astype(np.float32)})
-    with store._write_lock:
-        if cur.execute("SELECT 1 FROM sae_similar WHERE sae_key = ? LIMIT 1", [key]).fetchall():
-            return key
-        cur.begin()
-        try:
+    from ..store import insert_arrow
+
+    with store.transaction() as cur:
+        if not cur.execute("SELECT 1 FROM sae_similar WHERE sae_key = ? LIMIT 1", [key]).fetchall():
             for name, t in (("sae_logit_effects", logit_t), ("sae_similar", sim_t)):
-                cur.register("_w", t)
-                cur.execute(f"INSERT INTO {name} SELECT * FROM _w ORDER BY feature, rank")
-                cur.unregister("_w")
-            cur.commit()
-        except Exception:
-            cur.rollback()
-            raise
+                insert_arrow(cur, name, t, order_by="feature, rank")
     return key
 
 

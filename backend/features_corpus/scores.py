@@ -861,19 +861,12 @@ def compute_feature(store, sae_id: str, feature: int, model_id: str | None = Non
             r = token_change(ctx.model, ctx.sae, f, ctx.rows, c[f], st)
             tables["feature_token_change"] = _tc_table(key, -1 if ix_now is None else ix_now, f, c[f], src[f], r,
                                                        len(wins), TC_LEN)
+    from ..store import insert_arrow
+
+    with store.transaction() as cur:
+        for name, t in tables.items():
+            insert_arrow(cur, name, t)
     cur = store.cursor()
-    with store._write_lock:
-        cur.begin()
-        try:
-            for name, t in tables.items():
-                cur.register("_one", t)
-                cols = ", ".join(t.column_names)
-                cur.execute(f"INSERT INTO {name}({cols}) SELECT {cols} FROM _one")
-                cur.unregister("_one")
-            cur.commit()
-        except Exception:
-            cur.rollback()
-            raise
     if "input" in which and ix_now is not None and have["input"] is None:
         if cur.execute("SELECT count(*) FROM feature_vocab_proj WHERE sae_key = ?", [key]).fetchall()[0][0] \
                 >= int(sae_info(sae_id)["d_sae"]):
