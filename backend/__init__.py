@@ -8,7 +8,7 @@ Usable from a notebook as from the app:
 """
 
 from . import analyses  # noqa: F401  (registers every analysis)
-from . import massive_corpus, neuron_stats  # noqa: F401  (their per-item analyses, e.g. neuron contexts)
+from .jobs import massive_corpus, neuron_stats  # noqa: F401  (their per-item analyses, e.g. neuron contexts)
 from .analyses import directions, steering, steering_eval  # noqa: F401  (directions and their uses: read, steer, ablate, evaluate)
 from .analyses.attention import AttentionSpec
 from .analyses.atp_star import AtPStarSpec

@@ -226,8 +226,8 @@ def feature_record(sae_id: str, feature: int, store: Store | None = None) -> dic
     index, activations (top examples with per-token values), explanations (our generated
     label, marked as generated), logit effects (pos/neg strings and values), the histogram
     and density. What our dashboard has beyond that comes under "extra"."""
-    from .features_corpus.query import feature_dashboard
-    from .features_corpus.scores import feature_scores
+    from .jobs.features.query import feature_dashboard
+    from .jobs.features.scores import feature_scores
     from .saes import sae_info
 
     store = store or default_store()

@@ -8,8 +8,8 @@ Tables (schema version in `schema_version`, upgraded by MIGRATIONS in order):
   runs(run_key, kind, model, spec JSON, meta JSON, compute_seconds, created)
   arrays(run_key, name, dtype, shape INTEGER[], f FLOAT[], d DOUBLE[], i BIGINT[], s VARCHAR[])
   models(model_id, info JSON)
-  jobs, job_chunks (resumable corpus jobs: backend/jobs.py)
-Later migrations add the tables of corpus jobs (neuron statistics, SAE feature activations).
+  jobs, job_chunks and the tables of each corpus job: defined beside the job (backend/jobs/),
+  created by the migrations that name them.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import pyarrow as pa
 from . import settings
 from .errors import StoreCorrupted, StoreError, StoreLocked
 
-MIGRATIONS: list[list[str]] = [
+MIGRATIONS: list[list[str] | str | list[str]] = [
     [  # 1: runs, arrays, models
         """CREATE TABLE runs(run_key VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL,
                model VARCHAR NOT NULL, spec JSON NOT NULL, meta JSON NOT NULL,
@@ -37,68 +37,15 @@ MIGRATIONS: list[list[str]] = [
                i BIGINT[], s VARCHAR[], PRIMARY KEY(run_key, name))""",
         "CREATE TABLE models(model_id VARCHAR PRIMARY KEY, info JSON NOT NULL)",
     ],
-    # 2: resumable corpus jobs (backend/jobs.py)
-    [
-        """CREATE TABLE jobs(job_key VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, model VARCHAR NOT NULL,
-               spec JSON NOT NULL, n_chunks INTEGER NOT NULL, summary JSON,
-               created TIMESTAMP DEFAULT current_timestamp, finished TIMESTAMP)""",
-        """CREATE TABLE job_chunks(job_key VARCHAR NOT NULL, chunk INTEGER NOT NULL,
-               n_rows BIGINT NOT NULL, seconds DOUBLE, PRIMARY KEY(job_key, chunk))""",
-    ],
-    # 3: neuron corpus statistics (backend/neuron_stats.py) and massive activations over a
-    # corpus (backend/massive_corpus.py): per-chunk partial rows, then the merged tables.
-    [
-        """CREATE TABLE neuron_part(job_key VARCHAR NOT NULL, chunk INTEGER NOT NULL, layer SMALLINT NOT NULL,
-               n BIGINT, active INTEGER[], sum DOUBLE[], sumsq DOUBLE[], mass DOUBLE[], ss_tot DOUBLE[],
-               ssb_pos DOUBLE[], ssb_tok DOUBLE[], g_pos INTEGER, g_tok INTEGER)""",
-        """CREATE TABLE neuron_part_big(job_key VARCHAR NOT NULL, chunk INTEGER NOT NULL,
-               layer SMALLINT NOT NULL, hist INTEGER[], k SMALLINT, top_value FLOAT[], top_doc INTEGER[],
-               top_pos INTEGER[], kt SMALLINT, tok_id INTEGER[], tok_mass FLOAT[], tok_count INTEGER[])""",
-        """CREATE TABLE neuron_stats(job_key VARCHAR NOT NULL, layer SMALLINT NOT NULL, neuron SMALLINT NOT NULL,
-               n BIGINT, active BIGINT, freq DOUBLE, mean DOUBLE, std DOUBLE, max FLOAT, dead BOOLEAN,
-               mass DOUBLE, top1_share DOUBLE, top5_share DOUBLE, top_tokens INTEGER[],
-               top_token_mass FLOAT[], top_token_count INTEGER[], pos_share DOUBLE, tok_share DOUBLE,
-               token_detector BOOLEAN, is_positional BOOLEAN)""",
-        """CREATE TABLE neuron_top(job_key VARCHAR NOT NULL, layer SMALLINT NOT NULL, neuron SMALLINT NOT NULL,
-               rank SMALLINT NOT NULL, doc INTEGER, pos INTEGER, value FLOAT)""",
-        """CREATE TABLE neuron_hist(job_key VARCHAR NOT NULL, layer SMALLINT NOT NULL, neuron SMALLINT NOT NULL,
-               counts INTEGER[])""",
-        """CREATE TABLE massive_part(job_key VARCHAR NOT NULL, chunk INTEGER NOT NULL, layer SMALLINT NOT NULL,
-               dim SMALLINT NOT NULL, kind VARCHAR NOT NULL, n BIGINT, n_seqs INTEGER, sum DOUBLE,
-               sumsq DOUBLE, vmin FLOAT, vmax FLOAT)""",
-        """CREATE TABLE massive_layer_part(job_key VARCHAR NOT NULL, chunk INTEGER NOT NULL,
-               layer SMALLINT NOT NULL, n_seqs INTEGER, seqs_with INTEGER, median_sum DOUBLE,
-               top_sum DOUBLE, top_max FLOAT, ratio_max DOUBLE, n_tokens BIGINT)""",
-    ],
-    # 4: SAE features over a corpus (backend/features_corpus): one index per (SAE id, weights
-    # hash, corpus slice); sparse activation rows as the job writes them, then two clustered
-    # copies; per-feature statistics; weight-derived tables keyed by "<sae id>@<weights hash>".
-    [
-        """CREATE TABLE feature_indexes(ix SMALLINT PRIMARY KEY, sae_id VARCHAR NOT NULL,
-               weights_hash VARCHAR NOT NULL, model VARCHAR NOT NULL, hook_name VARCHAR, d_sae INTEGER,
-               corpus VARCHAR, split VARCHAR, context INTEGER, n_windows INTEGER, job_key VARCHAR NOT NULL,
-               n_tokens BIGINT, n_rows BIGINT, built TIMESTAMP)""",
-        """CREATE TABLE feature_acts(ix SMALLINT NOT NULL, feature INTEGER NOT NULL, doc INTEGER NOT NULL,
-               pos INTEGER NOT NULL, value FLOAT NOT NULL, token INTEGER NOT NULL)""",
-        """CREATE TABLE feature_acts_by_feature(ix SMALLINT NOT NULL, feature INTEGER NOT NULL,
-               doc INTEGER NOT NULL, pos INTEGER NOT NULL, value FLOAT NOT NULL, token INTEGER NOT NULL)""",
-        """CREATE TABLE feature_acts_by_doc(ix SMALLINT NOT NULL, feature INTEGER NOT NULL,
-               doc INTEGER NOT NULL, pos INTEGER NOT NULL, value FLOAT NOT NULL, token INTEGER NOT NULL)""",
-        """CREATE TABLE feature_windows(ix SMALLINT NOT NULL, doc INTEGER NOT NULL, start INTEGER NOT NULL,
-               ids INTEGER[] NOT NULL)""",
-        """CREATE TABLE feature_stats(ix SMALLINT NOT NULL, feature INTEGER NOT NULL, n BIGINT, density DOUBLE,
-               max FLOAT, mean FLOAT, quantiles FLOAT[])""",
-        """CREATE TABLE feature_hist(ix SMALLINT NOT NULL, feature INTEGER NOT NULL, bin SMALLINT NOT NULL,
-               n BIGINT)""",
-        """CREATE TABLE feature_top_tokens(ix SMALLINT NOT NULL, feature INTEGER NOT NULL, token INTEGER NOT NULL,
-               n INTEGER)""",
-        """CREATE TABLE sae_logit_effects(sae_key VARCHAR NOT NULL, feature INTEGER NOT NULL,
-               rank SMALLINT NOT NULL, token INTEGER NOT NULL, value FLOAT NOT NULL)""",
-        """CREATE TABLE sae_similar(sae_key VARCHAR NOT NULL, feature INTEGER NOT NULL, rank SMALLINT NOT NULL,
-               other INTEGER NOT NULL, cosine FLOAT NOT NULL)""",
-        """CREATE TABLE sae_maps(sae_key VARCHAR NOT NULL, feature INTEGER NOT NULL, x FLOAT, y FLOAT)""",
-        """CREATE TABLE token_strings(model VARCHAR NOT NULL, token INTEGER NOT NULL, text VARCHAR NOT NULL)""",
-    ],
+    # 2-4: the tables of the corpus jobs, defined beside each job (backend/jobs/): the job
+    # protocol's own (jobs, job_chunks), neuron statistics and massive activations over a corpus
+    # (per-chunk partial rows, then the merged tables), the SAE feature index (one index per
+    # SAE id, weights hash and corpus slice; sparse rows, two clustered copies, per-feature
+    # statistics, weight-derived tables keyed by "<sae id>@<weights hash>"). Resolved when a
+    # store is migrated (a job module imports this one).
+    "backend.jobs:SCHEMA",
+    ["backend.jobs.neuron_stats:SCHEMA", "backend.jobs.massive_corpus:SCHEMA"],
+    "backend.jobs.features.index:SCHEMA",
     # 5: saved circuits (backend/analyses/circuits.py): a name -> a circuit spec
     [
         """CREATE TABLE saved_circuits(circuit_id VARCHAR PRIMARY KEY, name VARCHAR NOT NULL,
@@ -107,6 +54,21 @@ MIGRATIONS: list[list[str]] = [
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _statements(step) -> list[str]:
+    """A migration's SQL: its statements, or "module:NAME" references to a job's schema list."""
+    import importlib
+
+    refs = [step] if isinstance(step, str) else step
+    out: list[str] = []
+    for r in refs:
+        if r.startswith("backend.") and ":" in r and not r.lstrip().upper().startswith("CREATE"):
+            module, name = r.split(":")
+            out += getattr(importlib.import_module(module), name)
+        else:
+            out.append(r)
+    return out
 
 _ARRAY_SCHEMA = pa.schema([
     ("run_key", pa.string()), ("name", pa.string()), ("dtype", pa.string()),
@@ -166,7 +128,7 @@ class Store:
         for v in range(version, SCHEMA_VERSION):
             cur.begin()
             try:
-                for sql in MIGRATIONS[v]:
+                for sql in _statements(MIGRATIONS[v]):
                     cur.execute(sql)
                 cur.execute("INSERT INTO schema_version VALUES (?)", [v + 1])
                 cur.commit()

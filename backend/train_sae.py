@@ -240,7 +240,7 @@ def collect(model, cfg: TrainConfig, split: str, n_tokens: int, work: Path, root
     bar.update(sum(sizes) - sum(sizes[c] for c in missing))
     if engine == "ray" and missing:
         from .jobs import Remote
-        from .ray_engine import map_chunks
+        from .jobs.ray_engine import map_chunks
 
         def done(c: int, n: int) -> None:
             nonlocal fresh

@@ -20,7 +20,7 @@ import torch
 
 def reference_output_scores(model, sae, feats, rows, lens, a_max: float) -> np.ndarray:
     """One full forward per feature, OUT_SCALE · a_max · row added at the last position."""
-    from backend.features_corpus import scores as S
+    from backend.jobs.features import scores as S
 
     ids = model.tokenize(S.PROMPT)
     hook = sae.cfg.metadata.hook_name
@@ -39,7 +39,7 @@ def reference_output_scores(model, sae, feats, rows, lens, a_max: float) -> np.n
 
 
 def main() -> None:
-    from backend.features_corpus import scores as S
+    from backend.jobs.features import scores as S
     from backend.model import load_model
     from backend.saes import list_saes, load_sae
 

@@ -37,7 +37,7 @@ def main() -> None:
     import numpy as np
 
     from backend import settings
-    from backend.features_corpus.query import feature_dashboard, features_at, index_for, top_examples
+    from backend.jobs.features.query import feature_dashboard, features_at, index_for, top_examples
     from backend.store import Store
 
     ap = argparse.ArgumentParser()

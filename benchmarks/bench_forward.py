@@ -72,7 +72,7 @@ def main() -> None:
     pre = f"blocks.{start}.hook_resid_pre"
     resid = m.capture(rows, [pre])[pre]
     print(f"\n2. continue 512 x 16 tokens from block {start} to the final norm")
-    from backend.features_corpus.scores import _final_in
+    from backend.jobs.features.scores import _final_in
 
     fin = _final_in()
     ref2 = m.run_from(start, resid, [fin])[fin]

@@ -38,8 +38,8 @@ def main() -> None:
     import torch
 
     from backend import corpus, jobs
-    from backend import neuron_stats as ns
-    from backend import ray_engine
+    from backend.jobs import neuron_stats as ns
+    from backend.jobs import ray_engine
     from backend.model import DEFAULT_MODEL, load_model
     from backend.store import Store
 
@@ -65,7 +65,7 @@ def main() -> None:
     jobs._register(ray_store, key, ns.KIND, job.model, {}, len(chunks))
     stats: dict = {}
     ray_engine.run_chunks(ray_store, key, ns.KIND, len(chunks), set(),
-                          jobs.Remote("backend.neuron_stats:chunk_worker", (asdict(job), thresholds, key)),
+                          jobs.Remote("backend.jobs.neuron_stats:chunk_worker", (asdict(job), thresholds, key)),
                           workers=2, stats=stats)
     ray_s = stats["wall_seconds"]
     n = stats["chunks"]

@@ -11,7 +11,7 @@ import time
 
 def slow_chunk_worker(job_fields: dict, thresholds: list[float], key: str, pid_file: str, chunk_to_kill: int,
                       wait: float):
-    from backend import neuron_stats as ns
+    from backend.jobs import neuron_stats as ns
 
     work = ns.chunk_worker(job_fields, thresholds, key)
 

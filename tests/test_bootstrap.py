@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from backend import bootstrap, corpus
-from backend.features_corpus import index as fidx
+from backend.jobs.features import index as fidx
 from backend.saes import load_sae
 
 from .browser import browser_context, dashboard

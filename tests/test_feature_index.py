@@ -13,9 +13,9 @@ import torch
 
 from backend import corpus
 from backend.errors import EmptySearch, FeatureIndexMissing, NotSingleToken, OutOfRange, UnknownSAE
-from backend.features_corpus import index as fidx
-from backend.features_corpus import query
-from backend.features_corpus.search import search_text, search_token
+from backend.jobs.features import index as fidx
+from backend.jobs.features import query
+from backend.jobs.features.search import search_text, search_token
 
 pytestmark = pytest.mark.model   # loads the real model
 

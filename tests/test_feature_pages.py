@@ -10,9 +10,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from backend import corpus
-from backend.features_corpus import fmap
-from backend.features_corpus import index as fidx
-from backend.features_corpus import query
+from backend.jobs.features import fmap
+from backend.jobs.features import index as fidx
+from backend.jobs.features import query
 
 from .browser import browser_context, dashboard, wait_for_plots
 from .conftest import DEFAULT_MODEL, ROOT

@@ -1,4 +1,4 @@
-"""Feature scores (backend/features_corpus/scores.py): VocabProj, output score, TokenChange,
+"""Feature scores (backend/jobs/features/scores.py): VocabProj, output score, TokenChange,
 input score, labels, the job and the CLI; real model, real SAEs, real DuckDB, a small corpus.
 
 Every fast path is checked against a plain computation: VocabProj against the unembedding and
@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from backend import corpus
-from backend.features_corpus import index as fidx
-from backend.features_corpus import query
-from backend.features_corpus import scores as S
+from backend.jobs.features import index as fidx
+from backend.jobs.features import query
+from backend.jobs.features import scores as S
 
 pytestmark = pytest.mark.model
 

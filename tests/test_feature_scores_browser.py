@@ -19,9 +19,9 @@ N_OUT = 128            # one batch of output scores
 def test_sort_by_output_score_open_top_feature_see_badges_and_steer_link(model, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    from backend.features_corpus import index as fidx
-    from backend.features_corpus import scores as S
-    from backend.features_corpus.search import rank_features
+    from backend.jobs.features import index as fidx
+    from backend.jobs.features import scores as S
+    from backend.jobs.features.search import rank_features
     from backend.store import Store
 
     path = tmp_path / "e2e.duckdb"

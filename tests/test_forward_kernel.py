@@ -117,7 +117,7 @@ def test_bulk_precision_choice_and_override(monkeypatch):
 def test_token_change_through_the_kernel_matches_the_bridge(model):
     """TokenChange via the float32 kernel equals the bridge's run_from path; in bfloat16 its
     top-10 lists keep at least 90 % of their tokens."""
-    from backend.features_corpus import scores as S
+    from backend.jobs.features import scores as S
     from backend.saes import load_sae
 
     sae = load_sae("smollm2-135m-L15-resid_pre")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend import massive_corpus as mc
+from backend.jobs import massive_corpus as mc
 from backend.errors import InvalidSpec
 from backend.sites import Component, Site, hook_name
 

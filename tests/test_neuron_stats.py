@@ -9,7 +9,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from backend import jobs
-from backend import neuron_stats as ns
+from backend.jobs import neuron_stats as ns
 from backend.errors import InvalidSite, InvalidSpec
 from backend.sites import Component, Site, hook_name
 

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 
 from backend import jobs
-from backend import massive_corpus as mc
-from backend import neuron_stats as ns
-from backend import ray_engine
+from backend.jobs import massive_corpus as mc
+from backend.jobs import neuron_stats as ns
+from backend.jobs import ray_engine
 from backend.store import Store
 
 from .conftest import DEFAULT_MODEL
@@ -118,7 +118,7 @@ def test_killed_driver_resumes_from_shards_without_lost_or_doubled_rows(local_ru
 
     # This run merges the complete shard without recomputing and reruns the incomplete one.
     store = Store(tmp_path / "resume.duckdb")
-    remote = jobs.Remote("backend.neuron_stats:chunk_worker", (asdict(JOB), thresholds, key))
+    remote = jobs.Remote("backend.jobs.neuron_stats:chunk_worker", (asdict(JOB), thresholds, key))
     st = jobs.run_job(store, key, ns.KIND, JOB.model, spec, n_chunks, None, engine="ray", remote=remote)
     assert st.done == n_chunks
     assert _rows(store, "neuron_part", key) == _rows(local, "neuron_part", key)
@@ -139,7 +139,7 @@ def test_a_job_without_a_remote_factory_says_so(store):
 
 
 def test_feature_index_on_ray_equals_local(model, tmp_path):
-    from backend.features_corpus.index import build_index
+    from backend.jobs.features.index import build_index
     from backend.saes import list_saes
 
     sae = list_saes(DEFAULT_MODEL)[0]["sae_id"]
@@ -226,8 +226,8 @@ def _score_rows(store: Store, table: str) -> list[tuple]:
 
 
 def test_feature_scores_on_ray_equal_local(model, tmp_path):
-    from backend.features_corpus import scores as S
-    from backend.features_corpus.index import build_index
+    from backend.jobs.features import scores as S
+    from backend.jobs.features.index import build_index
     from backend.saes import list_saes
 
     sae = list_saes(DEFAULT_MODEL)[0]["sae_id"]

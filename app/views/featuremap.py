@@ -7,14 +7,14 @@ from __future__ import annotations
 import streamlit as st
 
 from backend.errors import DashboardError, FeatureIndexMissing
-from backend.features_corpus.fmap import build_map, map_data
-from backend.features_corpus.scores import score_table
+from backend.jobs.features.fmap import build_map, map_data
+from backend.jobs.features.scores import score_table
 from backend.store import default_store
 
 from ..common import navigate
 from ..figures_features import MAP_COLOURS, feature_map
 from ..state import View
-from .feature import build_index_button, choose_sae
+from .feature_dashboard import build_index_button, choose_sae
 
 
 def render(view: View) -> View:

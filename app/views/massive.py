@@ -69,7 +69,7 @@ def render(view: View) -> View:
 
 def _across_corpus(view: View) -> None:
     """Across the corpus: the massive-corpus job's aggregates and the zero/mean ablation."""
-    from backend import massive_corpus as mc
+    from backend.jobs import massive_corpus as mc
     from backend.errors import DashboardError
     from backend.store import default_store
 

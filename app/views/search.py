@@ -11,13 +11,13 @@ import pandas as pd
 import streamlit as st
 
 from backend.errors import DashboardError
-from backend.features_corpus.search import SORTS, search
+from backend.jobs.features.search import SORTS, search
 from backend.store import default_store
 
 from ..common import navigate, synced
 from ..figures import fmt_token
 from ..state import View, view_params
-from .feature import choose_sae
+from .feature_dashboard import choose_sae
 
 MODES = {"token": "by token", "text": "by text"}
 SORT_NAMES = {"": "the search's own order", "output_score": "output score", "input_score": "input score",

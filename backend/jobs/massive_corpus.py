@@ -1,6 +1,6 @@
 """Massive activations over a corpus (Sun et al. 2024), and the paper's ablation on held-out text.
 
-MassiveCorpusJob: a resumable job (backend/jobs.py) over N full-length corpus windows,
+MassiveCorpusJob: a resumable job (backend/jobs/__init__.py) over N full-length corpus windows,
 evenly spaced over the split. Each chunk runs kernels.massive.scan (one forward, every
 layer's hook_resid_post reduced on the fly, no activation cache) and writes per chunk:
 
@@ -33,11 +33,21 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-from . import jobs
-from .errors import DashboardError, InvalidSpec, NoMassiveActivations
-from .runner import analysis
-from .sites import Component, Site, hook_name
-from .spec import Result, Spec
+from .. import jobs
+
+# This job's tables (store migration 3): per-chunk partial rows, then the merged tables.
+SCHEMA = [
+    """CREATE TABLE massive_part(job_key VARCHAR NOT NULL, chunk INTEGER NOT NULL, layer SMALLINT NOT NULL,
+               dim SMALLINT NOT NULL, kind VARCHAR NOT NULL, n BIGINT, n_seqs INTEGER, sum DOUBLE,
+               sumsq DOUBLE, vmin FLOAT, vmax FLOAT)""",
+    """CREATE TABLE massive_layer_part(job_key VARCHAR NOT NULL, chunk INTEGER NOT NULL,
+               layer SMALLINT NOT NULL, n_seqs INTEGER, seqs_with INTEGER, median_sum DOUBLE,
+               top_sum DOUBLE, top_max FLOAT, ratio_max DOUBLE, n_tokens BIGINT)""",
+]
+from ..errors import DashboardError, InvalidSpec, NoMassiveActivations
+from ..runner import analysis
+from ..sites import Component, Site, hook_name
+from ..spec import Result, Spec
 
 KIND = "massive_corpus"
 VERSION = 1
@@ -75,7 +85,7 @@ class MassiveCorpusJob(jobs.WindowJob):
 def full_windows(model_id: str, split: str, length: int, n: int, corpus: str = "default"):
     """n windows of exactly `length` tokens, evenly spaced over the split (equal lengths: the
     scan batches without padding)."""
-    from . import corpus as corpus_mod
+    from .. import corpus as corpus_mod
 
     every = [w for w in corpus_mod.windows(model_id, split, length, name=corpus) if len(w[2]) == length]
     if n > len(every):
@@ -156,7 +166,7 @@ def _tensor(ids: np.ndarray):
 
 def chunk_worker(job_fields: dict, key: str):
     """The job's work function rebuilt in another process (a Ray worker)."""
-    from .model import load_model
+    from ..model import load_model
 
     job = MassiveCorpusJob(**job_fields)
     model = load_model(job.model)
@@ -167,8 +177,8 @@ def chunk_worker(job_fields: dict, key: str):
 
 def run(job: MassiveCorpusJob, store=None, progress=None, stop_after: int | None = None, model=None,
         engine: str = "local") -> dict:
-    from .model import load_model
-    from .store import default_store
+    from ..model import load_model
+    from ..store import default_store
 
     store = store or default_store()
     key = job.key()
@@ -182,7 +192,7 @@ def run(job: MassiveCorpusJob, store=None, progress=None, stop_after: int | None
     st = jobs.run_job(store, key, KIND, job.model, asdict(job), len(chunks),
                       lambda c: chunk_rows(model, chunks[c], job, key, c), progress=progress,
                       stop_after=stop_after, engine=engine,
-                      remote=jobs.Remote("backend.massive_corpus:chunk_worker", (asdict(job), key)))
+                      remote=jobs.Remote("backend.jobs.massive_corpus:chunk_worker", (asdict(job), key)))
     if st.done < st.n_chunks:
         return {"job_key": key, "finished": False, "done": st.done, "n_chunks": st.n_chunks}
     seconds = time.perf_counter() - t0
@@ -311,7 +321,7 @@ def _nll(logits, ids):
 def compute_ablation(spec: MassiveCorpusAblationSpec, model, progress=None) -> MassiveCorpusAblationResult:
     import torch
 
-    from .store import default_store
+    from ..store import default_store
 
     store = default_store()
     rows = store.cursor().execute("SELECT spec, finished IS NOT NULL FROM jobs WHERE job_key = ?",
@@ -387,7 +397,7 @@ def compute_ablation(spec: MassiveCorpusAblationSpec, model, progress=None) -> M
 
 
 def add_cli_args(p) -> None:
-    from .model import DEFAULT_MODEL
+    from ..model import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--windows", type=int, default=256, help="train windows scanned (full length, evenly spaced)")
@@ -402,7 +412,7 @@ def add_cli_args(p) -> None:
 
 
 def run_cli(a) -> dict:
-    from .runner import run as run_spec
+    from ..runner import run as run_spec
 
     job = MassiveCorpusJob(model=a.model, n_windows=a.windows, length=a.length, chunk=a.chunk,
                            abs_threshold=a.abs_threshold, ratio_threshold=a.ratio_threshold)

@@ -28,9 +28,18 @@ from typing import Any, Callable, ClassVar
 
 import pyarrow as pa
 
-from .errors import StoreError
+from ..errors import StoreError
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+# The protocol's tables (store migration 2).
+SCHEMA = [
+    """CREATE TABLE jobs(job_key VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, model VARCHAR NOT NULL,
+               spec JSON NOT NULL, n_chunks INTEGER NOT NULL, summary JSON,
+               created TIMESTAMP DEFAULT current_timestamp, finished TIMESTAMP)""",
+    """CREATE TABLE job_chunks(job_key VARCHAR NOT NULL, chunk INTEGER NOT NULL,
+               n_rows BIGINT NOT NULL, seconds DOUBLE, PRIMARY KEY(job_key, chunk))""",
+]
 
 
 Progress = Callable[[int, int, str], None]
@@ -83,7 +92,7 @@ def write_chunk(store, job_key: str, chunk: int, tables: dict[str, pa.Table], se
     for name in tables:
         if not _IDENT.match(name):
             raise StoreError(f"Not a table name: {name!r}")
-    from .store import insert_arrow
+    from ..store import insert_arrow
 
     with store.transaction() as cur:
         if cur.execute("SELECT 1 FROM job_chunks WHERE job_key = ? AND chunk = ?",
@@ -132,7 +141,7 @@ def run_job(store, job_key: str, kind: str, model: str, spec: dict, n_chunks: in
     many new chunks, leaving the job resumable.
 
     engine "local" runs `work` here, in chunk order. engine "ray" runs the chunks as Ray tasks on
-    actors built from `remote` (backend/ray_engine.py): each writes its chunk as Parquet shards,
+    actors built from `remote` (backend/jobs/ray_engine.py): each writes its chunk as Parquet shards,
     and this process merges every complete shard into the store with its done-mark, in one
     transaction per chunk, exactly as the local engine writes its rows."""
     if engine not in ENGINES:
@@ -167,7 +176,7 @@ def run_job(store, job_key: str, kind: str, model: str, spec: dict, n_chunks: in
 
 def check_windows(cfg) -> None:
     """Validate the window fields shared by corpus-job configs (n_windows, length, chunk, split)."""
-    from .errors import InvalidSpec
+    from ..errors import InvalidSpec
 
     for name, lo, hi in (("n_windows", 1, 100_000), ("length", 2, 1024), ("chunk", 1, 256)):
         v = getattr(cfg, name)

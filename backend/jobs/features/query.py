@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import FeatureIndexMissing, OutOfRange
+from ...errors import FeatureIndexMissing, OutOfRange
 from .index import HIST_BINS, QUANTILES, current_index, sae_key
 
 BEFORE, AFTER = 14, 4            # context tokens shown around an example's token
@@ -58,7 +58,7 @@ def index_for(store, sae_id: str) -> IndexInfo:
 
 def check_feature(sae_id: str, feature: int) -> int:
     """The SAE's width, after checking the feature exists (OutOfRange otherwise)."""
-    from ..saes import sae_info
+    from ...saes import sae_info
 
     d_sae = int(sae_info(sae_id)["d_sae"])
     if not isinstance(feature, (int, np.integer)) or not 0 <= int(feature) < d_sae:
@@ -184,7 +184,7 @@ def logit_effects(store, sae_id: str, feature: int, model: str | None = None) ->
 
         ensure_weight_tables(store, sae_id)
         rows = cur.execute(q, [key, feature]).fetchall()
-    from ..saes import sae_info
+    from ...saes import sae_info
 
     strings = vocab(store, model or sae_info(sae_id)["model"])
     item = lambda r: {"token": strings[r[1]], "token_id": int(r[1]), "value": float(r[2])}  # noqa: E731

@@ -10,9 +10,9 @@ import json
 import streamlit as st
 
 from backend.errors import DashboardError
-from backend.features_corpus import DEFAULT_WINDOWS
-from backend.features_corpus.query import check_feature, feature_dashboard
-from backend.features_corpus.scores import feature_scores, score_table
+from backend.jobs.features import DEFAULT_WINDOWS
+from backend.jobs.features.query import check_feature, feature_dashboard
+from backend.jobs.features.scores import feature_scores, score_table
 from backend.saes import list_saes, sae_info
 from backend.store import default_store
 
@@ -116,7 +116,7 @@ def build_index_button(view: View, where: str) -> None:
     cmd = f"python -m backend feature-index --model {view.model} --sae all --windows {DEFAULT_WINDOWS}"
     st.caption(f"From a shell: `{cmd}` (resumable; a few minutes on two quiet cores).")
     if st.button(f"Build the corpus index now ({DEFAULT_WINDOWS} windows, all SAEs)", key=f"w_build_{where}"):
-        from backend.features_corpus import build_index
+        from backend.jobs.features import build_index
 
         bar = st.progress(0.0, text="loading the model…")
         try:

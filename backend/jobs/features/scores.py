@@ -50,7 +50,7 @@ Label  "fires on: <tokens at its top corpus examples> · promotes: <top VocabPro
     only the promotes half.
 
 The job (`build_scores`) is resumable and idempotent: VocabProj, output score and TokenChange
-are chunked jobs (backend/jobs.py, each chunk's rows and its done-mark in one transaction); the
+are chunked jobs (backend/jobs/__init__.py, each chunk's rows and its done-mark in one transaction); the
 input score is one SQL insert. The parts that need the corpus index (input score, and
 TokenChange whose c comes from it) are reported as pending without it and filled in by a later
 run once the index is built. Rows are keyed by `sae_key` ("<sae id>@<weights hash>"), so a
@@ -69,9 +69,9 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from .. import corpus, jobs
-from ..corpus import CorpusUnavailable
-from ..errors import FeatureIndexMissing, SAEMismatch
+from ... import corpus, jobs
+from ...corpus import CorpusUnavailable
+from ...errors import FeatureIndexMissing, SAEMismatch
 from .index import QUANTILES
 
 PROMPT = "From my experience,"
@@ -113,7 +113,7 @@ TABLES = ("feature_vocab_proj", "feature_output_scores", "feature_input_scores",
 def _final_in() -> str:
     """The final norm's input (the last residual stream); the norm itself is applied with
     LoadedModel.final_norm (its hook_normalized is taken before the norm's weight)."""
-    from ..sites import Component, Site, hook_name
+    from ...sites import Component, Site, hook_name
 
     return hook_name(Site(Component.FINAL_IN))
 
@@ -143,7 +143,7 @@ def decoder_rows(sae):
 
 
 def _hook_site(model, hook: str):
-    from ..sites import Component, Site, hook_name
+    from ...sites import Component, Site, hook_name
 
     for layer in range(model.info.n_layers):
         for c in (Component.RESID_PRE, Component.RESID_MID, Component.RESID_POST, Component.ATTN_OUT,
@@ -158,7 +158,7 @@ def residual_directions(model, sae, rows=None):
     MLP's output matrix, residual-stream hooks as they are)."""
     import torch
 
-    from ..sites import Component
+    from ...sites import Component
 
     rows = decoder_rows(sae) if rows is None else rows
     site = _hook_site(model, sae.cfg.metadata.hook_name)
@@ -195,8 +195,8 @@ def prompt_state(model, sae, prompt: str = PROMPT) -> dict:
     a_max (the largest latent at the last position)."""
     from kernels.sae_encode import fused_encode
 
-    from ..model.interface import hook_layer
-    from ..sites import Component, Site, hook_name
+    from ...model.interface import hook_layer
+    from ...sites import Component, Site, hook_name
 
     hook = sae.cfg.metadata.hook_name
     ids = model.tokenize(prompt)
@@ -293,8 +293,8 @@ def windows_state(model, sae, windows: list[list[int]], precision: str = "float3
 
     from kernels.sae_encode import fused_encode
 
-    from ..model.interface import hook_layer
-    from ..sites import Component, Site, hook_name
+    from ...model.interface import hook_layer
+    from ...sites import Component, Site, hook_name
 
     hook = sae.cfg.metadata.hook_name
     layer = hook_layer(hook)
@@ -384,7 +384,7 @@ class _Ctx:
     @property
     def model(self):
         if self._model is None:
-            from ..model import load_model
+            from ...model import load_model
 
             self._model = load_model(self.model_id)
         return self._model
@@ -392,7 +392,7 @@ class _Ctx:
     @property
     def sae(self):
         if self._sae is None:
-            from ..saes import load_sae
+            from ...saes import load_sae
 
             self._sae = load_sae(self.sae_id)
         return self._sae
@@ -644,8 +644,8 @@ def build_scores(model_id: str, sae: str | list[str], store=None, progress: Call
     `tc_precision` the forward of TokenChange (default kernels.forward.bulk_precision());
     `engine` "ray" runs the chunks of VocabProj, output score and TokenChange as Ray tasks
     (jobs.run_job): what they read from the store (lens tokens, c) is computed here first."""
-    from ..saes import sae_info
-    from ..store import default_store
+    from ...saes import sae_info
+    from ...store import default_store
     from .index import resolve_saes, sae_key
 
     store = store or default_store()
@@ -745,7 +745,7 @@ def make_label(fires_on: list[str] | None, promotes: list[str]) -> str:
 
 def labels(store, sae_id: str) -> dict[int, str]:
     """A label for every feature with a stored VocabProj (feature -> text)."""
-    from ..saes import sae_info
+    from ...saes import sae_info
     from .index import sae_key
     from .query import vocab
 
@@ -769,7 +769,7 @@ def labels(store, sae_id: str) -> dict[int, str]:
 def score_table(store, sae_id: str) -> dict:
     """Arrays over all features (index = feature id): output_score, input_score, density
     (NaN where not stored), label ('' where no VocabProj yet), and what is missing."""
-    from ..saes import sae_info
+    from ...saes import sae_info
     from .index import sae_key
 
     ensure_tables(store)
@@ -824,7 +824,7 @@ def compute_feature(store, sae_id: str, feature: int, model_id: str | None = Non
     """Compute and store the missing parts of one feature (loads the model)."""
     import torch
 
-    from ..saes import sae_info
+    from ...saes import sae_info
     from .index import sae_key
 
     ensure_tables(store)
@@ -861,7 +861,7 @@ def compute_feature(store, sae_id: str, feature: int, model_id: str | None = Non
             r = token_change(ctx.model, ctx.sae, f, ctx.rows, c[f], st)
             tables["feature_token_change"] = _tc_table(key, -1 if ix_now is None else ix_now, f, c[f], src[f], r,
                                                        len(wins), TC_LEN)
-    from ..store import insert_arrow
+    from ...store import insert_arrow
 
     with store.transaction() as cur:
         for name, t in tables.items():
@@ -877,7 +877,7 @@ def feature_scores(store, sae_id: str, feature: int, compute: bool = True, **kw)
     """One feature's label, VocabProj, TokenChange, input and output score (token strings
     included). With compute, missing parts are computed and stored first (loads the model);
     without, they are None and `missing` lists them."""
-    from ..saes import sae_info
+    from ...saes import sae_info
     from .index import sae_key
     from .query import check_feature, vocab
 

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from backend import NeuronLogitSpec
-from backend import neuron_stats as ns
+from backend.jobs import neuron_stats as ns
 from backend.errors import DashboardError
 from backend.store import default_store
 

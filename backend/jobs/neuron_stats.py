@@ -15,7 +15,7 @@ resumed job reads them back, so every chunk uses the same ones).
 One forward per chunk of windows, with one hook on all 30 `mlp.hook_post` points that reduces
 each layer's [tokens d_mlp] tensor on the fly and lets it go. Each chunk writes, per layer, one
 row of partial aggregates (table neuron_part; arrays of length d_mlp) in one transaction with
-its done-mark (backend/jobs.py), so an interrupted job resumes with no row lost or doubled:
+its done-mark (backend/jobs/__init__.py), so an interrupted job resumes with no row lost or doubled:
 
     n, active count, Σv, Σv², activation mass Σ_{active} v, and for the variance shares
     SS_total, SS_between(position), SS_between(token) and the group counts of the chunk;
@@ -51,9 +51,28 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-from . import jobs
-from .errors import InvalidSite, InvalidSpec
-from .sites import Component, Site, hook_name
+from .. import jobs
+
+# This job's tables (store migration 3): per-chunk partial rows, then the merged tables.
+SCHEMA = [
+    """CREATE TABLE neuron_part(job_key VARCHAR NOT NULL, chunk INTEGER NOT NULL, layer SMALLINT NOT NULL,
+               n BIGINT, active INTEGER[], sum DOUBLE[], sumsq DOUBLE[], mass DOUBLE[], ss_tot DOUBLE[],
+               ssb_pos DOUBLE[], ssb_tok DOUBLE[], g_pos INTEGER, g_tok INTEGER)""",
+    """CREATE TABLE neuron_part_big(job_key VARCHAR NOT NULL, chunk INTEGER NOT NULL,
+               layer SMALLINT NOT NULL, hist INTEGER[], k SMALLINT, top_value FLOAT[], top_doc INTEGER[],
+               top_pos INTEGER[], kt SMALLINT, tok_id INTEGER[], tok_mass FLOAT[], tok_count INTEGER[])""",
+    """CREATE TABLE neuron_stats(job_key VARCHAR NOT NULL, layer SMALLINT NOT NULL, neuron SMALLINT NOT NULL,
+               n BIGINT, active BIGINT, freq DOUBLE, mean DOUBLE, std DOUBLE, max FLOAT, dead BOOLEAN,
+               mass DOUBLE, top1_share DOUBLE, top5_share DOUBLE, top_tokens INTEGER[],
+               top_token_mass FLOAT[], top_token_count INTEGER[], pos_share DOUBLE, tok_share DOUBLE,
+               token_detector BOOLEAN, is_positional BOOLEAN)""",
+    """CREATE TABLE neuron_top(job_key VARCHAR NOT NULL, layer SMALLINT NOT NULL, neuron SMALLINT NOT NULL,
+               rank SMALLINT NOT NULL, doc INTEGER, pos INTEGER, value FLOAT)""",
+    """CREATE TABLE neuron_hist(job_key VARCHAR NOT NULL, layer SMALLINT NOT NULL, neuron SMALLINT NOT NULL,
+               counts INTEGER[])""",
+]
+from ..errors import InvalidSite, InvalidSpec
+from ..sites import Component, Site, hook_name
 
 KIND = "neuron_stats"
 VERSION = 1
@@ -94,7 +113,7 @@ class NeuronStatsJob(jobs.WindowJob):
 
 def select_windows(job: NeuronStatsJob) -> list[tuple[int, int, list[int]]]:
     """The job's windows: n_windows evenly spaced over corpus.windows(model, split, length)."""
-    from . import corpus
+    from .. import corpus
 
     every = corpus.windows(job.model, job.split, job.length, name=job.corpus)
     if job.n_windows > len(every):
@@ -275,7 +294,7 @@ def job_spec(store, job: NeuronStatsJob) -> dict | None:
 def chunk_worker(job_fields: dict, thresholds: list[float], key: str):
     """The job's work function rebuilt in another process (a Ray worker): same windows, same
     chunks, the model loaded there once."""
-    from .model import load_model
+    from ..model import load_model
 
     job = NeuronStatsJob(**job_fields)
     model = load_model(job.model)
@@ -287,8 +306,8 @@ def chunk_worker(job_fields: dict, thresholds: list[float], key: str):
 def run(job: NeuronStatsJob, store=None, progress=None, stop_after: int | None = None,
         model=None, engine: str = "local") -> dict:
     """Run (or resume) a neuron-statistics job and finish it; returns its summary (or state)."""
-    from .model import load_model
-    from .store import default_store
+    from ..model import load_model
+    from ..store import default_store
 
     store = store or default_store()
     key = job.key()
@@ -311,7 +330,7 @@ def run(job: NeuronStatsJob, store=None, progress=None, stop_after: int | None =
     st = jobs.run_job(store, key, KIND, job.model, spec, len(chunks),
                       lambda c: chunk_rows(model, chunks[c], thresholds, key, c),
                       progress=progress, stop_after=stop_after, engine=engine,
-                      remote=jobs.Remote("backend.neuron_stats:chunk_worker", (asdict(job), thresholds, key)))
+                      remote=jobs.Remote("backend.jobs.neuron_stats:chunk_worker", (asdict(job), thresholds, key)))
     seconds = time.perf_counter() - t0
     if st.done < st.n_chunks:
         return {"job_key": key, "finished": False, "done": st.done, "n_chunks": st.n_chunks}
@@ -529,7 +548,7 @@ def neuron_stats(store, job_key: str, layer: int, neuron: int) -> dict | None:
 
 
 def add_cli_args(p) -> None:
-    from .model import DEFAULT_MODEL
+    from ..model import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="corpus windows (evenly spaced)")
@@ -542,7 +561,7 @@ def add_cli_args(p) -> None:
 
 
 def run_cli(a) -> dict:
-    from .store import default_store
+    from ..store import default_store
 
     job = NeuronStatsJob(model=a.model, n_windows=a.windows, split=a.split, length=a.length, chunk=a.chunk)
     t = time.perf_counter()
@@ -568,8 +587,8 @@ def run_cli(a) -> dict:
 # ----------------------------------------------------------------------------------------
 # A neuron's top contexts with the activation at every token (for colouring), as a stored analysis
 
-from .runner import analysis  # noqa: E402
-from .spec import Result, Spec  # noqa: E402
+from ..runner import analysis  # noqa: E402
+from ..spec import Result, Spec  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -602,9 +621,9 @@ class NeuronContextsResult(Result):
 
 @analysis(NeuronContextsSpec, NeuronContextsResult)
 def compute_contexts(spec: NeuronContextsSpec, model, progress=None) -> NeuronContextsResult:
-    from . import corpus
-    from .analyses.neurons import neuron_activations
-    from .store import default_store
+    from .. import corpus
+    from ..analyses.neurons import neuron_activations
+    from ..store import default_store
 
     store = default_store()
     check_site(model.info.n_layers, model.info.d_mlp, spec.layer, spec.neuron)

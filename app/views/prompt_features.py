@@ -8,7 +8,7 @@ import streamlit as st
 
 from backend.analyses.features import FeaturesSpec
 from backend.errors import DashboardError
-from backend.features_corpus.scores import labels as feature_labels
+from backend.jobs.features.scores import labels as feature_labels
 from backend.saes import list_saes
 from backend.store import default_store
 

@@ -3,7 +3,7 @@
     index.py   the corpus encoding job: windows of the corpus run ONCE through the model up to
                the deepest hooked layer, every SAE of the model encoded from that one forward
                (fused TopK kernel), sparse rows (feature, doc, pos, value, token) written chunk
-               by chunk (backend/jobs.py, resumable); on finish two clustered copies, per-feature
+               by chunk (backend/jobs/__init__.py, resumable); on finish two clustered copies, per-feature
                statistics and the top tokens. Also the weight-only tables (logit effects,
                similar decoder directions), and the keys: every table is keyed by the SAE id
                AND a hash of its weights file, so a retrained SAE never reads a stale index.

@@ -34,8 +34,8 @@ import time
 from collections import deque
 from pathlib import Path
 
-from . import settings
-from .errors import DashboardError
+from .. import settings
+from ..errors import DashboardError
 
 MAX_RETRIES = 3
 
@@ -132,7 +132,7 @@ def read_shard(path: Path) -> dict:
 
 
 def _merge(store, job_key: str, chunk: int, path: Path, seconds: float) -> None:
-    from .jobs import write_chunk
+    from . import write_chunk
 
     write_chunk(store, job_key, chunk, read_shard(path), seconds)
     shutil.rmtree(path, ignore_errors=True)
@@ -221,7 +221,7 @@ def run_chunks(store, job_key: str, kind: str, n_chunks: int, done: set[int], re
                stop_after: int | None = None, workers: int | None = None, stats: dict | None = None) -> dict:
     """Run the chunks not in `done` on Ray actors (map_chunks) and merge their shards into the
     store. Returns timing statistics (also filled into `stats` if given)."""
-    from .jobs import Remote
+    from . import Remote
 
     root = shard_root()
     stats = stats if stats is not None else {}
@@ -251,5 +251,5 @@ def run_chunks(store, job_key: str, kind: str, n_chunks: int, done: set[int], re
         if progress:
             progress(len(done), n_chunks, f"{kind}: chunk {chunk + 1}/{n_chunks} (ray)")
 
-    return map_chunks(Remote("backend.ray_engine:shard_worker", (remote, str(root), job_key)), todo, merge,
+    return map_chunks(Remote("backend.jobs.ray_engine:shard_worker", (remote, str(root), job_key)), todo, merge,
                       workers=workers, stats=stats)

@@ -5,7 +5,7 @@ A token query is matched against the decoded vocabulary (`token_strings`), as ty
 with a leading space (" Paris" and "Paris" are different tokens; both are searched).
 A text query runs the per-prompt SAE analysis (FeaturesSpec: stored, so the link reopens
 from the store) and aggregates each feature over the positions >= 1, as the index does.
-Every result carries the feature's label, output and input score (backend/features_corpus/
+Every result carries the feature's label, output and input score (backend/jobs/features/
 scores.py; None until `feature-scores` has stored them); `sort` ranks by one of SORTS (highest
 first, features without it last), `min_output_score` filters, and with no query and a sort
 the whole SAE is ranked ("features that steer well": sort by output score).
@@ -13,14 +13,14 @@ the whole SAE is ranked ("features that steer well": sort by output score).
 
 from __future__ import annotations
 
-from ..errors import EmptySearch, FeatureIndexMissing, InvalidSpec, NotSingleToken
+from ...errors import EmptySearch, FeatureIndexMissing, InvalidSpec, NotSingleToken
 from .index import TOP_TOKEN_EXAMPLES, ensure_vocab, ensure_weight_tables, sae_key
 
 
 def _tokens_for(store, model: str, q: str) -> list[tuple[int, str]]:
     cur = store.cursor()
     if not cur.execute("SELECT 1 FROM token_strings WHERE model = ? LIMIT 1", [model]).fetchall():
-        from ..model import load_model
+        from ...model import load_model
 
         ensure_vocab(store, load_model(model))
     variants = sorted({q, " " + q.lstrip(" ")})
@@ -34,7 +34,7 @@ def _tokens_for(store, model: str, q: str) -> list[tuple[int, str]]:
 
 def search_token(store, sae_id: str, q: str, limit: int = 50) -> dict:
     """Features whose top corpus examples sit on the token, or whose logit effects promote it."""
-    from ..saes import sae_info
+    from ...saes import sae_info
     from .query import index_for
 
     if not isinstance(q, str) or not q.strip():
@@ -76,8 +76,8 @@ def search_token(store, sae_id: str, q: str, limit: int = 50) -> dict:
 def search_text(store, sae_id: str, text: str, model: str, by: str = "max", limit: int = 30) -> dict:
     """Features most active on a text (max or sum over positions >= 1), from the stored
     per-prompt analysis."""
-    from ..analyses.features import FeaturesSpec
-    from ..runner import run
+    from ...analyses.features import FeaturesSpec
+    from ...runner import run
     from .query import index_for
 
     if not isinstance(text, str) or not text.strip():

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from ..model import DEFAULT_MODEL
+from ...model import DEFAULT_MODEL
 from .index import DEFAULT_WINDOWS
 
 
@@ -19,13 +19,13 @@ def add_index_args(p) -> None:
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
                    help=f"corpus windows of 128 tokens to encode (default {DEFAULT_WINDOWS})")
     p.add_argument("--corpus", default="default")
-    from ..jobs import add_engine_args
+    from .. import add_engine_args
 
     add_engine_args(p)
 
 
 def run_index(a) -> dict:
-    from ..jobs import tqdm_progress
+    from .. import tqdm_progress
     from .index import build_index
 
     return build_index(a.model, a.sae, a.windows, progress=tqdm_progress("feature index"), corpus_name=a.corpus,
@@ -41,7 +41,7 @@ def add_map_args(p) -> None:
 def run_map(a) -> dict:
     import sys
 
-    from ..store import default_store
+    from ...store import default_store
     from .fmap import build_map
     from .index import resolve_saes
 
@@ -64,7 +64,7 @@ def add_search_args(p) -> None:
 
 
 def run_search(a) -> dict:
-    from ..store import default_store
+    from ...store import default_store
     from .search import search
 
     kw = {"limit": a.limit, **({"by": a.by} if a.mode == "text" else {})}
@@ -80,7 +80,7 @@ def add_feature_args(p) -> None:
 
 
 def run_feature(a) -> dict:
-    from ..store import default_store
+    from ...store import default_store
     from .query import feature_dashboard
     from .scores import feature_scores
 
@@ -104,14 +104,14 @@ def add_scores_args(p) -> None:
     p.add_argument("--parts", default="vocab,output,input,token_change",
                    help="comma-separated subset of vocab,output,input,token_change")
     p.add_argument("--features", type=int, default=None, help="only the first N features of each SAE (trials)")
-    from ..jobs import add_engine_args
+    from .. import add_engine_args
 
     add_engine_args(p)
 
 
 def run_scores(a) -> dict:
-    from ..errors import InvalidSpec
-    from ..jobs import tqdm_progress
+    from ...errors import InvalidSpec
+    from .. import tqdm_progress
     from .scores import build_scores
 
     parts = tuple(x.strip() for x in a.parts.split(",") if x.strip())

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..errors import FeatureIndexMissing
+from ...errors import FeatureIndexMissing
 from .index import sae_key, weights_hash
 
 MAP_FILE = "feature_map.npz"
@@ -22,7 +22,7 @@ N_NEIGHBORS, MIN_DIST, SEED = 15, 0.1, 0
 
 
 def _map_file(sae_id: str) -> Path | None:
-    from ..saes import SAE_DIR, resolve
+    from ...saes import SAE_DIR, resolve
 
     kind, ref = resolve(sae_id)
     return Path(ref) / MAP_FILE if kind == "folder" and Path(ref).parent == SAE_DIR else None
@@ -34,7 +34,7 @@ def build_map(store, sae_id: str, write_file: bool = True, progress=None) -> dic
     key = sae_key(sae_id)
     xy, seconds = get_map(store, sae_id), None
     if xy is None:
-        from ..saes import load_sae
+        from ...saes import load_sae
 
         W = load_sae(sae_id).W_dec.detach().cpu().float().numpy()                # [d_sae d_in]
         if progress:
@@ -118,7 +118,7 @@ def map_data(store, sae_id: str) -> dict:
         source = "top corpus tokens"
     else:
         from .index import ensure_weight_tables
-        from ..saes import sae_info
+        from ...saes import sae_info
 
         key = ensure_weight_tables(store, sae_id)
         strings = vocab(store, sae_info(sae_id)["model"])

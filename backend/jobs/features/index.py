@@ -4,7 +4,7 @@
 
 1. Windows. `corpus.windows(model, split, 128)` in a seeded permutation; the first
    n_windows of it (so a larger n is a superset of a smaller one), processed in (doc, start)
-   order, CHUNK_WINDOWS windows per chunk of the resumable job (backend/jobs.py).
+   order, CHUNK_WINDOWS windows per chunk of the resumable job (backend/jobs/__init__.py).
 2. One forward per batch of windows, hooks at every SAE's hook; the forward stops as soon as
    the deepest hook has fired. Each SAE encodes its activations with the fused TopK kernel
    (kernels/sae_encode.py): only the k active latents, never the dense [n d_sae] matrix.
@@ -37,8 +37,36 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .. import corpus, jobs
-from ..errors import InvalidSpec, SAEMismatch, UnknownSAE
+from ... import corpus, jobs
+
+# The feature index's tables (store migration 4), read by query.py, search.py and fmap.py beside it.
+SCHEMA = [
+    """CREATE TABLE feature_indexes(ix SMALLINT PRIMARY KEY, sae_id VARCHAR NOT NULL,
+               weights_hash VARCHAR NOT NULL, model VARCHAR NOT NULL, hook_name VARCHAR, d_sae INTEGER,
+               corpus VARCHAR, split VARCHAR, context INTEGER, n_windows INTEGER, job_key VARCHAR NOT NULL,
+               n_tokens BIGINT, n_rows BIGINT, built TIMESTAMP)""",
+    """CREATE TABLE feature_acts(ix SMALLINT NOT NULL, feature INTEGER NOT NULL, doc INTEGER NOT NULL,
+               pos INTEGER NOT NULL, value FLOAT NOT NULL, token INTEGER NOT NULL)""",
+    """CREATE TABLE feature_acts_by_feature(ix SMALLINT NOT NULL, feature INTEGER NOT NULL,
+               doc INTEGER NOT NULL, pos INTEGER NOT NULL, value FLOAT NOT NULL, token INTEGER NOT NULL)""",
+    """CREATE TABLE feature_acts_by_doc(ix SMALLINT NOT NULL, feature INTEGER NOT NULL,
+               doc INTEGER NOT NULL, pos INTEGER NOT NULL, value FLOAT NOT NULL, token INTEGER NOT NULL)""",
+    """CREATE TABLE feature_windows(ix SMALLINT NOT NULL, doc INTEGER NOT NULL, start INTEGER NOT NULL,
+               ids INTEGER[] NOT NULL)""",
+    """CREATE TABLE feature_stats(ix SMALLINT NOT NULL, feature INTEGER NOT NULL, n BIGINT, density DOUBLE,
+               max FLOAT, mean FLOAT, quantiles FLOAT[])""",
+    """CREATE TABLE feature_hist(ix SMALLINT NOT NULL, feature INTEGER NOT NULL, bin SMALLINT NOT NULL,
+               n BIGINT)""",
+    """CREATE TABLE feature_top_tokens(ix SMALLINT NOT NULL, feature INTEGER NOT NULL, token INTEGER NOT NULL,
+               n INTEGER)""",
+    """CREATE TABLE sae_logit_effects(sae_key VARCHAR NOT NULL, feature INTEGER NOT NULL,
+               rank SMALLINT NOT NULL, token INTEGER NOT NULL, value FLOAT NOT NULL)""",
+    """CREATE TABLE sae_similar(sae_key VARCHAR NOT NULL, feature INTEGER NOT NULL, rank SMALLINT NOT NULL,
+               other INTEGER NOT NULL, cosine FLOAT NOT NULL)""",
+    """CREATE TABLE sae_maps(sae_key VARCHAR NOT NULL, feature INTEGER NOT NULL, x FLOAT, y FLOAT)""",
+    """CREATE TABLE token_strings(model VARCHAR NOT NULL, token INTEGER NOT NULL, text VARCHAR NOT NULL)""",
+]
+from ...errors import InvalidSpec, SAEMismatch, UnknownSAE
 
 CONTEXT = 128
 CHUNK_WINDOWS = 16
@@ -69,7 +97,7 @@ def _file_hash(path: str, size: int, mtime_ns: int) -> str:
 
 def weights_hash(sae_id: str) -> str:
     """A hash of the SAE's weights file (of its tensors, for a downloaded release)."""
-    from ..saes import resolve
+    from ...saes import resolve
 
     kind, ref = resolve(sae_id)
     if kind == "folder":
@@ -78,7 +106,7 @@ def weights_hash(sae_id: str) -> str:
             raise UnknownSAE(f"SAE folder {ref} has no .safetensors weights.")
         st = files[0].stat()
         return _file_hash(str(files[0]), st.st_size, st.st_mtime_ns)
-    from ..saes import load_sae
+    from ...saes import load_sae
 
     sae = load_sae(sae_id)
     h = hashlib.sha256()
@@ -124,7 +152,7 @@ def _batches(wins, max_tokens: int = BATCH_TOKENS):
 def hook_batch(model, hooks: list[str], ids) -> dict:
     """Activations {hook: [batch pos d]} (hook_z flattened over heads) from one forward that
     stops right after the last of the hooks."""
-    from ..errors import InvalidSite
+    from ...errors import InvalidSite
 
     try:
         return model.capture(ids, sorted(set(hooks)), flatten_heads=True)
@@ -207,7 +235,7 @@ def ensure_vocab(store, model) -> None:
     texts = [model.tokenizer.decode([i]) for i in range(n)]
     t = pa.table({"model": pa.array([model.info.model_id] * n), "token": pa.array(range(n), pa.int32()),
                   "text": pa.array(texts)})
-    from ..store import insert_arrow
+    from ...store import insert_arrow
 
     with store.transaction() as cur:       # checked again under the lock: another thread may have won
         if not cur.execute("SELECT count(*) FROM token_strings WHERE model = ?", [model.info.model_id]).fetchall()[0][0]:
@@ -264,7 +292,7 @@ def drop_index(store, ix: int) -> None:
 # -- the job ------------------------------------------------------------------------------
 def resolve_saes(model_id: str, sae: str | list[str]) -> list[str]:
     """'all' → every shipped SAE of the model; an id or a list of ids otherwise."""
-    from ..saes import list_saes, sae_info
+    from ...saes import list_saes, sae_info
 
     if sae == "all":
         ids = [s["sae_id"] for s in list_saes(model_id)]
@@ -283,8 +311,8 @@ def chunk_worker(model_id: str, sae_ixs: list[tuple[str, int]], n_windows: int, 
                  root, chunk_windows: int):
     """The index job's work function rebuilt in another process (a Ray worker): same windows,
     same SAEs (with the index numbers the driver assigned), the model loaded there once."""
-    from ..model import load_model
-    from ..saes import load_sae
+    from ...model import load_model
+    from ...saes import load_sae
 
     wins = select_windows(model_id, n_windows, corpus_name, root)
     model = load_model(model_id)
@@ -297,8 +325,8 @@ def build_index(model_id: str, sae: str | list[str], n_windows: int = DEFAULT_WI
                 stop_after: int | None = None, chunk_windows: int = CHUNK_WINDOWS, engine: str = "local") -> dict:
     """Encode n_windows corpus windows with every given SAE (one forward for all); resumable.
     Returns a summary: job key, rows, seconds, tokens per second, per-SAE counts."""
-    from ..saes import load_sae, sae_info
-    from ..store import default_store
+    from ...saes import load_sae, sae_info
+    from ...store import default_store
 
     if not isinstance(n_windows, int) or not 1 <= n_windows <= 1_000_000:
         raise InvalidSpec("The number of windows must be in 1–1,000,000.")
@@ -313,7 +341,7 @@ def build_index(model_id: str, sae: str | list[str], n_windows: int = DEFAULT_WI
     wins = select_windows(model_id, n_windows, corpus_name, root)
     n_chunks = (len(wins) + chunk_windows - 1) // chunk_windows
     ixs = _ensure_index_rows(store, job_key, model_id, infos, len(wins), corpus_name)
-    from ..model import load_model
+    from ...model import load_model
 
     model = load_model(model_id)
     ensure_vocab(store, model)
@@ -326,7 +354,7 @@ def build_index(model_id: str, sae: str | list[str], n_windows: int = DEFAULT_WI
         new_tokens += sum(len(w[2]) - 1 for w in part)
         return encode_windows(model, saes, part)
 
-    remote = jobs.Remote("backend.features_corpus.index:chunk_worker",
+    remote = jobs.Remote("backend.jobs.features.index:chunk_worker",
                          (model_id, [(s, ixs[s]) for s in ids], n_windows, corpus_name,
                           None if root is None else str(root), chunk_windows))
     state = jobs.run_job(store, job_key, "feature_index", model_id,
@@ -372,7 +400,7 @@ def feature_directions(model, sae):
     """[d_sae d_model]: what one unit of each feature's activation adds to the residual stream."""
     import torch
 
-    from ..sites import Component, Site, hook_name
+    from ...sites import Component, Site, hook_name
 
     hook = sae.cfg.metadata.hook_name
     with torch.inference_mode():
@@ -396,8 +424,8 @@ def ensure_weight_tables(store, sae_id: str, model=None) -> str:
     cur = store.cursor()
     if cur.execute("SELECT 1 FROM sae_similar WHERE sae_key = ? LIMIT 1", [key]).fetchall():
         return key
-    from ..model import load_model
-    from ..saes import load_sae, sae_info
+    from ...model import load_model
+    from ...saes import load_sae, sae_info
 
     sae = load_sae(sae_id)
     model = model or load_model(sae_info(sae_id)["model"] or "smollm2-135m")
@@ -432,7 +460,7 @@ def ensure_weight_tables(store, sae_id: str, model=None) -> str:
                       "rank": np.tile(np.arange(1, N_SIMILAR + 1, dtype=np.int16), n),
                       "other": sim.indices.numpy().reshape(-1).astype(np.int32),
                       "cosine": sim.values.numpy().reshape(-1).astype(np.float32)})
-    from ..store import insert_arrow
+    from ...store import insert_arrow
 
     with store.transaction() as cur:
         if not cur.execute("SELECT 1 FROM sae_similar WHERE sae_key = ? LIMIT 1", [key]).fetchall():
