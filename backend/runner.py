@@ -21,14 +21,23 @@ from .store import Store, default_store
 class Analysis:
     spec_cls: type[Spec]
     result_cls: type[Result]
-    compute: Callable[..., Result]   # compute(spec, model, progress) -> Result
+    compute: Callable[..., Result]   # compute(spec, model, progress[, store]) -> Result
+
+    @property
+    def wants_store(self) -> bool:
+        """Whether compute reads other stored results: then it gets the store it writes to."""
+        import inspect
+
+        return "store" in inspect.signature(self.compute).parameters
 
 
 ANALYSES: dict[str, Analysis] = {}
 
 
 def analysis(spec_cls: type[Spec], result_cls: type[Result]):
-    """Register `compute(spec, model, progress)` as the analysis of spec_cls."""
+    """Register `compute(spec, model, progress)` as the analysis of spec_cls; a compute that
+    reads other stored results takes `store` too and is given the store the runner writes to
+    (so run(spec, store=X) never mixes X with the default store)."""
     def wrap(fn):
         ANALYSES[spec_cls.KIND] = Analysis(spec_cls, result_cls, fn)
         return fn
@@ -82,7 +91,8 @@ def run(spec: Spec, store: Store | None = None, progress: Callable[[str], None] 
 
         model = load_model(spec.model, progress=progress)
         t = time.perf_counter()
-        result = ANALYSES[spec.KIND].compute(spec, model, progress)
+        a = ANALYSES[spec.KIND]
+        result = a.compute(spec, model, progress, store=store) if a.wants_store else a.compute(spec, model, progress)
         seconds = time.perf_counter() - t
         compute_count += 1
         meta, arrays = result.to_record()

@@ -259,3 +259,21 @@ def test_bad_steering_links(params, expected):
     assert not at.exception, at.exception
     assert expected in " | ".join(e.value for e in at.error).lower()
     assert default_store().count_runs() == before
+
+
+def test_a_run_on_another_store_reads_its_inputs_from_that_store(model, tmp_path):
+    """run(spec, store=X) gives compute functions X: a steer by a direction stored only in X
+    finds it there (it is not in the default store)."""
+    from backend.analyses.directions import UnknownDirection
+    from backend.store import Store
+
+    other = Store(tmp_path / "other.duckdb")
+    spec = D.DirectionSpec(model=model.info.model_id, method="actadd", site="resid_pre", layer=4,
+                           positive=(" Joy",), negative=(" Grief",))
+    key = run(spec, store=other).run_key
+    steer = S.SteerSpec(model=model.info.model_id, prompt=PROMPT, direction=key, strength=4.0, max_new_tokens=2)
+    with pytest.raises(UnknownDirection):
+        run(steer)                                   # the default store has no such direction
+    out = run(steer, store=other)
+    assert not out.from_store and other.get(out.run_key) is not None
+    other.close()

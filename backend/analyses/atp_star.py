@@ -192,16 +192,16 @@ def false_negatives(exact_deltas: np.ndarray, scores: dict[str, np.ndarray], imp
 
 
 def compare_with_exact(spec: AtPStarSpec, result: AtPStarResult | None = None,
-                       important: float = 0.05) -> dict | None:
+                       important: float = 0.05, store=None) -> dict | None:
     """False negatives of plain AtP, AtP with the QK fix, and GradDrop against the stored exact
     sweep of the same question (never computes it; None when it is not stored)."""
     from ..runner import lookup, run
     from .attribution import correlation
 
-    exact = lookup(spec.as_task(PatchSpec))
+    exact = lookup(spec.as_task(PatchSpec), store)
     if exact is None:
         return None
-    r = result or run(spec).result
+    r = result or run(spec, store).result
     ex = exact.result
     base = ex.corrupt_metric if spec.direction == "denoising" else ex.clean_metric
     exact_d = ex.values.astype(np.float64) - base

@@ -180,17 +180,17 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float((x * y).sum() / den) if den > 0 else float("nan")
 
 
-def compare_with_exact(spec: AtPSpec, atp_result: AtPResult | None = None) -> dict | None:
+def compare_with_exact(spec: AtPSpec, atp_result: AtPResult | None = None, store=None) -> dict | None:
     """Pearson r against the exact sweep of the same question, if that sweep is already stored.
 
     Never computes the exact sweep. None when it is not in the store.
     """
     from ..runner import lookup, run
 
-    exact = lookup(spec.patch_spec())
+    exact = lookup(spec.patch_spec(), store)
     if exact is None:
         return None
-    atp_result = atp_result or run(spec).result
+    atp_result = atp_result or run(spec, store).result
     ev = exact.result.values
     return {"pearson": correlation(atp_result.values, ev), "exact_run_key": exact.run_key,
             "max_abs_error": float(np.abs(atp_result.values.astype(np.float64) - ev).max())}

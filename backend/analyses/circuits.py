@@ -265,14 +265,14 @@ def prune(mask: np.ndarray, up: list[str], down: list[str]) -> np.ndarray:
 
 
 @analysis(CircuitSpec, CircuitResult)
-def compute_circuit(spec: CircuitSpec, model: LoadedModel, progress=None) -> CircuitResult:
+def compute_circuit(spec: CircuitSpec, model: LoadedModel, progress=None, store=None) -> CircuitResult:
     import torch
 
     from kernels import circuits as kc
 
     from ..runner import run
 
-    sc_out = run(spec.scores_spec(), progress=progress)
+    sc_out = run(spec.scores_spec(), store=store, progress=progress)
     sc = sc_out.result
     graph = _graph(model)
     valid = graph.valid.numpy()

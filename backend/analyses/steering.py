@@ -247,8 +247,8 @@ def prompt_ids(model: LoadedModel, prompt: str, chat: bool) -> list[int]:
 
 
 @analysis(SteerSpec, SteerResult)
-def compute(spec: SteerSpec, model: LoadedModel, progress=None) -> SteerResult:
-    t = target_of(model, spec.direction, spec.sae, spec.feature)
+def compute(spec: SteerSpec, model: LoadedModel, progress=None, store=None) -> SteerResult:
+    t = target_of(model, spec.direction, spec.sae, spec.feature, store)
     ids = prompt_ids(model, spec.prompt, spec.chat)
     window = steer_window(model, t, spec.positions, len(ids), spec.chat)
     hooks = interventions_for(model, t, spec.mode, spec.strength, window, slice(1, 2))
@@ -294,10 +294,10 @@ class ProjectionResult(Result):
 
 
 @analysis(ProjectionSpec, ProjectionResult)
-def compute_projection(spec: ProjectionSpec, model: LoadedModel, progress=None) -> ProjectionResult:
+def compute_projection(spec: ProjectionSpec, model: LoadedModel, progress=None, store=None) -> ProjectionResult:
     import torch
 
-    t = target_of(model, spec.direction)
+    t = target_of(model, spec.direction, store=store)
     ids = prompt_ids(model, spec.prompt, spec.chat)
     if t.component.value in RESID_SITES:
         names, layers = hook_names(t.component, model.info.n_layers), list(range(model.info.n_layers))

@@ -84,10 +84,10 @@ class BehaviourResult(Result):
 
 
 @analysis(BehaviourSpec, BehaviourResult)
-def compute_behaviour(spec: BehaviourSpec, model: LoadedModel, progress=None) -> BehaviourResult:
+def compute_behaviour(spec: BehaviourSpec, model: LoadedModel, progress=None, store=None) -> BehaviourResult:
     import torch
 
-    t = target_of(model, spec.direction)
+    t = target_of(model, spec.direction, store=store)
     rows, match, other = [], [], []
     for q, a, b in spec.pairs:
         ids_a, ja = answer_position(model, q, a)
@@ -151,8 +151,8 @@ class RefusalResult(Result):
 
 
 @analysis(RefusalSpec, RefusalResult)
-def compute_refusal(spec: RefusalSpec, model: LoadedModel, progress=None) -> RefusalResult:
-    t = target_of(model, spec.direction)
+def compute_refusal(spec: RefusalSpec, model: LoadedModel, progress=None, store=None) -> RefusalResult:
+    t = target_of(model, spec.direction, store=store)
     conds = ["baseline", "ablated", "added"]
     hooks = (interventions_for(model, t, "ablate", 0.0, {}, slice(1, 2))
              + interventions_for(model, t, "add", spec.strength, {"start": 0, "end": None, "prefix": False},
@@ -238,10 +238,10 @@ def _rows_of(model: LoadedModel, spec: SideEffectsSpec) -> tuple[list[list[int]]
 
 
 @analysis(SideEffectsSpec, SideEffectsResult)
-def compute_side_effects(spec: SideEffectsSpec, model: LoadedModel, progress=None) -> SideEffectsResult:
+def compute_side_effects(spec: SideEffectsSpec, model: LoadedModel, progress=None, store=None) -> SideEffectsResult:
     import torch
 
-    t = target_of(model, spec.direction, spec.sae, spec.feature)
+    t = target_of(model, spec.direction, spec.sae, spec.feature, store)
     hooks = interventions_for(model, t, spec.mode, spec.strength, {"start": 0, "end": None, "prefix": False},
                               slice(None))
     neutral, ce_rows = _rows_of(model, spec)

@@ -318,12 +318,12 @@ def _nll(logits, ids):
 
 
 @analysis(MassiveCorpusAblationSpec, MassiveCorpusAblationResult)
-def compute_ablation(spec: MassiveCorpusAblationSpec, model, progress=None) -> MassiveCorpusAblationResult:
+def compute_ablation(spec: MassiveCorpusAblationSpec, model, progress=None, store=None) -> MassiveCorpusAblationResult:
     import torch
 
     from ..store import default_store
 
-    store = default_store()
+    store = store or default_store()
     rows = store.cursor().execute("SELECT spec, finished IS NOT NULL FROM jobs WHERE job_key = ?",
                                   [spec.job_key]).fetchall()
     if not rows or not rows[0][1]:

@@ -620,12 +620,12 @@ class NeuronContextsResult(Result):
 
 
 @analysis(NeuronContextsSpec, NeuronContextsResult)
-def compute_contexts(spec: NeuronContextsSpec, model, progress=None) -> NeuronContextsResult:
+def compute_contexts(spec: NeuronContextsSpec, model, progress=None, store=None) -> NeuronContextsResult:
     from .. import corpus
     from ..analyses.neurons import neuron_activations
     from ..store import default_store
 
-    store = default_store()
+    store = store or default_store()
     check_site(model.info.n_layers, model.info.d_mlp, spec.layer, spec.neuron)
     rows = store.cursor().execute("SELECT spec, finished IS NOT NULL FROM jobs WHERE job_key = ?",
                                   [spec.job_key]).fetchall()
