@@ -58,6 +58,12 @@ def form_result(view: View, form, spec_of, what: str) -> tuple[View, object | No
     return main_result(view, spec, what)
 
 
+def metrics_row(items: list[tuple[str, str]]) -> None:
+    """A row of st.metric boxes: (label, formatted value) each."""
+    for col, (label, value) in zip(st.columns(len(items)), items):
+        col.metric(label, value)
+
+
 def downloads(run_key: str, kind: str) -> None:
     """Download buttons for a stored result: its JSON and, where the kind has figures, the main
     figure as HTML (the files are made only when a button is pressed)."""

@@ -17,7 +17,7 @@ from backend.saes import list_saes, sae_info
 from backend.store import default_store
 
 from .. import figures
-from ..common import navigate, synced
+from ..common import metrics_row, navigate, synced
 from ..figures_features import activation_histogram, diverging_tokens, example_html, score_scatter, token_chips
 from ..state import View
 
@@ -176,12 +176,9 @@ def render(view: View) -> View:
         _output_views(view, sc, d)
     else:
         s = d["stats"]
-        c = st.columns(5)
-        c[0].metric("density", f"{s['density']:.3%}")
-        c[1].metric("active on", f"{s['n']:,} tokens")
-        c[2].metric("max activation", f"{s['max']:.2f}")
-        c[3].metric("mean when active", f"{s['mean']:.2f}")
-        c[4].metric("median when active", f"{s['quantiles'][0.5]:.2f}")
+        metrics_row([("density", f"{s['density']:.3%}"), ("active on", f"{s['n']:,} tokens"),
+                     ("max activation", f"{s['max']:.2f}"), ("mean when active", f"{s['mean']:.2f}"),
+                     ("median when active", f"{s['quantiles'][0.5]:.2f}")])
         st.caption(f"Index: {index.describe()}. Dashboard read in {d['seconds'] * 1000:.0f} ms.")
         left, right = st.columns([3, 2])
         with left:

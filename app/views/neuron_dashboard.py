@@ -13,7 +13,7 @@ from backend.errors import DashboardError
 from backend.store import default_store
 
 from .. import figures, figures_neuron
-from ..common import fetch, make_spec, model_dims, navigate, synced
+from ..common import fetch, make_spec, metrics_row, model_dims, navigate, synced
 from ..state import View
 
 
@@ -103,13 +103,10 @@ def _neuron_view(view: View, store, job, threshold: float) -> View:
     st.markdown(f"### Layer {layer}, neuron {neuron} (L{layer}N{neuron})")
     tags = [x for x, on in (("dead", row["dead"]), ("token detector", row["token_detector"]),
                             ("positional", row["is_positional"])) if on]
-    c = st.columns(6)
-    c[0].metric("frequency", f"{row['freq']:.4f}")
-    c[1].metric("max", f"{row['max']:.3f}")
-    c[2].metric("mean", f"{row['mean']:.3f}")
-    c[3].metric("std", f"{row['std']:.3f}")
-    c[4].metric("top-1 / top-5 token share", f"{row['top1_share']:.2f} / {row['top5_share']:.2f}")
-    c[5].metric("var. share: pos / token", f"{row['pos_share']:.2f} / {row['tok_share']:.2f}")
+    metrics_row([("frequency", f"{row['freq']:.4f}"), ("max", f"{row['max']:.3f}"), ("mean", f"{row['mean']:.3f}"),
+                 ("std", f"{row['std']:.3f}"),
+                 ("top-1 / top-5 token share", f"{row['top1_share']:.2f} / {row['top5_share']:.2f}"),
+                 ("var. share: pos / token", f"{row['pos_share']:.2f} / {row['tok_share']:.2f}")])
     st.markdown(f"**Kind:** {', '.join(tags) or 'none of dead / token detector / positional'} · active when "
                 f"value > {threshold:.3g} (this layer's threshold)")
     cspec = make_spec(ns.NeuronContextsSpec, model=view.model, job_key=job.key(), layer=layer, neuron=neuron)
