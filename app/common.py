@@ -58,6 +58,19 @@ def form_result(view: View, form, spec_of, what: str) -> tuple[View, object | No
     return main_result(view, spec, what)
 
 
+def pair_inputs(view: View) -> dict:
+    """The prompt-pair fields of a task form (inside an st.form): clean and corrupted prompts,
+    answer, wrong answer, pairs of a built-in task. The page twin of backend.tasks.PairTaskSpec."""
+    c1, c2 = st.columns(2)
+    out = {"clean": c1.text_input("Clean prompt", view.clean),
+           "corrupt": c2.text_input("Corrupted prompt (same number of tokens)", view.corrupt)}
+    c1, c2, c3 = st.columns([1, 1, 2])
+    out["answer"] = c1.text_input("Answer (one token)", view.answer)
+    out["wrong"] = c2.text_input("Wrong answer (one token)", view.wrong)
+    out["n_pairs"] = int(c3.number_input("Pairs for a built-in task (averaged)", 1, 64, view.n_pairs))
+    return out
+
+
 def metrics_row(items: list[tuple[str, str]]) -> None:
     """A row of st.metric boxes: (label, formatted value) each."""
     for col, (label, value) in zip(st.columns(len(items)), items):

@@ -11,7 +11,7 @@ from backend.analyses.circuits import CIRCUIT_METRICS, METHODS, CircuitSpec, sav
 from backend.errors import DashboardError
 
 from .. import figures
-from ..common import fetch, form_result, model_dims, navigate, synced
+from ..common import fetch, form_result, model_dims, navigate, pair_inputs, synced
 from ..figures_circuits import circuit_graph, clicked_item
 from ..state import View, view_params
 from .patching import TASKS
@@ -30,16 +30,9 @@ def _form(view: View) -> View:
                               index=CIRCUIT_METRICS.index(view.metric) if view.metric in CIRCUIT_METRICS else 0)
         top_n = c4.number_input("Edges kept (top-n by |score|)", 1, CircuitSpec.MAX_TOP_N,
                                 min(max(view.top_n, 1), CircuitSpec.MAX_TOP_N))
-        c1, c2 = st.columns(2)
-        clean = c1.text_input("Clean prompt", view.clean)
-        corrupt = c2.text_input("Corrupted prompt (same number of tokens)", view.corrupt)
-        c1, c2, c3 = st.columns([1, 1, 2])
-        answer = c1.text_input("Answer (one token)", view.answer)
-        wrong = c2.text_input("Wrong answer (one token)", view.wrong)
-        n_pairs = c3.number_input("Pairs for a built-in task (averaged)", 1, 64, view.n_pairs)
+        pair = pair_inputs(view)
         if st.form_submit_button("Find circuit", type="primary"):
-            return view.replace(task=task, method=method, metric=metric, top_n=int(top_n), clean=clean,
-                                corrupt=corrupt, answer=answer, wrong=wrong, n_pairs=int(n_pairs),
+            return view.replace(task=task, method=method, metric=metric, top_n=int(top_n), **pair,
                                 removed="", circuit="", key="")
     return view
 

@@ -9,7 +9,7 @@ from backend.patch_sites import ATP_SITES, SITE_AXES, SITE_LABELS, SITES, STAR_S
 from backend.errors import DashboardError
 
 from .. import figures
-from ..common import fetch, form_result, navigate, synced
+from ..common import fetch, form_result, navigate, pair_inputs, synced
 from ..state import View
 
 TASKS = {"custom": "your own pair", "ioi": "IOI (names)", "induction": "induction (repeated tokens)",
@@ -30,17 +30,9 @@ def _form(view: View) -> View:
                                  if view.direction in DIRECTIONS else 0,
                                  help="denoising: clean activation into the corrupted run; "
                                       "noising: corrupted activation into the clean run")
-        c1, c2 = st.columns(2)
-        clean = c1.text_input("Clean prompt", view.clean)
-        corrupt = c2.text_input("Corrupted prompt (same number of tokens)", view.corrupt)
-        c1, c2, c3 = st.columns([1, 1, 2])
-        answer = c1.text_input("Answer (one token)", view.answer)
-        wrong = c2.text_input("Wrong answer (one token)", view.wrong)
-        n_pairs = c3.number_input("Pairs for a built-in task (averaged)", 1, 64, view.n_pairs)
+        pair = pair_inputs(view)
         if st.form_submit_button("Run sweep", type="primary"):
-            return view.replace(task=task, site=site, metric=metric, direction=direction, clean=clean,
-                                corrupt=corrupt, answer=answer, wrong=wrong, n_pairs=int(n_pairs), cell="",
-                                key="")
+            return view.replace(task=task, site=site, metric=metric, direction=direction, **pair, cell="", key="")
     return view
 
 
