@@ -58,6 +58,24 @@ def form_result(view: View, form, spec_of, what: str) -> tuple[View, object | No
     return main_result(view, spec, what)
 
 
+def run_job_button(label: str, start, key: str, done=None, primary: bool = False) -> None:
+    """The page side of a corpus job: a button that runs `start(progress)` (a backend job taking
+    the jobs protocol's progress(done, total, message)) under an st.progress bar; a bad input or
+    a missing resource is said in the page; then `done(summary)` (a message) and a rerun, so the
+    page reads what the job stored."""
+    if not st.button(label, key=key, type="primary" if primary else "secondary"):
+        return
+    bar = st.progress(0.0, text="starting…")
+    try:
+        summary = start(lambda d, n, m: bar.progress(d / max(n, 1), text=m))
+    except DashboardError as e:
+        st.error(str(e), icon=":material/warning:")
+        return
+    if done is not None:
+        st.success(done(summary))
+    st.rerun()
+
+
 def pair_inputs(view: View) -> dict:
     """The prompt-pair fields of a task form (inside an st.form): clean and corrupted prompts,
     answer, wrong answer, pairs of a built-in task. The page twin of backend.tasks.PairTaskSpec."""

@@ -232,3 +232,19 @@ def test_a_task_link_reopens_from_the_store_without_torch(tmp_path):
     again = open_link()
     assert not again["exception"] and not again["errors"] and again["charts"] >= 1, again
     assert not again["torch"], "reopening a stored task link imported torch"
+
+
+def test_a_page_runs_a_corpus_job_from_its_button(model, session_corpus):
+    """The neuron page's "Compute neuron statistics" (app.common.run_job_button): the job runs
+    under a progress bar and the rerun page shows the statistics it stored."""
+    at = _app(page="neuron", model=DEFAULT_MODEL, layer=2)
+    buttons = [b for b in at.button if b.label == "Compute neuron statistics"]
+    if not buttons:
+        pytest.skip("this session's store already holds neuron statistics")
+    at.number_input(key="w_ns_windows").set_value(4)
+    buttons[0].click()
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert not [b for b in at.button if b.label == "Compute neuron statistics"]
+    assert len(at.get("plotly_chart")) >= 1

@@ -17,7 +17,7 @@ from backend.saes import list_saes, sae_info
 from backend.store import default_store
 
 from .. import figures
-from ..common import metrics_row, navigate, synced
+from ..common import metrics_row, navigate, run_job_button, synced
 from ..figures_features import activation_histogram, diverging_tokens, example_html, score_scatter, token_chips
 from ..state import View
 
@@ -115,18 +115,13 @@ def build_index_button(view: View, where: str) -> None:
     """Offer to build the corpus index (every SAE of the model, one pass) from the page."""
     cmd = f"python -m backend feature-index --model {view.model} --sae all --windows {DEFAULT_WINDOWS}"
     st.caption(f"From a shell: `{cmd}` (resumable; a few minutes on two quiet cores).")
-    if st.button(f"Build the corpus index now ({DEFAULT_WINDOWS} windows, all SAEs)", key=f"w_build_{where}"):
-        from backend.jobs.features import build_index
+    from backend.jobs.features import build_index
 
-        bar = st.progress(0.0, text="loading the model…")
-        try:
-            summary = build_index(view.model, "all", DEFAULT_WINDOWS, store=default_store(),
-                                  progress=lambda d, n, m: bar.progress(d / max(n, 1), text=m))
-        except DashboardError as e:
-            st.error(str(e), icon=":material/warning:")
-            return
-        st.success(f"Indexed {summary.get('rows', 0):,} rows in {summary.get('seconds', 0):.0f} s.")
-        st.rerun()
+    run_job_button(f"Build the corpus index now ({DEFAULT_WINDOWS} windows, all SAEs)",
+                   lambda progress: build_index(view.model, "all", DEFAULT_WINDOWS, store=default_store(),
+                                                progress=progress),
+                   f"w_build_{where}",
+                   done=lambda s: f"Indexed {s.get('rows', 0):,} rows in {s.get('seconds', 0):.0f} s.")
 
 
 def render(view: View) -> View:

@@ -8,7 +8,7 @@ import streamlit as st
 from backend import MassiveSpec
 
 from .. import figures
-from ..common import fetch, main_result, make_spec, navigate, synced
+from ..common import fetch, main_result, make_spec, navigate, run_job_button, synced
 from ..state import View
 
 
@@ -70,7 +70,6 @@ def render(view: View) -> View:
 def _across_corpus(view: View) -> None:
     """Across the corpus: the massive-corpus job's aggregates and the zero/mean ablation."""
     from backend.jobs import massive_corpus as mc
-    from backend.errors import DashboardError
     from backend.store import default_store
 
     from .. import figures_neuron
@@ -81,15 +80,8 @@ def _across_corpus(view: View) -> None:
     if job is None:
         st.info("Not computed yet: a resumable job scans corpus windows with the on-the-fly kernel "
                 f"(CLI: `python -m backend massive-corpus --model {view.model}`).", icon=":material/info:")
-        if st.button("Scan 256 corpus windows", key="w_mc_run"):
-            bar = st.progress(0.0, text="starting…")
-            try:
-                mc.run(mc.MassiveCorpusJob(model=view.model),
-                       progress=lambda done, total, msg: bar.progress(done / max(total, 1), text=msg))
-            except DashboardError as e:
-                st.error(str(e), icon=":material/warning:")
-                return
-            st.rerun()
+        run_job_button("Scan 256 corpus windows",
+                       lambda progress: mc.run(mc.MassiveCorpusJob(model=view.model), progress=progress), "w_mc_run")
         return
     summ = mc.summary(store, job)
     st.caption(f"{job.n_windows} train windows of {job.length} tokens · criterion |value| ≥ {job.abs_threshold:g} "

@@ -13,7 +13,7 @@ from backend.errors import DashboardError
 from backend.store import default_store
 
 from .. import figures, figures_neuron
-from ..common import fetch, make_spec, metrics_row, model_dims, navigate, synced
+from ..common import fetch, make_spec, metrics_row, model_dims, navigate, run_job_button, synced
 from ..state import View
 
 
@@ -23,15 +23,9 @@ def _run_job_button(view: View) -> None:
             f"{view.model} --windows {ns.DEFAULT_WINDOWS}`).", icon=":material/info:")
     n = st.number_input("corpus windows (128 tokens each)", min_value=4, max_value=20000,
                         value=ns.DEFAULT_WINDOWS, step=16, key="w_ns_windows")
-    if st.button("Compute neuron statistics", type="primary"):
-        bar = st.progress(0.0, text="starting…")
-        try:
-            ns.run(ns.NeuronStatsJob(model=view.model, n_windows=int(n)),
-                   progress=lambda done, total, msg: bar.progress(done / max(total, 1), text=msg))
-        except DashboardError as e:
-            st.error(str(e), icon=":material/warning:")
-            return
-        st.rerun()
+    run_job_button("Compute neuron statistics",
+                   lambda progress: ns.run(ns.NeuronStatsJob(model=view.model, n_windows=int(n)), progress=progress),
+                   "w_ns_run", primary=True)
 
 
 def render(view: View) -> View:
