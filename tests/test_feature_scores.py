@@ -281,3 +281,37 @@ def test_feature_cli_fields_and_search_sort(built, capsys):
     assert dens == sorted(dens, reverse=True) and all("label" in r for r in s["results"])
     assert main(["feature-scores", "--sae", SAE, "--parts", "vocab,sideways", "--format", "json"]) == 2
     assert json.loads(capsys.readouterr().out)["error"]["type"] == "InvalidSpec"
+
+
+def test_shipped_token_change_is_imported_once_and_counts_as_computed(built, tmp_path):
+    """feature-scores --ship writes the stored TokenChange beside the SAE; a fresh store imports
+    it (once, marked as shipped) and the job then treats those features as done; a file of other
+    weights is ignored."""
+    import pyarrow.parquet as pq
+
+    from backend.store import Store
+
+    info = S.ship_token_change(built["store"], SAE, folder=tmp_path)
+    assert info["features"] == N_TC and (tmp_path / S.SHIPPED_FILE).exists()
+    fresh = Store(tmp_path / "fresh.duckdb")
+    assert S.import_shipped(fresh, SAE, folder=tmp_path) == N_TC
+    assert S.import_shipped(fresh, SAE, folder=tmp_path) == 0                   # once
+    key = fidx.sae_key(SAE)
+    rows = fresh.cursor().execute("SELECT feature, ix, c_source FROM feature_token_change WHERE sae_key = ? "
+                                  "ORDER BY feature", [key]).fetchall()
+    assert [r[0] for r in rows] == list(range(N_TC)) and all(r[1] == S.SHIPPED_IX for r in rows)
+    assert all(r[2].startswith("shipped: ") for r in rows)
+    assert S._present(fresh, "feature_token_change", key, np.arange(N_TC), ix=7) == set(range(N_TC))
+    orig = built["store"].cursor().execute("SELECT pos_up_ids, pos_up FROM feature_token_change WHERE sae_key = ? "
+                                           "AND feature = 1 AND ix = ?", [key, built["index"].ix]).fetchall()[0]
+    got = fresh.cursor().execute("SELECT pos_up_ids, pos_up FROM feature_token_change WHERE sae_key = ? AND feature = 1",
+                                 [key]).fetchall()[0]
+    assert got == orig
+    t = pq.read_table(tmp_path / S.SHIPPED_FILE)                               # other weights: ignored
+    meta = json.loads(t.schema.metadata[b"dashboard"])
+    pq.write_table(t.replace_schema_metadata({"dashboard": json.dumps({**meta, "sae_key": "other@0"})}),
+                   tmp_path / S.SHIPPED_FILE)
+    other = Store(tmp_path / "other.duckdb")
+    assert S.import_shipped(other, SAE, folder=tmp_path) == 0
+    fresh.close()
+    other.close()

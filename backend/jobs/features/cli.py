@@ -104,6 +104,9 @@ def add_scores_args(p) -> None:
     p.add_argument("--parts", default="vocab,output,input,token_change",
                    help="comma-separated subset of vocab,output,input,token_change")
     p.add_argument("--features", type=int, default=None, help="only the first N features of each SAE (trials)")
+    p.add_argument("--ship", action="store_true",
+                   help="afterwards write each SAE's stored TokenChange beside it (<SAE folder>/token_change.parquet), "
+                        "imported by every later run so a fresh start has it")
     from .. import add_engine_args
 
     add_engine_args(p)
@@ -120,5 +123,11 @@ def run_scores(a) -> dict:
         raise InvalidSpec(f"Unknown parts {bad}: use a subset of vocab,output,input,token_change.")
     if a.features is not None and a.features < 1:
         raise InvalidSpec("--features must be at least 1.")
-    return build_scores(a.model, a.sae, progress=tqdm_progress, corpus_name=a.corpus, parts=parts, features=a.features,
-                        engine=a.engine)
+    out = build_scores(a.model, a.sae, progress=tqdm_progress, corpus_name=a.corpus, parts=parts, features=a.features,
+                       engine=a.engine)
+    if a.ship:
+        from ...store import default_store
+        from .scores import ship_token_change
+
+        out["shipped"] = [ship_token_change(default_store(), s, corpus_name=a.corpus) for s in out["saes"]]
+    return out

@@ -433,9 +433,9 @@ def _job_key(part: str, key: str, **params) -> str:
 def _present(store, table: str, key: str, feats: np.ndarray, ix: int | None = None) -> set[int]:
     q = f"SELECT DISTINCT feature FROM {table} WHERE sae_key = ? AND list_contains(?, feature)"
     args = [key, feats.tolist()]
-    if ix is not None:
-        q += " AND ix = ?"
-        args.append(ix)
+    if ix is not None:                  # (TokenChange shipped beside the SAE counts as present)
+        q += " AND ix IN (?, ?)" if table == "feature_token_change" else " AND ix = ?"
+        args += [ix, SHIPPED_IX] if table == "feature_token_change" else [ix]
     return {r[0] for r in store.cursor().execute(q, args).fetchall()}
 
 
@@ -622,6 +622,83 @@ def _input_scores(store, ctx: _Ctx, key: str, index) -> dict:
             "seconds": round(time.perf_counter() - t, 2)}
 
 
+# -- TokenChange shipped beside an SAE ----------------------------------------------------------
+# TokenChange is the long part (an hour for the four shipped SAEs with bfloat16 matmuls, several
+# in float32), so the project ships it: `feature-scores --ship` writes the stored rows of each
+# SAE's current weights to <SAE folder>/token_change.parquet (with the job's parameters in the
+# file's metadata), and every TokenChange pass first imports that file into the store (ix =
+# SHIPPED_IX; c_source prefixed "shipped"), so a fresh start has it at once and the job only
+# computes what is missing. A file whose sae_key is not the SAE's current one (retrained weights)
+# or whose parameters differ is ignored.
+SHIPPED_IX = -2
+SHIPPED_FILE = "token_change.parquet"
+
+
+def _tc_params(tc_windows: int, tc_len: int, corpus_name: str) -> dict:
+    return {"windows": tc_windows, "length": tc_len, "mult": C_MULT, "corpus": corpus_name, "version": VERSION}
+
+
+def ship_token_change(store, sae_id: str, folder=None, tc_windows: int = TC_WINDOWS, tc_len: int = TC_LEN,
+                      corpus_name: str = corpus.DEFAULT_NAME) -> dict:
+    """Write the stored TokenChange rows of the SAE's current weights (those of its current
+    index, else any) beside the SAE; returns where and how many."""
+    import pyarrow.parquet as pq
+    from pathlib import Path
+
+    from ...saes import sae_info
+    from .index import sae_key
+
+    key = sae_key(sae_id)
+    folder = Path(folder or sae_info(sae_id)["path"] or "")
+    index = _index_or_none(store, sae_id)
+    ix = None if isinstance(index, Exception) else index.ix
+    t = store.cursor().sql(
+        "SELECT * EXCLUDE (ix) FROM feature_token_change WHERE sae_key = ? AND n_windows = ? AND window_len = ? "
+        "QUALIFY row_number() OVER (PARTITION BY feature ORDER BY (ix = ?) DESC, ix DESC) = 1 ORDER BY feature",
+        params=[key, tc_windows, tc_len, -999 if ix is None else ix]).to_arrow_table()
+    meta = {"sae_key": key, **_tc_params(tc_windows, tc_len, corpus_name),
+            "index_windows": None if ix is None else index.n_windows}
+    t = t.replace_schema_metadata({"dashboard": json.dumps(meta)})
+    path = folder / SHIPPED_FILE
+    pq.write_table(t, path, compression="zstd")
+    return {"sae_id": sae_id, "path": str(path), "features": t.num_rows, "bytes": path.stat().st_size}
+
+
+def import_shipped(store, sae_id: str, tc_windows: int = TC_WINDOWS, tc_len: int = TC_LEN,
+                   corpus_name: str = corpus.DEFAULT_NAME, folder=None) -> int:
+    """Import the TokenChange file shipped beside the SAE (see above); the rows added."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from pathlib import Path
+
+    from ...saes import sae_info
+    from ...store import insert_arrow
+    from .index import sae_key
+
+    folder = folder or sae_info(sae_id).get("path")
+    path = Path(folder) / SHIPPED_FILE if folder else None
+    if path is None or not path.exists():
+        return 0
+    try:
+        t = pq.read_table(path)
+        meta = json.loads((t.schema.metadata or {}).get(b"dashboard", b"{}"))
+    except (OSError, ValueError, pa.ArrowInvalid):
+        return 0                                            # unreadable: computed instead
+    key = sae_key(sae_id)
+    if meta.get("sae_key") != key or {k: meta.get(k) for k in _tc_params(0, 0, "")} != _tc_params(tc_windows, tc_len, corpus_name):
+        return 0
+    ensure_tables(store)
+    with store.transaction() as cur:
+        if cur.execute("SELECT 1 FROM feature_token_change WHERE sae_key = ? AND ix = ? LIMIT 1",
+                       [key, SHIPPED_IX]).fetchall():
+            return 0
+        t = t.append_column("ix", pa.array([SHIPPED_IX] * t.num_rows, pa.int16()))
+        t = t.set_column(t.schema.get_field_index("c_source"), "c_source",
+                         pc.binary_join_element_wise("shipped", t["c_source"], ": "))
+        return insert_arrow(cur, "feature_token_change", t)
+
+
 def _index_or_none(store, sae_id: str):
     from .query import index_for
 
@@ -701,6 +778,8 @@ def build_scores(model_id: str, sae: str | list[str], store=None, progress: Call
             except CorpusUnavailable as e:
                 res["token_change"] = {"part": "token_change", "status": "pending", "reason": str(e)}
                 continue
+
+            res["token_change_shipped"] = import_shipped(store, s, tc_windows, tc_len, corpus_name)
 
             def tc_inputs(ctx=ctx, s=s, index=index, wins=wins, n=res["features"]):
                 c, src = strengths(store, s, ctx.rows, index)
