@@ -155,9 +155,10 @@ def test_feature_index_on_ray_equals_local(model, tmp_path):
     b.close()
 
 
-def _kill_when_published(pid_file, seen: dict, stop, timeout: float = 300.0) -> None:
+def _kill_when_published(pid_file, seen: dict, stop, timeout: float = 3600.0) -> None:
     """Watcher thread: SIGKILL the process whose id appears in pid_file; never this pytest
-    process (nor its parent), and only a Ray worker where /proc tells."""
+    process (nor its parent), and only a Ray worker where /proc tells. It waits until the job
+    ends (`stop`): on a loaded machine an actor's model load alone took over 6 minutes."""
     import os
     import signal
     import time
