@@ -970,3 +970,32 @@ def run_cli(a) -> dict:
     if a.action == "stats":
         return stats(a.name, model_id=a.model)
     return info(a.name)
+
+
+# -- batching windows for a forward ---------------------------------------------------------------
+def length_batches(windows, max_tokens: int = 2048):
+    """Indices of windows ((doc, start, ids) each) grouped by length into batches of at most
+    max_tokens once right-padded (pads only follow real tokens and attention is causal, so a
+    pad never changes a real position)."""
+    order = sorted(range(len(windows)), key=lambda i: len(windows[i][2]))
+    cur: list[int] = []
+    for i in order:
+        if cur and (len(cur) + 1) * len(windows[i][2]) > max_tokens:
+            yield cur
+            cur = []
+        cur.append(i)
+    if cur:
+        yield cur
+
+
+def pad_right(seqs: list[list[int]]):
+    """(ids [b T] long, mask [b T] bool) of token-id lists right-padded with 0."""
+    import torch
+
+    t = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), t, dtype=torch.long)
+    mask = torch.zeros(len(seqs), t, dtype=torch.bool)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = torch.tensor(s)
+        mask[r, :len(s)] = True
+    return ids, mask

@@ -100,30 +100,8 @@ def sae_id(model: str, component: str, layer: int) -> str:
 
 
 # -- windows ------------------------------------------------------------------------------
-def _batches(windows, max_tokens: int = 2048):
-    """Windows grouped by length into right-padded batches (pads only follow real tokens,
-    and attention is causal, so they never change a real position)."""
-    order = sorted(range(len(windows)), key=lambda i: len(windows[i][2]))
-    cur: list[int] = []
-    for i in order:
-        if cur and (len(cur) + 1) * len(windows[i][2]) > max_tokens:
-            yield cur
-            cur = []
-        cur.append(i)
-    if cur:
-        yield cur
-
-
-def _pad(seqs: list[list[int]]):
-    import torch
-
-    t = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), t, dtype=torch.long)
-    mask = torch.zeros(len(seqs), t, dtype=torch.bool)
-    for r, s in enumerate(seqs):
-        ids[r, :len(s)] = torch.tensor(s)
-        mask[r, :len(s)] = True
-    return ids, mask
+_batches = corpus.length_batches      # windows grouped by length (right-padded batches)
+_pad = corpus.pad_right
 
 
 # -- activations --------------------------------------------------------------------------

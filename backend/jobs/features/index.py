@@ -138,15 +138,7 @@ def select_windows(model: str, n_windows: int, corpus_name: str = corpus.DEFAULT
 
 def _batches(wins, max_tokens: int = BATCH_TOKENS):
     """Indices of windows grouped by length into batches of at most max_tokens (padded)."""
-    order = sorted(range(len(wins)), key=lambda i: len(wins[i][2]))
-    cur: list[int] = []
-    for i in order:
-        if cur and (len(cur) + 1) * len(wins[i][2]) > max_tokens:
-            yield cur
-            cur = []
-        cur.append(i)
-    if cur:
-        yield cur
+    return corpus.length_batches(wins, max_tokens)
 
 
 def hook_batch(model, hooks: list[str], ids) -> dict:
