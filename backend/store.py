@@ -63,7 +63,7 @@ def _statements(step) -> list[str]:
     refs = [step] if isinstance(step, str) else step
     out: list[str] = []
     for r in refs:
-        if r.startswith("backend.") and ":" in r and not r.lstrip().upper().startswith("CREATE"):
+        if r.startswith("backend.") and ":" in r:          # SQL statements start with CREATE
             module, name = r.split(":")
             out += getattr(importlib.import_module(module), name)
         else:

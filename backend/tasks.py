@@ -269,8 +269,10 @@ def stored_pairs(store, model_id: str, task: str, n: int = 8, seed: int = 0, loa
     if task not in GENERATORS:
         raise InvalidSpec(f"unknown task {task!r}; known: {', '.join(GENERATORS)}")
     cur = store.cursor()
-    with store._write_lock:
-        cur.execute(PAIRS_SCHEMA)
+    if not getattr(store, "_task_pairs_table", False):      # once per store, not on every page render
+        with store._write_lock:
+            cur.execute(PAIRS_SCHEMA)
+        store._task_pairs_table = True
     rows = cur.execute("SELECT pairs FROM task_pairs WHERE model = ? AND task = ? AND n = ? AND seed = ?",
                        [model_id, task, int(n), int(seed)]).fetchall()
     if rows:
