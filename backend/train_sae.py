@@ -75,6 +75,8 @@ class TrainConfig:
     k_z: int = 64                     # ... for hook_z SAEs (attention outputs need more)
     aux_coefficient: float = 1 / 16   # TopK aux-k loss on dead latents
     dead_tokens: int = 100_000        # training activations added to the held-out ones for "dead"
+    dead_window: int = 0              # samples without firing before the aux-k loss acts on a latent
+                                      # (0: an eighth of the run, SAETrainer's usual window)
     epochs: float = 1.5
     batch: int = 512
     lr: float = 1e-3
@@ -286,6 +288,12 @@ def _training_sae(cfg: TrainConfig, component: str, layer: int, d_in: int):
     return TopKTrainingSAE(sae_cfg)
 
 
+def _dead_window_steps(cfg: TrainConfig, steps: int) -> int:
+    if cfg.dead_window:
+        return max(10, cfg.dead_window // cfg.batch)
+    return max(10, steps // 8)
+
+
 def train_one(cfg: TrainConfig, component: str, layer: int, acts: np.ndarray, work: Path,
               progress: Callable[[str], None] | None = None):
     """Train one SAE from cached activations with SAETrainer; resume from its checkpoint."""
@@ -297,12 +305,13 @@ def train_one(cfg: TrainConfig, component: str, layer: int, acts: np.ndarray, wo
     total = int(len(acts) * cfg.epochs) // cfg.batch * cfg.batch
     steps = total // cfg.batch
     hp = hashlib.sha256(json.dumps([cfg.width, cfg.k_for(component), cfg.epochs, cfg.batch, cfg.lr,
-                                    cfg.seed, cfg.aux_coefficient, len(acts)] + ([] if cfg.autocast else [0])).encode())
+                                    cfg.seed, cfg.aux_coefficient, len(acts)] + ([] if cfg.autocast else [0])
+                                   + ([cfg.dead_window] if cfg.dead_window else [])).encode())
     ckpt_root = work / f"ckpt-{component}-{layer}-{hp.hexdigest()[:8]}"   # resume only the same run
     tcfg = SAETrainerConfig(
         total_training_samples=total, train_batch_size_samples=cfg.batch, lr=cfg.lr,
         lr_end=cfg.lr / 10, lr_scheduler_name="constant", lr_warm_up_steps=max(1, steps // 20),
-        lr_decay_steps=max(1, steps // 5), device="cpu", dead_feature_window=max(10, steps // 8),
+        lr_decay_steps=max(1, steps // 5), device="cpu", dead_feature_window=_dead_window_steps(cfg, steps),
         feature_sampling_window=max(10, steps // 4), n_checkpoints=4 if steps >= 40 else 0,
         checkpoint_path=str(ckpt_root), logger=LoggingConfig(log_to_wandb=False), autocast=cfg.autocast,
         n_batches_for_norm_estimate=min(50, max(1, len(acts) // cfg.batch)))
@@ -621,6 +630,7 @@ def train(cfg: TrainConfig, out_dir: Path | None = None, work: Path | None = Non
                       "training": {"unique_tokens": int(len(train_acts[j])), "epochs": cfg.epochs,
                                    "samples": int(len(train_acts[j]) * cfg.epochs), "batch": cfg.batch,
                                    "lr": cfg.lr, "aux_coefficient": cfg.aux_coefficient,
+                                   "dead_window_samples": _dead_window_steps(cfg, int(len(train_acts[j]) * cfg.epochs) // cfg.batch) * cfg.batch,
                                    "corpus": cfg.corpus, "corpus_words": _corpus_words(cfg, root),
                                    "activation_seconds_all_sites": round(collect_s, 1),
                                    "activation_collection": rates,
@@ -712,6 +722,9 @@ def add_cli_args(p) -> None:
     p.add_argument("--k", type=int, default=d.k, help="active latents per token (residual SAEs)")
     p.add_argument("--k-z", type=int, default=d.k_z, help="active latents per token (hook_z SAEs)")
     p.add_argument("--aux", type=float, default=d.aux_coefficient, help="aux-k loss coefficient")
+    p.add_argument("--dead-window", type=int, default=d.dead_window,
+                   help="training samples without firing after which the aux-k loss acts on a latent "
+                        "(0: an eighth of the run)")
     p.add_argument("--only", default=None, help="train only these sites (indices into --sites, e.g. 0,2)")
     p.add_argument("--compare", default=None,
                    help="folder of earlier SAEs to measure on the same data (goes into quality.json)")
@@ -740,7 +753,7 @@ def run_cli(a) -> dict:
     sites = tuple((s.split(":")[0], int(s.split(":")[1])) for s in a.sites.split(","))
     cfg = TrainConfig(model=a.model, sites=sites, corpus=a.corpus, train_tokens=a.tokens,
                       heldout_tokens=a.heldout_tokens, ce_windows=a.ce_windows, context=a.context,
-                      width=a.width, k=a.k, k_z=a.k_z, aux_coefficient=a.aux, epochs=a.epochs,
+                      width=a.width, k=a.k, k_z=a.k_z, aux_coefficient=a.aux, dead_window=a.dead_window, epochs=a.epochs,
                       batch=a.batch, lr=a.lr, precision=a.precision)
     only = tuple(int(i) for i in a.only.split(",")) if a.only else None
     if a.measure_previous:

@@ -283,19 +283,21 @@ def test_feature_cli_fields_and_search_sort(built, capsys):
     assert json.loads(capsys.readouterr().out)["error"]["type"] == "InvalidSpec"
 
 
-def test_shipped_token_change_is_imported_once_and_counts_as_computed(built, tmp_path):
+def test_shipped_token_change_is_imported_once_and_counts_as_computed(built, model, tmp_path):
     """feature-scores --ship writes the stored TokenChange beside the SAE; a fresh store imports
     it (once, marked as shipped) and the job then treats those features as done; a file of other
-    weights is ignored."""
+    weights, or measured on other windows (another corpus), is ignored."""
     import pyarrow.parquet as pq
 
     from backend.store import Store
 
-    info = S.ship_token_change(built["store"], SAE, folder=tmp_path)
+    info = S.ship_token_change(built["store"], SAE, folder=tmp_path, root=built["root"])
     assert info["features"] == N_TC and (tmp_path / S.SHIPPED_FILE).exists()
+    wins = S.heldout_windows(model.info.model_id, root=built["root"])
     fresh = Store(tmp_path / "fresh.duckdb")
-    assert S.import_shipped(fresh, SAE, folder=tmp_path) == N_TC
-    assert S.import_shipped(fresh, SAE, folder=tmp_path) == 0                   # once
+    assert S.import_shipped(fresh, SAE, [w[::-1] for w in wins], folder=tmp_path) == 0   # other windows
+    assert S.import_shipped(fresh, SAE, wins, folder=tmp_path) == N_TC
+    assert S.import_shipped(fresh, SAE, wins, folder=tmp_path) == 0             # once
     key = fidx.sae_key(SAE)
     rows = fresh.cursor().execute("SELECT feature, ix, c_source FROM feature_token_change WHERE sae_key = ? "
                                   "ORDER BY feature", [key]).fetchall()
@@ -312,6 +314,6 @@ def test_shipped_token_change_is_imported_once_and_counts_as_computed(built, tmp
     pq.write_table(t.replace_schema_metadata({"dashboard": json.dumps({**meta, "sae_key": "other@0"})}),
                    tmp_path / S.SHIPPED_FILE)
     other = Store(tmp_path / "other.duckdb")
-    assert S.import_shipped(other, SAE, folder=tmp_path) == 0
+    assert S.import_shipped(other, SAE, wins, folder=tmp_path) == 0
     fresh.close()
     other.close()

@@ -638,10 +638,16 @@ def _tc_params(tc_windows: int, tc_len: int, corpus_name: str) -> dict:
     return {"windows": tc_windows, "length": tc_len, "mult": C_MULT, "corpus": corpus_name, "version": VERSION}
 
 
+def windows_hash(wins: list[list[int]]) -> str:
+    """Fingerprint of the TokenChange windows' token ids: shipped rows are measured on these."""
+    return hashlib.sha256(json.dumps(wins).encode()).hexdigest()[:16]
+
+
 def ship_token_change(store, sae_id: str, folder=None, tc_windows: int = TC_WINDOWS, tc_len: int = TC_LEN,
-                      corpus_name: str = corpus.DEFAULT_NAME) -> dict:
+                      corpus_name: str = corpus.DEFAULT_NAME, root=None) -> dict:
     """Write the stored TokenChange rows of the SAE's current weights (those of its current
-    index, else any) beside the SAE; returns where and how many."""
+    index, else any) beside the SAE, with the fingerprint of the windows they were measured
+    on (from the corpus at `root`); returns where and how many."""
     import pyarrow.parquet as pq
     from pathlib import Path
 
@@ -656,7 +662,8 @@ def ship_token_change(store, sae_id: str, folder=None, tc_windows: int = TC_WIND
         "SELECT * EXCLUDE (ix) FROM feature_token_change WHERE sae_key = ? AND n_windows = ? AND window_len = ? "
         "QUALIFY row_number() OVER (PARTITION BY feature ORDER BY (ix = ?) DESC, ix DESC) = 1 ORDER BY feature",
         params=[key, tc_windows, tc_len, -999 if ix is None else ix]).to_arrow_table()
-    meta = {"sae_key": key, **_tc_params(tc_windows, tc_len, corpus_name),
+    wins = heldout_windows(sae_info(sae_id)["model"], tc_windows, tc_len, corpus_name, root)
+    meta = {"sae_key": key, **_tc_params(tc_windows, tc_len, corpus_name), "windows_hash": windows_hash(wins),
             "index_windows": None if ix is None else index.n_windows}
     t = t.replace_schema_metadata({"dashboard": json.dumps(meta)})
     path = folder / SHIPPED_FILE
@@ -664,9 +671,11 @@ def ship_token_change(store, sae_id: str, folder=None, tc_windows: int = TC_WIND
     return {"sae_id": sae_id, "path": str(path), "features": t.num_rows, "bytes": path.stat().st_size}
 
 
-def import_shipped(store, sae_id: str, tc_windows: int = TC_WINDOWS, tc_len: int = TC_LEN,
+def import_shipped(store, sae_id: str, wins: list[list[int]], tc_windows: int = TC_WINDOWS, tc_len: int = TC_LEN,
                    corpus_name: str = corpus.DEFAULT_NAME, folder=None) -> int:
-    """Import the TokenChange file shipped beside the SAE (see above); the rows added."""
+    """Import the TokenChange file shipped beside the SAE (see above); the rows added. Only a
+    file of these weights, these parameters and these windows `wins` (another corpus build
+    gives other windows) is imported."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -687,6 +696,8 @@ def import_shipped(store, sae_id: str, tc_windows: int = TC_WINDOWS, tc_len: int
         return 0                                            # unreadable: computed instead
     key = sae_key(sae_id)
     if meta.get("sae_key") != key or {k: meta.get(k) for k in _tc_params(0, 0, "")} != _tc_params(tc_windows, tc_len, corpus_name):
+        return 0
+    if meta.get("windows_hash") != windows_hash(wins):
         return 0
     ensure_tables(store)
     with store.transaction() as cur:
@@ -779,7 +790,7 @@ def build_scores(model_id: str, sae: str | list[str], store=None, progress: Call
                 res["token_change"] = {"part": "token_change", "status": "pending", "reason": str(e)}
                 continue
 
-            res["token_change_shipped"] = import_shipped(store, s, tc_windows, tc_len, corpus_name)
+            res["token_change_shipped"] = import_shipped(store, s, wins, tc_windows, tc_len, corpus_name)
 
             def tc_inputs(ctx=ctx, s=s, index=index, wins=wins, n=res["features"]):
                 c, src = strengths(store, s, ctx.rows, index)
