@@ -7,6 +7,7 @@ Builds the index of every shipped SAE of the default model over --windows corpus
 deepest hook, the fused TopK encode, sparse rows, DuckDB inserts, the clustered copies), and
 times the bare forward to the deepest hook over the same windows (LoadedModel.capture). The
 ratio says how model-bound the index is (1.0: the encode, the rows and the store cost nothing).
+The weight-only tables (computed once per SAE weights, not per index) are timed apart.
 Needs the corpus (python -m backend corpus build).
 """
 
@@ -53,6 +54,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         store = Store(Path(d) / "bench.duckdb")
         t = time.perf_counter()
+        for s in saes:    # weight-only tables (logit effects, similar features): once per SAE weights
+            fidx.ensure_weight_tables(store, s, model)
+        weights = time.perf_counter() - t
+        t = time.perf_counter()
         out = fidx.build_index(DEFAULT_MODEL, "all", a.windows, store=store)
         build = time.perf_counter() - t
         store.close()
@@ -60,6 +65,10 @@ def main() -> None:
     print(f"forward to the deepest hook : {fwd:7.1f} s  {n_tok / fwd:7.0f} tok/s")
     print(f"feature index build         : {build:7.1f} s  {n_tok / build:7.0f} tok/s  "
           f"({out.get('rows', out.get('n_rows', '?'))} rows)")
+    print(f"weight-only tables, once    : {weights:7.1f} s  (logit effects, similar features; not in the build below)")
+    enc, fin = out.get("encode_seconds"), out.get("finish_seconds")
+    if enc is not None and fin is not None:
+        print(f"  of which chunks (forward, encode, inserts) {enc:7.1f} s, finish (clustered copy, stats) {fin:7.1f} s")
     print(f"index / forward time        : {build / fwd:5.2f}x  (1.0 = model-bound)")
 
 

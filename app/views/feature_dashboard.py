@@ -66,6 +66,16 @@ def _badges(sc: dict) -> None:
                            key=f"dl-feature-{sae}-{feature}")
 
 
+def _c_source_text(src: str) -> str:
+    """What the stored c_source means, in words ("shipped: " marks rows shipped beside the SAE)."""
+    shipped = src.startswith("shipped: ")
+    src = src.removeprefix("shipped: ")
+    why = "no corpus index" if "no index" in src else "the feature never fired in the index"
+    text = ("10 × its median active value in the corpus index" if src == "index median" else
+            f"fallback, {why}: 10 × a typical active feature's size / ‖d‖")
+    return text + ("; computed with these SAE weights and shipped beside them" if shipped else "")
+
+
 def _output_views(view: View, sc: dict, d: dict) -> None:
     """VocabProj and TokenChange (the output-centric descriptions)."""
     vp = sc["vocab_proj"]
@@ -85,7 +95,7 @@ def _output_views(view: View, sc: dict, d: dict) -> None:
         st.caption("TokenChange not computed yet.")
         return
     st.caption(f"TokenChange: ±c·d added at every position ≥ 1 of {tc['windows']} held-out windows of "
-               f"{tc['window_len']} tokens, c = {tc['c']:.2f} ({tc['c_source']}: 10 × its median active value); "
+               f"{tc['window_len']} tokens, c = {tc['c']:.2f} ({_c_source_text(tc['c_source'])}); "
                "mean change of the next-token logits.")
     c1, c2 = st.columns(2)
     with c1:
