@@ -2,7 +2,7 @@
 
     python -m backend train-sae --model smollm2-135m            # the shipped set (see PLAN)
     python -m backend train-sae --sites resid_pre:15 --tokens 20000 --width 1024 --out /tmp/saes
-    python -m backend train-sae --collect-only --tokens 1200000 # only the activation cache
+    python -m backend train-sae --collect-only                  # only the activation cache
     python -m backend train-sae --only 3 --compare old-saes/    # one site; old SAEs measured beside
 
 1. Activations. Windows of the corpus's train split (never crossing a document), in a seeded
@@ -21,7 +21,8 @@
    chunk's file, the same file the local engine writes); the work directory must then be a
    folder every Ray node sees.
 2. Training. Each SAE is a TopK SAE (k latents per token, k_z for hook_z) with the aux-k loss
-   on dead latents, trained with SAELens's SAETrainer over an iterator of batches drawn from
+   on dead latents (those silent for `dead_window` samples: a short window and a coefficient of
+   1/4 keep them alive; SAETrainer's window of an eighth of the run let 8-20 % die), trained with SAELens's SAETrainer over an iterator of batches drawn from
    the cache (seeded permutation per epoch). Checkpoints land in the work directory; a rerun
    resumes from the last one. Sites can be trained in separate processes (`--only`).
 3. Quality, stored as quality.json beside the weights, always with position 0 left out: on
@@ -66,17 +67,18 @@ class TrainConfig:
     model: str = "smollm2-135m"
     sites: tuple[tuple[str, int], ...] = tuple((c.value, layer) for c, layer in PLAN)
     corpus: str = corpus.DEFAULT_NAME
-    train_tokens: int = 290_000       # unique activations cached for training (per site; whole chunks)
+    train_tokens: int = 1_600_000     # unique activations cached for training (per site; whole chunks)
     heldout_tokens: int = 40_000      # held-out activations for L0 / VE / dead / dense
     ce_windows: int = 5               # held-out windows per corpus kind for the CE metrics
     context: int = 128
     width: int = 4608                 # d_sae
-    k: int = 48                       # active latents per token (residual stream SAEs)
+    k: int = 64                       # active latents per token (residual stream SAEs)
     k_z: int = 64                     # ... for hook_z SAEs (attention outputs need more)
-    aux_coefficient: float = 1 / 16   # TopK aux-k loss on dead latents
+    aux_coefficient: float = 0.25     # TopK aux-k loss on dead latents
     dead_tokens: int = 100_000        # training activations added to the held-out ones for "dead"
-    dead_window: int = 0              # samples without firing before the aux-k loss acts on a latent
-                                      # (0: an eighth of the run, SAETrainer's usual window)
+    dead_window: int = 50_000         # samples without firing before the aux-k loss acts on a latent
+                                      # (0: an eighth of the run, SAETrainer's usual window; at 1/16
+                                      # and that window 8-20 % of the latents died over 4,700 steps)
     epochs: float = 1.5
     batch: int = 512
     lr: float = 1e-3
