@@ -22,8 +22,8 @@
    folder every Ray node sees.
 2. Training. Each SAE is a TopK SAE (k latents per token, k_z for hook_z) with the aux-k loss
    on dead latents (those silent for `dead_window` samples: a short window and a coefficient of
-   1/4 keep them alive; SAETrainer's window of an eighth of the run let 8-20 % die), trained with SAELens's SAETrainer over an iterator of batches drawn from
-   the cache (seeded permutation per epoch). Checkpoints land in the work directory; a rerun
+   1/4 keep them alive; SAETrainer's window of an eighth of the run let 8-20 % die), trained
+   with SAELens's SAETrainer over an iterator of batches drawn from the cache (seeded permutation per epoch). Checkpoints land in the work directory; a rerun
    resumes from the last one. Sites can be trained in separate processes (`--only`).
 3. Quality, stored as quality.json beside the weights, always with position 0 left out: on
    the held-out activation cache (L0, variance explained, error per token, dead and dense
@@ -632,7 +632,8 @@ def train(cfg: TrainConfig, out_dir: Path | None = None, work: Path | None = Non
                       "training": {"unique_tokens": int(len(train_acts[j])), "epochs": cfg.epochs,
                                    "samples": int(len(train_acts[j]) * cfg.epochs), "batch": cfg.batch,
                                    "lr": cfg.lr, "aux_coefficient": cfg.aux_coefficient,
-                                   "dead_window_samples": _dead_window_steps(cfg, int(len(train_acts[j]) * cfg.epochs) // cfg.batch) * cfg.batch,
+                                   "dead_window_samples": cfg.batch * _dead_window_steps(
+                                       cfg, int(len(train_acts[j]) * cfg.epochs) // cfg.batch),
                                    "corpus": cfg.corpus, "corpus_words": _corpus_words(cfg, root),
                                    "activation_seconds_all_sites": round(collect_s, 1),
                                    "activation_collection": rates,
