@@ -23,8 +23,9 @@
 2. Training. Each SAE is a TopK SAE (k latents per token, k_z for hook_z) with the aux-k loss
    on dead latents (those silent for `dead_window` samples: a short window and a coefficient of
    1/4 keep them alive; SAETrainer's window of an eighth of the run let 8-20 % die), trained
-   with SAELens's SAETrainer over an iterator of batches drawn from the cache (seeded permutation per epoch). Checkpoints land in the work directory; a rerun
-   resumes from the last one. Sites can be trained in separate processes (`--only`).
+   with SAELens's SAETrainer over an iterator of batches drawn from the cache (seeded
+   permutation per epoch). Checkpoints land in the work directory; a rerun resumes from the
+   last one. Sites can be trained in separate processes (`--only`).
 3. Quality, stored as quality.json beside the weights, always with position 0 left out: on
    the held-out activation cache (L0, variance explained, error per token, dead and dense
    latents, dead counted over `dead_tokens` more training activations), on held-out windows
