@@ -29,6 +29,7 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
+    from backend import corpus
     from backend.jobs.features import index as fidx
     from backend.model import DEFAULT_MODEL, load_model
     from backend.saes import list_saes, load_sae
@@ -43,11 +44,7 @@ def main() -> None:
 
     t = time.perf_counter()
     for idx in fidx._batches(wins):
-        seqs = [wins[i][2] for i in idx]
-        L = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), L, dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, :len(s)] = torch.tensor(s)
+        ids, _ = corpus.pad_right([wins[i][2] for i in idx])
         fidx.hook_batch(model, hooks, model.tensor(ids))
     fwd = time.perf_counter() - t
 

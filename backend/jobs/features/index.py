@@ -154,19 +154,13 @@ def hook_batch(model, hooks: list[str], ids) -> dict:
 
 def encode_windows(model, saes: list[tuple[int, object]], wins) -> dict[str, pa.Table]:
     """Sparse rows of every SAE for these windows (positions >= 1), and the windows' tokens."""
-    import torch
-
     from kernels.sae_encode import fused_encode
 
     hooks = sorted({s.cfg.metadata.hook_name for _, s in saes})
     parts: list[dict] = []
     for idx in _batches(wins):
-        t = max(len(wins[i][2]) for i in idx)
-        ids = torch.zeros(len(idx), t, dtype=torch.long)
-        mask = torch.zeros(len(idx), t, dtype=torch.bool)
-        for r, i in enumerate(idx):
-            ids[r, :len(wins[i][2])] = torch.tensor(wins[i][2])
-            mask[r, 1:len(wins[i][2])] = True          # right padding only; position 0 left out
+        ids, mask = corpus.pad_right([wins[i][2] for i in idx])
+        mask[:, 0] = False                                  # position 0 left out
         acts = hook_batch(model, hooks, model.tensor(ids))
         b_doc = np.array([wins[i][0] for i in idx], np.int32)
         b_start = np.array([wins[i][1] for i in idx], np.int32)

@@ -776,6 +776,7 @@ def build_scores(model_id: str, sae: str | list[str], store=None, progress: Call
         from kernels.forward import bulk_precision
 
         precision = tc_precision or bulk_precision()
+        held = None                                 # the held-out windows: read once, for every SAE
         for s, ctx in ctxs.items():
             key = sae_key(s)
             res = out["saes"][s]
@@ -784,11 +785,15 @@ def build_scores(model_id: str, sae: str | list[str], store=None, progress: Call
                 res["token_change"] = {"part": "token_change", "status": "pending",
                                        "reason": f"c comes from the feature index: {index}"}
                 continue
-            try:
-                wins = heldout_windows(model_id, tc_windows, tc_len, corpus_name, root)
-            except CorpusUnavailable as e:
-                res["token_change"] = {"part": "token_change", "status": "pending", "reason": str(e)}
+            if held is None:
+                try:
+                    held = heldout_windows(model_id, tc_windows, tc_len, corpus_name, root)
+                except CorpusUnavailable as e:
+                    held = e
+            if isinstance(held, CorpusUnavailable):
+                res["token_change"] = {"part": "token_change", "status": "pending", "reason": str(held)}
                 continue
+            wins = held
 
             res["token_change_shipped"] = import_shipped(store, s, wins, tc_windows, tc_len, corpus_name)
 
