@@ -89,6 +89,7 @@ class TrainConfig:
     precision: str = "bf16-mixed"     # the training caches' forward (kernels/forward.PRECISIONS);
                                       # every quality figure is measured on the float32 bridge
     autocast: bool = False            # SAETrainer's bfloat16 autocast: slower than float32 here (2.8 k vs 3.8 k samples/s)
+    sparse_kernel: bool = True        # kernels/sae_train.py: SAELens's loss and gradients, sparse backward
 
     def k_for(self, component: str) -> int:
         return self.k_z if component == Component.Z.value else self.k
@@ -288,6 +289,9 @@ def _training_sae(cfg: TrainConfig, component: str, layer: int, d_in: int):
                                     device="cpu", normalize_activations="expected_average_only_in",
                                     reshape_activations="hook_z" if component == "z" else "none",
                                     aux_loss_coefficient=cfg.aux_coefficient, metadata=meta)
+    if cfg.sparse_kernel:
+        from kernels.sae_train import sparse_topk_training_sae
+        return sparse_topk_training_sae(sae_cfg)
     return TopKTrainingSAE(sae_cfg)
 
 
@@ -729,6 +733,8 @@ def add_cli_args(p) -> None:
     p.add_argument("--dead-window", type=int, default=d.dead_window,
                    help="training samples without firing after which the aux-k loss acts on a latent "
                         "(0: an eighth of the run)")
+    p.add_argument("--dense-reference", action="store_true",
+                   help="train with SAELens's own dense training forward (kernels/sae_train.py is the default)")
     p.add_argument("--only", default=None, help="train only these sites (indices into --sites, e.g. 0,2)")
     p.add_argument("--compare", default=None,
                    help="folder of earlier SAEs to measure on the same data (goes into quality.json)")
@@ -758,7 +764,8 @@ def run_cli(a) -> dict:
     cfg = TrainConfig(model=a.model, sites=sites, corpus=a.corpus, train_tokens=a.tokens,
                       heldout_tokens=a.heldout_tokens, ce_windows=a.ce_windows, context=a.context,
                       width=a.width, k=a.k, k_z=a.k_z, aux_coefficient=a.aux, dead_window=a.dead_window, epochs=a.epochs,
-                      batch=a.batch, lr=a.lr, precision=a.precision)
+                      batch=a.batch, lr=a.lr, precision=a.precision,
+                      sparse_kernel=not a.dense_reference)
     only = tuple(int(i) for i in a.only.split(",")) if a.only else None
     if a.measure_previous:
         return {"previous": measure_previous(cfg, Path(a.compare), a.work,
