@@ -27,6 +27,8 @@ import torch
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
+DENSE_FROM = 128   # chosen latents per row from which one dense matmul beats gathering their rows
+
 def _csr(vals: torch.Tensor, idx: torch.Tensor, n_cols: int) -> torch.Tensor:
     """[n m] values at columns idx as a CSR matrix [n n_cols] (m entries per row)."""
     n, m = idx.shape
@@ -35,11 +37,11 @@ def _csr(vals: torch.Tensor, idx: torch.Tensor, n_cols: int) -> torch.Tensor:
                                    check_invariants=False)
 
 
-def _csr_t_mm(vals: torch.Tensor, idx: torch.Tensor, n_cols: int, dense: torch.Tensor) -> torch.Tensor:
-    """csr(vals, idx)^T @ dense: [n_cols d], rows of latents never chosen stay 0."""
-    n, m = idx.shape
-    rows = torch.arange(n, device=idx.device).repeat_interleave(m)
-    coo = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), vals.reshape(-1), (n_cols, n),
+def _csr_t_mm(vals: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor, n_cols: int,
+              dense: torch.Tensor) -> torch.Tensor:
+    """S^T @ dense for the sparse S [len(dense) n_cols] with entries vals at (rows, cols):
+    [n_cols d], rows of latents never chosen stay 0."""
+    coo = torch.sparse_coo_tensor(torch.stack([cols, rows]), vals, (n_cols, len(dense)),
                                   check_invariants=False)
     return torch.sparse.mm(coo.coalesce().to_sparse_csr(), dense)
 
@@ -73,20 +75,53 @@ class _ChosenPre(torch.autograd.Function):
 
 
 class _SparseDecode(torch.autograd.Function):
-    """out[i] = sum_j acts[i, j] W_dec[idx[i, j]]; backward: d acts = gather-dot of the
-    output gradient with the chosen rows, d W_dec = csr(acts)^T @ g."""
+    """Several sparse codes decoded in one product: rows of block b are
+    sum_j acts_b[i, j] W_dec[idx_b[i, j]], blocks stacked ([sum n_b, d_in]). Backward:
+    d acts = the output gradient dotted with the chosen rows (a gather for small m, one dense
+    matmul then a gather for large m), d W_dec = csr(acts)^T @ g for all blocks at once."""
 
     @staticmethod
-    def forward(ctx, acts, idx, W_dec):
-        ctx.save_for_backward(acts, idx, W_dec)
-        return torch.sparse.mm(_csr(acts, idx, W_dec.shape[0]), W_dec)
+    def forward(ctx, W_dec, idxs, *acts):
+        ctx.idxs = idxs
+        ctx.save_for_backward(W_dec, *acts)
+        return torch.sparse.mm(_stacked_csr(acts, idxs, W_dec.shape[0]), W_dec)
 
     @staticmethod
     def backward(ctx, g):
-        acts, idx, W_dec = ctx.saved_tensors
-        d_acts = _gather_dot(g, W_dec, idx) if ctx.needs_input_grad[0] else None
-        d_W = _csr_t_mm(acts, idx, W_dec.shape[0], g) if ctx.needs_input_grad[2] else None
-        return d_acts, None, d_W
+        W_dec, *acts = ctx.saved_tensors
+        d_acts, start = [], 0
+        for a, idx in zip(acts, ctx.idxs):
+            gb = g[start:start + len(idx)]
+            start += len(idx)
+            if idx.shape[1] >= DENSE_FROM:
+                d_acts.append((gb @ W_dec.t()).gather(1, idx))
+            else:
+                d_acts.append(_gather_dot(gb, W_dec, idx))
+        d_W = _csr_t_mm(torch.cat([a.reshape(-1) for a in acts]),
+                        torch.cat([i.reshape(-1) for i in ctx.idxs]),
+                        torch.cat([torch.arange(len(i), device=g.device).repeat_interleave(i.shape[1]) + off
+                                   for i, off in zip(ctx.idxs, _offsets(ctx.idxs))]),
+                        W_dec.shape[0], g)
+        return (d_W, None, *d_acts)
+
+
+def _offsets(idxs):
+    out, o = [], 0
+    for i in idxs:
+        out.append(o)
+        o += len(i)
+    return out
+
+
+def _stacked_csr(acts, idxs, n_cols: int) -> torch.Tensor:
+    crows, o = [], 0
+    for i in idxs:
+        n, m = i.shape
+        crows.append(torch.arange(0 if not crows else 1, n + 1, device=i.device) * m + o)
+        o += n * m
+    return torch.sparse_csr_tensor(torch.cat(crows), torch.cat([i.reshape(-1) for i in idxs]),
+                                   torch.cat([a.reshape(-1) for a in acts]),
+                                   (sum(len(i) for i in idxs), n_cols), check_invariants=False)
 
 
 def _select(sae, sae_in: torch.Tensor, dead: torch.Tensor | None, k: int, k_aux: int):
@@ -105,20 +140,9 @@ def _select(sae, sae_in: torch.Tensor, dead: torch.Tensor | None, k: int, k_aux:
 
 
 def _chosen(sae, sae_in, idx, raw):
-    """Pre-activations at the chosen latents with autograd (rescaled like SAELens), and the
-    chosen decoder rows' norms (for the decode's rescale). sae_in carries no graph: its
-    dependence on b_dec (apply_b_dec_to_input) is differentiated in _ChosenPre."""
+    """Pre-activations at the chosen latents [n m] with autograd, rescaled like SAELens."""
     b_dec = sae.b_dec if sae.cfg.apply_b_dec_to_input else sae.b_dec.detach()
-    v = _ChosenPre.apply(sae_in, b_dec, sae.W_enc, idx, raw - sae.b_enc.detach()[idx]) + sae.b_enc[idx]
-    norms = None
-    if sae.cfg.rescale_acts_by_decoder_norm:
-        norms = sae.W_dec.norm(dim=-1)[idx]
-        v = v * norms
-    return v, norms
-
-
-def _decode(sae, idx, acts, norms):
-    return _SparseDecode.apply(acts / norms if norms is not None else acts, idx, sae.W_dec)
+    return _ChosenPre.apply(sae_in, b_dec, sae.W_enc, idx, raw - sae.b_enc.detach()[idx]) + sae.b_enc[idx]
 
 
 def sparse_training_forward(sae, step_input):
@@ -136,18 +160,26 @@ def sparse_training_forward(sae, step_input):
     k_aux = min(k_aux_full, num_dead)
     idx, raw, aux_idx, aux_raw = _select(sae, sae_in, dead, k, k_aux)
 
-    pre, norms = _chosen(sae, sae_in, idx, raw)
-    acts = pre.relu()
-    out = _decode(sae, idx, acts, norms) + sae.b_dec
-    out = sae.run_time_activation_norm_fn_out(out)
+    # the top-k and the aux-k latents' pre-activations in one product, decoded in one product
+    both = torch.cat([idx, aux_idx], 1) if k_aux else idx
+    pre = _chosen(sae, sae_in, both, torch.cat([raw, aux_raw], 1) if k_aux else raw)
+    if sae.cfg.rescale_acts_by_decoder_norm:
+        norms = sae.W_dec.norm(dim=-1)[both]
+        pre = pre * norms
+    acts = pre[:, :k].relu()
+    codes = [acts / norms[:, :k] if sae.cfg.rescale_acts_by_decoder_norm else acts]
+    if k_aux:   # SAELens keeps the aux-k values as they are (no ReLU)
+        codes.append(pre[:, k:] / norms[:, k:] if sae.cfg.rescale_acts_by_decoder_norm else pre[:, k:])
+    decoded = _SparseDecode.apply(sae.W_dec, (idx, aux_idx) if k_aux else (idx,), *codes)
+    n = len(idx)
+    out = sae.run_time_activation_norm_fn_out(decoded[:n] + sae.b_dec)
     sae_out = sae.reshape_fn_out(out, sae.d_head)
     mse = sae.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
     losses = {"mse_loss": mse}
     loss = mse
     if k_aux:
         residual = (step_input.sae_in - sae_out).detach()
-        aux_pre, aux_norms = _chosen(sae, sae_in, aux_idx, aux_raw)   # SAELens keeps them as they are (no ReLU)
-        recons = sae.reshape_fn_out(_decode(sae, aux_idx, aux_pre, aux_norms), sae.d_head)
+        recons = sae.reshape_fn_out(decoded[n:], sae.d_head)
         aux = (recons - residual).pow(2).sum(dim=-1).mean()
         aux = sae.cfg.aux_loss_coefficient * min(num_dead / k_aux_full, 1.0) * aux
     else:

@@ -10,6 +10,7 @@ import torch
 from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.saes.sae import TrainStepInput
 
+from kernels import sae_train
 from kernels.sae_train import sparse_topk_training_sae, sparse_training_forward
 
 
@@ -35,7 +36,9 @@ def _grads(sae, fn, step_input):
 
 @pytest.mark.parametrize("dead_share", [0.0, 0.004, 0.3])
 @pytest.mark.parametrize("rescale", [True, False])
-def test_loss_latents_and_gradients_equal_saelens(dead_share, rescale):
+@pytest.mark.parametrize("dense_from", [1, 10**9])   # both routes of the decode's backward
+def test_loss_latents_and_gradients_equal_saelens(dead_share, rescale, dense_from, monkeypatch):
+    monkeypatch.setattr(sae_train, "DENSE_FROM", dense_from)
     sae = _sae(rescale=rescale)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(200, 96, generator=g, dtype=torch.float64) * 3
