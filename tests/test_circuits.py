@@ -226,6 +226,13 @@ def test_circuit_store_cli_pruning_removal_and_saved(model, store, capsys):
         save_circuit("  ", spec, 0.5, store=store)
 
 
+_METRICS = """() => { const m = {};
+    document.querySelectorAll("[data-testid='stMetric']").forEach(e => {
+        const l = e.querySelector("[data-testid='stMetricLabel']"), v = e.querySelector("[data-testid='stMetricValue']");
+        if (l && v) m[l.innerText.trim()] = v.innerText.trim(); });
+    return m; }"""
+
+
 @pytest.mark.browser
 def test_clicking_a_node_removes_it_and_reruns(tmp_path):
     """Real browser: open a circuit, click its top head; the faithfulness changes and the URL
@@ -242,7 +249,7 @@ def test_clicking_a_node_removes_it_and_reruns(tmp_path):
                                "(p.layout.title.text || '').includes('Circuit: top 30'))", timeout=400_000)
         wait_for_plots(page)
         page.wait_for_timeout(1000)
-        before = page.eval_on_selector_all("[data-testid='stMetricValue']", "els => els.map(e => e.innerText)")[0]
+        before = page.evaluate(_METRICS)["faithfulness"]
         # the node A23.3 (layer 23, head 3) from its position in the figure
         px = page.evaluate("""() => { const gd = [...document.querySelectorAll('.js-plotly-plot')].find(p =>
             (p.layout.title.text || '').includes('Circuit')); gd.scrollIntoView({block: 'center'});
@@ -250,11 +257,9 @@ def test_clicking_a_node_removes_it_and_reruns(tmp_path):
             return [r.left + fl._size.l + fl.xaxis.l2p(23), r.top + fl._size.t + fl.yaxis.l2p(3)]; }""")
         page.mouse.click(*px)
         page.wait_for_function("window.location.search.includes('removed=A23.3')", timeout=300_000)
-        page.wait_for_function("document.body.innerText.includes('before the last removal') && "
-                               "document.querySelectorAll(\"[data-testid='stMetricValue']\").length >= 2 && "
-                               "document.querySelectorAll(\"[data-testid='stMetricValue']\")[1].innerText != '–'",
-                               timeout=300_000)
-        vals = page.eval_on_selector_all("[data-testid='stMetricValue']", "els => els.map(e => e.innerText)")
-        assert vals[1] == before and vals[0] != before
+        page.wait_for_function("() => { const m = (" + _METRICS + ")(); const b = m['before the last removal'];"
+                               " return b !== undefined && b !== '–'; }", timeout=300_000)
+        vals = page.evaluate(_METRICS)   # by label: while Streamlit reruns, stale and new elements mix
+        assert vals["before the last removal"] == before and vals["faithfulness"] != before, vals
         assert parse_qs(urlparse(page.url).query)["removed"] == ["A23.3"]
         ctx.close()
