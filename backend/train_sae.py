@@ -90,6 +90,8 @@ class TrainConfig:
                                       # every quality figure is measured on the float32 bridge
     autocast: bool = False            # SAETrainer's bfloat16 autocast: slower than float32 here (2.8 k vs 3.8 k samples/s)
     sparse_kernel: bool = True        # kernels/sae_train.py: SAELens's loss and gradients, sparse backward
+    init_from: str | None = None      # a folder of SAEs (same ids) to continue training from, for
+                                      # `epochs` more epochs (their own samples are counted too)
 
     def k_for(self, component: str) -> int:
         return self.k_z if component == Component.Z.value else self.k
@@ -302,8 +304,9 @@ def _dead_window_steps(cfg: TrainConfig, steps: int) -> int:
 
 
 def train_one(cfg: TrainConfig, component: str, layer: int, acts: np.ndarray, work: Path,
-              progress: Callable[[str], None] | None = None):
-    """Train one SAE from cached activations with SAETrainer; resume from its checkpoint."""
+              progress: Callable[[str], None] | None = None, init: Path | None = None):
+    """Train one SAE from cached activations with SAETrainer; resume from its checkpoint.
+    `init`: a saved SAE folder to go on training (see _continue_from)."""
     import torch
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -313,7 +316,8 @@ def train_one(cfg: TrainConfig, component: str, layer: int, acts: np.ndarray, wo
     steps = total // cfg.batch
     hp = hashlib.sha256(json.dumps([cfg.width, cfg.k_for(component), cfg.epochs, cfg.batch, cfg.lr,
                                     cfg.seed, cfg.aux_coefficient, len(acts)] + ([] if cfg.autocast else [0])
-                                   + ([cfg.dead_window] if cfg.dead_window else [])).encode())
+                                   + ([cfg.dead_window] if cfg.dead_window else [])
+                                   + ([str(init)] if init is not None else [])).encode())
     ckpt_root = work / f"ckpt-{component}-{layer}-{hp.hexdigest()[:8]}"   # resume only the same run
     tcfg = SAETrainerConfig(
         total_training_samples=total, train_batch_size_samples=cfg.batch, lr=cfg.lr,
@@ -323,6 +327,9 @@ def train_one(cfg: TrainConfig, component: str, layer: int, acts: np.ndarray, wo
         checkpoint_path=str(ckpt_root), logger=LoggingConfig(log_to_wandb=False), autocast=cfg.autocast,
         n_batches_for_norm_estimate=min(50, max(1, len(acts) // cfg.batch)))
     sae = _training_sae(cfg, component, layer, acts.shape[1])
+    offset, scale = 0, None
+    if init is not None:
+        scale, offset = _continue_from(sae, init, acts, cfg)
     start = 0
     done = sorted((p for p in ckpt_root.glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
     if done:
@@ -331,14 +338,44 @@ def train_one(cfg: TrainConfig, component: str, layer: int, acts: np.ndarray, wo
         sae.load_state_dict(load_file(str(last / "sae_weights.safetensors")), strict=False)
         start = -1
     trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=None)
+    if scale is not None:
+        trainer.activation_scaler.scaling_factor = scale   # the scale the initial weights were trained at
     if start == -1:
         trainer.load_trainer_state(last)
         start = trainer.n_training_samples
         trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t > start]
         if progress:
             progress(f"resuming {component}:{layer} at {start}/{total} samples from {last}")
-    trainer.data_provider = _Batches(acts, cfg.batch, cfg.seed, start)
+    trainer.data_provider = _Batches(acts, cfg.batch, cfg.seed, offset + start)
     return trainer.fit()
+
+
+def _continue_from(sae, folder: Path, acts: np.ndarray, cfg: TrainConfig) -> tuple[float, int]:
+    """Load a saved inference SAE into a training SAE to go on training it: its weights carry
+    the activation-norm scale folded in, so estimate that scale as its run did (the first
+    batches of the same stream) and unfold it. Returns (scale, samples the folder was trained
+    on), the stream then continues where the earlier run stopped."""
+    import torch
+    from safetensors.torch import load_file
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    w = {k: v.float() for k, v in load_file(str(folder / "sae_weights.safetensors")).items()}
+    want = {k: tuple(v.shape) for k, v in sae.state_dict().items() if k in w}
+    if set(want) != {"W_enc", "W_dec", "b_enc", "b_dec"} or any(tuple(w[k].shape) != want[k] for k in want):
+        raise InvalidSpec(f"{folder} does not match the SAE being trained "
+                          f"({ {k: tuple(v.shape) for k, v in w.items()} } vs {want}).")
+    q = json.loads((folder / "quality.json").read_text()) if (folder / "quality.json").exists() else {}
+    samples = int(q.get("training", {}).get("samples", 0))
+    n = min(50, max(1, len(acts) // cfg.batch))   # as train_one's n_batches_for_norm_estimate
+    scaler = ActivationScaler()
+    scaler.estimate_scaling_factor(acts.shape[1], _Batches(acts, cfg.batch, cfg.seed, 0), n)
+    s = float(scaler.scaling_factor)
+    with torch.no_grad():
+        sae.W_enc.copy_(w["W_enc"] / s)
+        sae.W_dec.copy_(w["W_dec"] * s)
+        sae.b_dec.copy_(w["b_dec"] * s)
+        sae.b_enc.copy_(w["b_enc"])
+    return s, samples
 
 
 # -- quality ------------------------------------------------------------------------------
@@ -625,9 +662,15 @@ def train(cfg: TrainConfig, out_dir: Path | None = None, work: Path | None = Non
             k = cfg.k_for(c)
             if progress:
                 progress(f"training {sid} (k={k}) on {len(train_acts[j])} activations x {cfg.epochs} epochs")
-            sae = train_one(cfg, c, layer, train_acts[j], work, progress)
+            init = Path(cfg.init_from) / sid if cfg.init_from else None
+            if init is not None and not (init / "sae_weights.safetensors").exists():
+                raise InvalidSpec(f"--init-from: no SAE {sid} in {cfg.init_from}.")
+            sae = train_one(cfg, c, layer, train_acts[j], work, progress, init)
             save_fp16(sae, dest)
             train_s = time.perf_counter() - t
+            before = (json.loads((init / "quality.json").read_text()).get("training", {})
+                      if init is not None and (init / "quality.json").exists() else {})
+            before_samples = int(before.get("samples", 0))
             mean_act = torch.from_numpy(np.asarray(train_acts[j][:50_000], dtype=np.float32)).mean(0)
             dead_acts = np.concatenate([held_acts[j], train_acts[j][-cfg.dead_tokens:]])
             q = quality(model, cfg, dest, j, held_acts[j], mean_act, ed, dead_acts)
@@ -635,7 +678,8 @@ def train(cfg: TrainConfig, out_dir: Path | None = None, work: Path | None = Non
                       "architecture": "topk", "k": k, "d_in": int(train_acts[j].shape[1]),
                       "d_sae": cfg.width, "weights_dtype": "float16",
                       "training": {"unique_tokens": int(len(train_acts[j])), "epochs": cfg.epochs,
-                                   "samples": int(len(train_acts[j]) * cfg.epochs), "batch": cfg.batch,
+                                   "samples": int(len(train_acts[j]) * cfg.epochs) + before_samples,
+                                   "batch": cfg.batch,
                                    "lr": cfg.lr, "aux_coefficient": cfg.aux_coefficient,
                                    "dead_window_samples": cfg.batch * _dead_window_steps(
                                        cfg, int(len(train_acts[j]) * cfg.epochs) // cfg.batch),
@@ -644,7 +688,10 @@ def train(cfg: TrainConfig, out_dir: Path | None = None, work: Path | None = Non
                                    "activation_collection": rates,
                                    "train_seconds": round(train_s, 1),
                                    "train_samples_per_second": round(len(train_acts[j]) * cfg.epochs / train_s, 1),
-                                   "train_and_eval_seconds": round(time.perf_counter() - t, 1)},
+                                   "train_and_eval_seconds": round(time.perf_counter() - t, 1),
+                                   **({"continued_from": {"folder": str(cfg.init_from), "samples": before_samples,
+                                                          "epochs_this_run": cfg.epochs, "training": before}}
+                                      if init is not None else {})},
                       "evaluation": {"heldout_kinds": sorted(n.split(":", 1)[1] for n in ed.seqs
                                                              if n.startswith("heldout:")),
                                      "passages": sorted(n.split(":", 1)[1] for n in ed.seqs
@@ -741,6 +788,8 @@ def add_cli_args(p) -> None:
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--init-from", default=None,
+                   help="folder of saved SAEs (same ids) to go on training for --epochs more epochs")
     p.add_argument("--out", default=None, help="where SAE folders go (default data/saes)")
     p.add_argument("--work", default=None, help="activation cache and checkpoints")
     p.add_argument("--threads", type=int, default=None,
@@ -765,7 +814,7 @@ def run_cli(a) -> dict:
                       heldout_tokens=a.heldout_tokens, ce_windows=a.ce_windows, context=a.context,
                       width=a.width, k=a.k, k_z=a.k_z, aux_coefficient=a.aux, dead_window=a.dead_window, epochs=a.epochs,
                       batch=a.batch, lr=a.lr, precision=a.precision,
-                      sparse_kernel=not a.dense_reference)
+                      sparse_kernel=not a.dense_reference, init_from=a.init_from)
     only = tuple(int(i) for i in a.only.split(",")) if a.only else None
     if a.measure_previous:
         return {"previous": measure_previous(cfg, Path(a.compare), a.work,

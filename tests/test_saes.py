@@ -60,6 +60,24 @@ def test_tiny_sae_trains_through_the_training_path(tmp_path, model):
     again = train_sae.train(cfg, out_dir=tmp_path / "out", work=tmp_path / "work", root=root)
     assert again == reports
 
+    # continuing from the saved folder: the folded activation scale is unfolded, so with a
+    # vanishing learning rate the weights come back as they were (float16 rounding aside)
+    from dataclasses import replace
+    still = replace(cfg, init_from=str(tmp_path / "out"), epochs=0.5, lr=1e-12)
+    (c,) = train_sae.train(still, out_dir=tmp_path / "still", work=tmp_path / "work", root=root)
+    w2 = load_file(str(tmp_path / "still" / sid / "sae_weights.safetensors"))
+    for k in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(w2[k].float(), w[k].float(), rtol=2e-3, atol=1e-4)
+    assert c["training"]["continued_from"]["samples"] == r["training"]["samples"]
+    assert c["training"]["samples"] == r["training"]["samples"] + int(r["training"]["unique_tokens"] * 0.5)
+    # and with the usual learning rate it goes on learning (held-out VE at least as good)
+    more = replace(cfg, init_from=str(tmp_path / "out"), epochs=2)
+    (m,) = train_sae.train(more, out_dir=tmp_path / "more", work=tmp_path / "work", root=root)
+    assert m["quality"]["heldout"]["variance_explained"] >= held["variance_explained"] - 0.02
+    with pytest.raises(train_sae.InvalidSpec):
+        train_sae.train(replace(cfg, init_from=str(tmp_path / "nothing")), out_dir=tmp_path / "x",
+                        work=tmp_path / "work", root=root)
+
 
 def test_batches_resume_on_the_same_stream():
     acts = np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float16)
