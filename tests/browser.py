@@ -68,6 +68,13 @@ def wait_for_plots(page, n: int = 1, timeout: float = 400_000) -> None:
     page.wait_for_timeout(800)  # let Plotly finish drawing
 
 
+def wait_idle(page, timeout: float = 120_000) -> None:
+    """Until the script run is over: no element Streamlit marks stale (a rerun keeps the old
+    elements beside the new ones until it ends), then a moment for Plotly to draw."""
+    page.wait_for_function("document.querySelectorAll('[data-stale=\"true\"]').length === 0", timeout=timeout)
+    page.wait_for_timeout(800)
+
+
 if __name__ == "__main__":
     import tempfile
 

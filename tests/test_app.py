@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from .browser import browser_context, dashboard, wait_for_plots
+from .browser import browser_context, dashboard, wait_for_plots, wait_idle
 from .conftest import DEFAULT_MODEL, ROOT
 
 pytestmark = pytest.mark.model   # loads the real model
@@ -99,8 +99,9 @@ def test_bad_links_give_clear_messages_and_store_nothing(params, expected, model
 
 
 def _figure_data(page) -> str:
+    wait_idle(page)
     return page.evaluate("""() => JSON.stringify([...document.querySelectorAll('.js-plotly-plot')]
-        .filter(p => (p.layout.title.text || '').includes('Logit lens'))
+        .filter(p => !p.closest('[data-stale="true"]') && (p.layout.title.text || '').includes('Logit lens'))
         .map(p => p.data.map(t => t.z)))""")
 
 
