@@ -304,9 +304,11 @@ def _dead_window_steps(cfg: TrainConfig, steps: int) -> int:
 
 
 def train_one(cfg: TrainConfig, component: str, layer: int, acts: np.ndarray, work: Path,
-              progress: Callable[[str], None] | None = None, init: Path | None = None):
+              progress: Callable[[str], None] | None = None, init: Path | None = None,
+              init_samples: int = 0):
     """Train one SAE from cached activations with SAETrainer; resume from its checkpoint.
-    `init`: a saved SAE folder to go on training (see _continue_from)."""
+    `init`: a saved SAE folder to go on training (see _continue_from), trained on
+    `init_samples` samples of the same stream (this run continues where that one stopped)."""
     import torch
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -327,9 +329,7 @@ def train_one(cfg: TrainConfig, component: str, layer: int, acts: np.ndarray, wo
         checkpoint_path=str(ckpt_root), logger=LoggingConfig(log_to_wandb=False), autocast=cfg.autocast,
         n_batches_for_norm_estimate=min(50, max(1, len(acts) // cfg.batch)))
     sae = _training_sae(cfg, component, layer, acts.shape[1])
-    offset, scale = 0, None
-    if init is not None:
-        scale, offset = _continue_from(sae, init, acts, cfg)
+    scale = _continue_from(sae, init, acts, cfg) if init is not None else None
     start = 0
     done = sorted((p for p in ckpt_root.glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
     if done:
@@ -346,15 +346,14 @@ def train_one(cfg: TrainConfig, component: str, layer: int, acts: np.ndarray, wo
         trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t > start]
         if progress:
             progress(f"resuming {component}:{layer} at {start}/{total} samples from {last}")
-    trainer.data_provider = _Batches(acts, cfg.batch, cfg.seed, offset + start)
+    trainer.data_provider = _Batches(acts, cfg.batch, cfg.seed, init_samples + start)
     return trainer.fit()
 
 
-def _continue_from(sae, folder: Path, acts: np.ndarray, cfg: TrainConfig) -> tuple[float, int]:
+def _continue_from(sae, folder: Path, acts: np.ndarray, cfg: TrainConfig) -> float:
     """Load a saved inference SAE into a training SAE to go on training it: its weights carry
     the activation-norm scale folded in, so estimate that scale as its run did (the first
-    batches of the same stream) and unfold it. Returns (scale, samples the folder was trained
-    on), the stream then continues where the earlier run stopped."""
+    batches of the same stream) and unfold it. Returns the scale."""
     import torch
     from safetensors.torch import load_file
     from sae_lens.training.activation_scaler import ActivationScaler
@@ -364,8 +363,6 @@ def _continue_from(sae, folder: Path, acts: np.ndarray, cfg: TrainConfig) -> tup
     if set(want) != {"W_enc", "W_dec", "b_enc", "b_dec"} or any(tuple(w[k].shape) != want[k] for k in want):
         raise InvalidSpec(f"{folder} does not match the SAE being trained "
                           f"({ {k: tuple(v.shape) for k, v in w.items()} } vs {want}).")
-    q = json.loads((folder / "quality.json").read_text()) if (folder / "quality.json").exists() else {}
-    samples = int(q.get("training", {}).get("samples", 0))
     n = min(50, max(1, len(acts) // cfg.batch))   # as train_one's n_batches_for_norm_estimate
     scaler = ActivationScaler()
     scaler.estimate_scaling_factor(acts.shape[1], _Batches(acts, cfg.batch, cfg.seed, 0), n)
@@ -375,7 +372,7 @@ def _continue_from(sae, folder: Path, acts: np.ndarray, cfg: TrainConfig) -> tup
         sae.W_dec.copy_(w["W_dec"] * s)
         sae.b_dec.copy_(w["b_dec"] * s)
         sae.b_enc.copy_(w["b_enc"])
-    return s, samples
+    return s
 
 
 # -- quality ------------------------------------------------------------------------------
@@ -667,12 +664,12 @@ def train(cfg: TrainConfig, out_dir: Path | None = None, work: Path | None = Non
             init = Path(cfg.init_from) / sid if cfg.init_from else None
             if init is not None and not (init / "sae_weights.safetensors").exists():
                 raise InvalidSpec(f"--init-from: no SAE {sid} in {cfg.init_from}.")
-            sae = train_one(cfg, c, layer, train_acts[j], work, progress, init)
-            save_fp16(sae, dest)
-            train_s = time.perf_counter() - t
             before = (json.loads((init / "quality.json").read_text()).get("training", {})
                       if init is not None and (init / "quality.json").exists() else {})
             before_samples = int(before.get("samples", 0))
+            sae = train_one(cfg, c, layer, train_acts[j], work, progress, init, before_samples)
+            save_fp16(sae, dest)
+            train_s = time.perf_counter() - t
             mean_act = torch.from_numpy(np.asarray(train_acts[j][:50_000], dtype=np.float32)).mean(0)
             dead_acts = np.concatenate([held_acts[j], train_acts[j][-cfg.dead_tokens:]])
             q = quality(model, cfg, dest, j, held_acts[j], mean_act, ed, dead_acts)
