@@ -58,6 +58,26 @@ def form_result(view: View, form, spec_of, what: str) -> tuple[View, object | No
     return main_result(view, spec, what)
 
 
+def first_start_running() -> bool:
+    """The first-start build of the corpus indexes (backend/bootstrap.py) is running in this process."""
+    from backend import bootstrap
+
+    b = bootstrap.current()
+    return b is not None and b.running
+
+
+def first_start_building(what: str) -> bool:
+    """True, after saying so in the page, while the first-start build (backend/bootstrap.py) runs:
+    it is already computing `what`, so the page offers no button that would start the same job
+    beside it (the page reruns when that step lands)."""
+    if not first_start_running():
+        return False
+    st.info(f"{what} is being built in the background on this first start (progress bar at the top of "
+            "the page); this page fills in when that step lands. The rest of the dashboard works meanwhile.",
+            icon=":material/hourglass_top:")
+    return True
+
+
 def run_job_button(label: str, start, key: str, done=None, primary: bool = False) -> None:
     """The page side of a corpus job: a button that runs `start(progress)` (a backend job taking
     the jobs protocol's progress(done, total, message)) under an st.progress bar; a bad input or

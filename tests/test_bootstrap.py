@@ -55,7 +55,14 @@ def test_first_start_fills_the_feature_dashboard(model, tmp_path):
         # the progress bar of the background build shows while the page is open
         page.wait_for_function("document.body.innerText.includes('First start: building the corpus indexes')",
                                timeout=120_000)
+        # while the index is being built the page says so and offers no button that would start
+        # the same job beside it
+        page.wait_for_function("document.body.innerText.includes('being built in the background') || "
+                               "document.body.innerText.includes('Top activating examples')", timeout=120_000)
         page.screenshot(path=str(tmp_path / "building.png"), full_page=True)
+        text = page.inner_text("body")
+        if "Top activating examples" not in text:
+            assert "Build the corpus index now" not in text and "No corpus index" not in text
         # ... and the examples appear once the index lands, no button pressed
         page.wait_for_function("document.body.innerText.includes('Top activating examples')", timeout=600_000)
         text = page.inner_text("body")

@@ -291,8 +291,13 @@ def test_shipped_token_change_is_imported_once_and_counts_as_computed(built, mod
 
     from backend.store import Store
 
+    empty = Store(tmp_path / "empty.duckdb")                     # nothing stored: the file is left alone
+    (tmp_path / S.SHIPPED_FILE).write_bytes(b"kept")
+    info = S.ship_token_change(empty, SAE, folder=tmp_path, root=built["root"])
+    assert info["written"] is False and info["features"] == 0 and (tmp_path / S.SHIPPED_FILE).read_bytes() == b"kept"
+    empty.close()
     info = S.ship_token_change(built["store"], SAE, folder=tmp_path, root=built["root"])
-    assert info["features"] == N_TC and (tmp_path / S.SHIPPED_FILE).exists()
+    assert info["written"] and info["features"] == N_TC and (tmp_path / S.SHIPPED_FILE).exists()
     wins = S.heldout_windows(model.info.model_id, root=built["root"])
     fresh = Store(tmp_path / "fresh.duckdb")
     assert S.import_shipped(fresh, SAE, [w[::-1] for w in wins], folder=tmp_path) == 0   # other windows

@@ -17,7 +17,7 @@ from backend.saes import list_saes, sae_info
 from backend.store import default_store
 
 from .. import figures
-from ..common import metrics_row, navigate, run_job_button, synced
+from ..common import first_start_building, first_start_running, metrics_row, navigate, run_job_button, synced
 from ..figures_features import activation_histogram, diverging_tokens, example_html, score_scatter, token_chips
 from ..state import View
 
@@ -163,9 +163,13 @@ def render(view: View) -> View:
         st.caption(LABEL_NOTE)
     _badges(sc)
     if sc["missing"]:
-        st.caption(f"Not stored yet: {', '.join(sc['missing'])}. `python -m backend feature-scores --sae {sae}` computes "
-                   "them for every feature" + (" (the input score and TokenChange need the corpus index)."
-                                               if sc.get("no_index") else "."))
+        if first_start_running():
+            st.caption(f"Not stored yet: {', '.join(sc['missing'])}. The first-start build is computing them for "
+                       "every feature (progress bar at the top); this one can also be computed now.")
+        else:
+            st.caption(f"Not stored yet: {', '.join(sc['missing'])}. `python -m backend feature-scores --sae {sae}` "
+                       "computes them for every feature" + (" (the input score and TokenChange need the corpus index)."
+                                                            if sc.get("no_index") else "."))
         if st.button("Compute this feature's scores now (loads the model, about a minute)", key="w_score_one"):
             with st.spinner("Computing VocabProj, output score, TokenChange…"):
                 try:
@@ -176,8 +180,9 @@ def render(view: View) -> View:
             st.rerun()
     index = d["index"]
     if index is None:
-        st.warning(d["missing"], icon=":material/database:")
-        build_index_button(view, "feature")
+        if not first_start_building("The corpus index (top examples, histogram, density)"):
+            st.warning(d["missing"], icon=":material/database:")
+            build_index_button(view, "feature")
         _output_views(view, sc, d)
     else:
         s = d["stats"]

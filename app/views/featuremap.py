@@ -11,7 +11,7 @@ from backend.jobs.features.fmap import build_map, map_data
 from backend.jobs.features.scores import score_table
 from backend.store import default_store
 
-from ..common import navigate
+from ..common import first_start_building, navigate
 from ..figures_features import MAP_COLOURS, feature_map
 from ..state import View
 from .feature_dashboard import build_index_button, choose_sae
@@ -57,7 +57,8 @@ def render(view: View) -> View:
                   f"({data['label_source']}; no scores stored yet: `python -m backend feature-scores --sae {sae}`)")
                + f", density and scores ({t['n_output']:,} output, {t['n_input']:,} input scores stored). "
                "Click a point to open its dashboard" + (f"; the star is feature #{view.feature}." if view.feature >= 0 else "."))
-    if data["density"] is None and view.colour == "density":
+    if (data["density"] is None and view.colour == "density"
+            and not first_start_building("The corpus index (the densities that colour the map)")):
         st.caption("Colour needs the corpus index (densities).")
         build_index_button(view, "map")
     fig = feature_map(data["xy"], data["density"], labels, f"Features of {sae}", view.feature, colour=view.colour,

@@ -13,7 +13,7 @@ from backend.errors import DashboardError
 from backend.store import default_store
 
 from .. import figures, figures_neuron
-from ..common import fetch, make_spec, metrics_row, model_dims, navigate, run_job_button, synced
+from ..common import fetch, first_start_building, make_spec, metrics_row, model_dims, navigate, run_job_button, synced
 from ..state import View
 
 
@@ -42,7 +42,8 @@ def render(view: View) -> View:
     store = default_store()
     job = ns.finished_job(store, view.model)
     if job is None:
-        _run_job_button(view)
+        if not first_start_building("The neuron statistics of this model"):
+            _run_job_button(view)
         return view
     summ = ns.summary(store, job)
     thr = summ["thresholds"]

@@ -647,7 +647,8 @@ def ship_token_change(store, sae_id: str, folder=None, tc_windows: int = TC_WIND
                       corpus_name: str = corpus.DEFAULT_NAME, root=None) -> dict:
     """Write the stored TokenChange rows of the SAE's current weights (those of its current
     index, else any) beside the SAE, with the fingerprint of the windows they were measured
-    on (from the corpus at `root`); returns where and how many."""
+    on (from the corpus at `root`); returns where and how many. With no rows stored for these
+    weights nothing is written (a file already there, e.g. the shipped one, is kept)."""
     import pyarrow.parquet as pq
     from pathlib import Path
 
@@ -656,19 +657,25 @@ def ship_token_change(store, sae_id: str, folder=None, tc_windows: int = TC_WIND
 
     key = sae_key(sae_id)
     folder = Path(folder or sae_info(sae_id)["path"] or "")
+    ensure_tables(store)
     index = _index_or_none(store, sae_id)
     ix = None if isinstance(index, Exception) else index.ix
     t = store.cursor().sql(
         "SELECT * EXCLUDE (ix) FROM feature_token_change WHERE sae_key = ? AND n_windows = ? AND window_len = ? "
         "QUALIFY row_number() OVER (PARTITION BY feature ORDER BY (ix = ?) DESC, ix DESC) = 1 ORDER BY feature",
         params=[key, tc_windows, tc_len, -999 if ix is None else ix]).to_arrow_table()
+    path = folder / SHIPPED_FILE
+    if t.num_rows == 0:     # nothing of these weights stored: the file beside the SAE stays as it was
+        return {"sae_id": sae_id, "path": str(path), "features": 0, "bytes": 0, "written": False,
+                "reason": f"no TokenChange of {key} is stored (run the token_change part first: it needs the "
+                          "corpus index); the shipped file was left unchanged"}
     wins = heldout_windows(sae_info(sae_id)["model"], tc_windows, tc_len, corpus_name, root)
     meta = {"sae_key": key, **_tc_params(tc_windows, tc_len, corpus_name), "windows_hash": windows_hash(wins),
             "index_windows": None if ix is None else index.n_windows}
     t = t.replace_schema_metadata({"dashboard": json.dumps(meta)})
-    path = folder / SHIPPED_FILE
     pq.write_table(t, path, compression="zstd")
-    return {"sae_id": sae_id, "path": str(path), "features": t.num_rows, "bytes": path.stat().st_size}
+    return {"sae_id": sae_id, "path": str(path), "features": t.num_rows, "bytes": path.stat().st_size,
+            "written": True}
 
 
 def import_shipped(store, sae_id: str, wins: list[list[int]], tc_windows: int = TC_WINDOWS, tc_len: int = TC_LEN,
