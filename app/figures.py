@@ -9,6 +9,12 @@ import plotly.graph_objects as go
 
 SEQUENTIAL = "Viridis"
 DIVERGING = "RdBu"
+# Streamlit's Plotly theme writes colours #000000-#0000ff into its template as placeholders and
+# swaps them for theme colours in the browser, so a figure's own colour in that range is swapped
+# too: Plotly's Inferno starts at #000004, and the smallest values came out pink. The same scale
+# with that stop nudged off the placeholders (a test checks every figure for them).
+INFERNO = [[i / 9, c] for i, c in enumerate(["#010105", "#1b0c41", "#4a0c6b", "#781c6d", "#a52c60", "#cf4446",
+                                              "#ed6925", "#fb9b06", "#f7d13d", "#fcffa4"])]
 
 
 def fmt_token(t: str) -> str:
@@ -177,7 +183,7 @@ def massive_heatmap(tokens: list[str], pos_max: np.ndarray, median: np.ndarray) 
                        ratio.round(0).astype(int).astype(str)], axis=-1)
     ticks = [v for v in range(-1, 6) if logz.min() - 1 <= v <= logz.max() + 1]
     fig = go.Figure(go.Heatmap(
-        z=logz, x=list(range(n_pos)), y=list(range(n_layers)), colorscale="Inferno", customdata=custom,
+        z=logz, x=list(range(n_pos)), y=list(range(n_layers)), colorscale=INFERNO, customdata=custom,
         colorbar=dict(title="max |value|", tickvals=ticks, ticktext=[f"{10.0 ** v:g}" for v in ticks]),
         hovertemplate="layer %{y} · pos %{x} %{customdata[0]}<br>max |value| %{customdata[1]}"
                       "<br>× layer median: %{customdata[2]}<extra></extra>"))
@@ -200,7 +206,7 @@ def massive_top3(top_values: np.ndarray, median: np.ndarray, top_dims: np.ndarra
                                  hovertemplate="layer %{x}<br>%{text}<extra></extra>"))
     fig.add_trace(go.Scatter(x=layers, y=median, mode="lines+markers", name="median", line=dict(color="#1f77b4"),
                              hovertemplate="layer %{x}<br>median |value| %{y:.2f}<extra></extra>"))
-    fig.update_yaxes(type="log")
+    fig.update_yaxes(type="log", dtick=1)   # powers of ten only (the 2 and 5 between them crowd the axis)
     return _layout(fig, "Top-3 |activations| per layer vs the layer median", "layer", "|value| (log)", height=420)
 
 
@@ -214,7 +220,7 @@ def massive_dims(tokens: list[str], dims: np.ndarray, dim_values: np.ndarray, re
                         f"{(dim_values[r, p] if r < len(dims) else rest_max[p]):.2f}"
                         for p in range(len(tokens))] for r in range(len(rows))])
     ticks = [v for v in range(-1, 6) if logz.min() - 1 <= v <= logz.max() + 1]
-    fig = go.Figure(go.Heatmap(z=logz, x=list(range(len(tokens))), y=list(range(len(rows))), colorscale="Inferno",
+    fig = go.Figure(go.Heatmap(z=logz, x=list(range(len(tokens))), y=list(range(len(rows))), colorscale=INFERNO,
                                customdata=custom, hovertemplate="%{customdata}<extra></extra>",
                                colorbar=dict(title="|value|", tickvals=ticks,
                                              ticktext=[f"{10.0 ** v:g}" for v in ticks])))
