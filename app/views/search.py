@@ -92,7 +92,14 @@ def render(view: View) -> View:
     if r.get("n_scored") == 0:
         st.caption(f"No scores stored for {sae} yet: `python -m backend feature-scores --sae {sae}`.")
     if not r["results"]:
-        st.warning("No feature found.")
+        if view.mode == "token":
+            toks = " or ".join(repr(t) for t in r["tokens"])
+            st.warning(f"No feature of {sae} has {toks} among the 10 tokens it promotes most"
+                       + (f" or among the tokens of its top {r['top_examples_per_feature']} corpus examples."
+                          if r["indexed"] else " (with no corpus index, top examples are not searched).")
+                       + " Try text mode with a sentence that uses it.")
+        else:
+            st.warning("No feature found.")
         return view
     df = pd.DataFrame(r["results"])[cols]
     if "at_token" in df:
