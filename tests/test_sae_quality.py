@@ -20,12 +20,12 @@ pytestmark = pytest.mark.model
 SHIPPED = [train_sae.sae_id("smollm2-135m", c.value, layer) for c, layer in train_sae.PLAN]
 # Variance explained on the passages, pooled (first position left out). Issue 9's targets are
 # 0.9 (residual) and 0.8 (hook_z); L5 and L23 z meet theirs pooled, L15 and L25 fall short
-# (README: 1.61 M unique tokens, k = 64; L15 / L25 / L23 z 4.5 epochs, L5 1.5). FLOOR holds each
-# SAE to what it reaches today, a little below the measured figure (L5 0.940, L15 0.833, L25
-# 0.811, L23 z 0.818; earlier SAEs: L5 0.915, L15 0.741 then 0.820, L25 0.711 then 0.800,
+# (README: 1.61 M unique tokens, k = 64, 4.5 epochs each). FLOOR holds each
+# SAE to what it reaches today, a little below the measured figure (L5 0.943, L15 0.833, L25
+# 0.811, L23 z 0.818; earlier SAEs: L5 0.915 then 0.940, L15 0.741 then 0.820, L25 0.711 then 0.800,
 # L23 z 0.704 then 0.804), so a regression fails; raise it when better SAEs ship.
 TARGET = {"resid_pre": 0.9, "z": 0.8}
-FLOOR = {"smollm2-135m-L5-resid_pre": 0.93, "smollm2-135m-L15-resid_pre": 0.825,
+FLOOR = {"smollm2-135m-L5-resid_pre": 0.935, "smollm2-135m-L15-resid_pre": 0.825,
          "smollm2-135m-L25-resid_pre": 0.80, "smollm2-135m-L23-z": 0.81}
 
 
