@@ -22,11 +22,14 @@ def example_html(ex: dict, scale: float) -> str:
             style += "outline:2px solid #1f4e9c;font-weight:600;"
         shown = tok.replace("\n", "⏎").replace("\t", "⇥") or "∅"
         spans.append(f"<span title='{html.escape(title)}' style='{style}'>{html.escape(shown)}</span>")
-    return (f"<div style='font-family:monospace;font-size:0.88em;line-height:1.9;white-space:pre;overflow-x:auto'>"
-            f"<span style='display:inline-block;width:4.5em;color:#333;font-weight:600'>{ex['value']:.2f}</span>"
-            f"<span style='color:#999;font-size:0.8em;display:inline-block;width:11.5em' "
+    # the context wraps inside its own column (value and place stay at the left), so the
+    # example's token is never cut off at the right edge of a narrow column
+    return (f"<div style='display:flex;align-items:baseline;font-family:monospace;font-size:0.88em;line-height:1.9'>"
+            f"<span style='flex:0 0 4.5em;color:#333;font-weight:600'>{ex['value']:.2f}</span>"
+            f"<span style='flex:0 0 11.5em;color:#999;font-size:0.8em' "
             f"title='corpus document and token position'>doc {ex['doc']} · pos {ex['pos']}</span>"
-            + "".join(spans) + "</div>")
+            f"<span style='flex:1 1 auto;min-width:0;white-space:pre-wrap;overflow-wrap:anywhere'>"
+            + "".join(spans) + "</span></div>")
 
 
 def activation_histogram(edges: list[float], counts: list[int], feature: int, density: float,

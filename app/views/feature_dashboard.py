@@ -88,8 +88,8 @@ def _output_views(view: View, sc: dict, d: dict) -> None:
             st.markdown(token_chips(vp["bottom"], "#f6d6d6"), unsafe_allow_html=True)
     else:
         st.plotly_chart(figures.logit_effect_bars(d["logits"]["promoted"], d["logits"]["suppressed"],
-                                                  f"Logit effects of feature #{view.feature}: (decoder direction ⊙ final "
-                                                  "norm weight) @ W_U"), key="logits")
+                                                  f"Logit effects of feature #{view.feature}"), key="logits")
+        st.caption("Direct effect on each token's logit: (decoder direction ⊙ final norm weight) @ W_U.")
     tc = sc["token_change"]
     if tc is None:
         st.caption("TokenChange not computed yet.")
