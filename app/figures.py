@@ -5,16 +5,17 @@ from __future__ import annotations
 import html
 
 import numpy as np
+import plotly.colors
 import plotly.graph_objects as go
 
 SEQUENTIAL = "Viridis"
 DIVERGING = "RdBu"
 # Streamlit's Plotly theme writes colours #000000-#0000ff into its template as placeholders and
 # swaps them for theme colours in the browser, so a figure's own colour in that range is swapped
-# too: Plotly's Inferno starts at #000004, and the smallest values came out pink. The same scale
-# with that stop nudged off the placeholders (a test checks every figure for them).
-INFERNO = [[i / 9, c] for i, c in enumerate(["#010105", "#1b0c41", "#4a0c6b", "#781c6d", "#a52c60", "#cf4446",
-                                              "#ed6925", "#fb9b06", "#f7d13d", "#fcffa4"])]
+# too: Plotly's Inferno starts at #000004, and the smallest values came out pink. Plotly's scale
+# with that stop nudged off the placeholders (tests/test_figures.py checks the heatmaps using it).
+INFERNO = [[i / (len(plotly.colors.sequential.Inferno) - 1), "#010105" if c == "#000004" else c]
+           for i, c in enumerate(plotly.colors.sequential.Inferno)]
 
 
 def fmt_token(t: str) -> str:

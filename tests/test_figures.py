@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
+import plotly.graph_objects as go
 
 from app import figures
 
@@ -15,8 +17,6 @@ PLACEHOLDER = re.compile(r"#0000[0-9a-fA-F]{2}\b")
 def _placeholders(fig) -> list[str]:
     """Placeholder colours in the figure's own traces and layout (the template, which is
     Streamlit's own once streamlit is imported, is where they belong)."""
-    import json
-
     d = fig.to_plotly_json()
     d["layout"].pop("template", None)
     return PLACEHOLDER.findall(json.dumps(d, default=str))
@@ -31,6 +31,5 @@ def test_massive_figures_use_no_streamlit_placeholder_colour():
     for fig in (heat, dims):
         assert _placeholders(fig) == [], "a colour Streamlit swaps for a theme colour (the low end turned pink)"
     # the check can fail: Plotly's own Inferno starts on a placeholder
-    import plotly.graph_objects as go
     assert _placeholders(go.Figure(go.Heatmap(z=[[0, 1]], colorscale="Inferno")))
     assert heat.data[0].colorscale[0][1] != "#000004" and len(heat.data[0].colorscale) == 10

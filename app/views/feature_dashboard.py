@@ -163,13 +163,11 @@ def render(view: View) -> View:
         st.caption(LABEL_NOTE)
     _badges(sc)
     if sc["missing"]:
-        if first_start_running():
-            st.caption(f"Not stored yet: {', '.join(sc['missing'])}. The first-start build is computing them for "
-                       "every feature (progress bar at the top); this one can also be computed now.")
-        else:
-            st.caption(f"Not stored yet: {', '.join(sc['missing'])}. `python -m backend feature-scores --sae {sae}` "
-                       "computes them for every feature" + (" (the input score and TokenChange need the corpus index)."
-                                                            if sc.get("no_index") else "."))
+        how = ("The first-start build is computing them for every feature (progress bar at the top); this one "
+               "can also be computed now." if first_start_running() else
+               f"`python -m backend feature-scores --sae {sae}` computes them for every feature"
+               + (" (the input score and TokenChange need the corpus index)." if sc.get("no_index") else "."))
+        st.caption(f"Not stored yet: {', '.join(sc['missing'])}. {how}")
         if st.button("Compute this feature's scores now (loads the model, about a minute)", key="w_score_one"):
             with st.spinner("Computing VocabProj, output score, TokenChange…"):
                 try:
