@@ -14,7 +14,8 @@ CPU with AMX (or any GPU) multiplies ~10x faster than in float32.
 
 Hook points, named as backend/sites.py names them: `blocks.L.hook_resid_pre`,
 `blocks.L.attn.hook_z` ([batch pos head d_head]), `blocks.L.hook_attn_out`,
-`blocks.L.mlp.hook_post` (the MLP's hidden activations), `blocks.L.hook_mlp_out`,
+`blocks.L.mlp.hook_in` (the MLP's input: the
+pre-MLP norm's output), `blocks.L.mlp.hook_post` (the MLP's hidden activations), `blocks.L.hook_mlp_out`,
 `blocks.L.hook_resid_post`, and FINAL (the residual entering the final norm). A hook is
 `fn(activation) -> activation | None`. The forward stops after the last block any capture or
 hook needs (FINAL: the whole stack).
@@ -41,7 +42,7 @@ from .patching import FastModel
 
 FINAL = "final_resid"      # the residual stream entering the final norm
 EMBED = "hook_embed"
-_POINT = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|attn\.hook_z|hook_attn_out|hook_resid_mid|mlp\.hook_post|"
+_POINT = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|attn\.hook_z|hook_attn_out|hook_resid_mid|mlp\.hook_in|mlp\.hook_post|"
                     r"hook_mlp_out|hook_resid_post)$")
 
 
@@ -145,7 +146,7 @@ class DenseModel(FastModel):
 
     def mlp_dense(self, j: int, x: torch.Tensor, hooks: Mapping[str, Callable], keep: dict, want: set) -> torch.Tensor:
         L = self.layers[j]
-        h = self._rms(x, L["ln2"])
+        h = _point(f"blocks.{j}.mlp.hook_in", self._rms(x, L["ln2"]), hooks, keep, want)
         post = _point(f"blocks.{j}.mlp.hook_post", self.act(self._lin(h, L["wg"])) * self._lin(h, L["wu"], L["bu"]),
                       hooks, keep, want)
         out = self._lin(post, L["wd"], L["bd"])

@@ -1,0 +1,331 @@
+"""Transcoder sets: registry, loading, and their quality.
+
+A transcoder set is one per-layer transcoder for every MLP of a model, in circuit-tracer's
+folder format so that circuit-tracer loads it unchanged (`TranscoderSet` from the folder, or by
+name from $CIRCUIT_TRACER_CACHE_DIR/<id>/):
+
+    data/transcoders/<id>/config.yaml          model_kind: transcoder_set, feature_input_hook:
+                                               mlp.hook_in, feature_output_hook: mlp.hook_out, ...
+    data/transcoders/<id>/layer_{i}.safetensors  W_enc [d_tc d_model], W_dec [d_tc d_model], b_enc,
+                                               b_dec, W_skip [d_model d_model] (x @ W_skip.T),
+                                               activation_function.threshold [d_tc] (JumpReLU)
+    data/transcoders/<id>/quality.json         ours: per-layer FVU / L0 / dead, replacement fidelity
+
+Feature i of layer L: a = JumpReLU_theta(W_enc[i] . x + b_enc[i]) with x the MLP's input (the
+pre-MLP norm's output); the MLP's output is approximated by sum_i a_i W_dec[i] + b_dec + W_skip x.
+A set is named by its folder name under data/transcoders or by a path to such a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import settings
+from .errors import DashboardError
+
+TRANSCODER_DIR = settings.DATA_DIR / "transcoders"
+KEYS = {"W_enc", "W_dec", "b_enc", "b_dec", "W_skip", "activation_function.threshold"}
+HUB_NAMES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
+
+
+class UnknownTranscoders(DashboardError):
+    code = "unknown_transcoders"
+
+
+class DamagedTranscoders(DashboardError):
+    code = "damaged_transcoders"
+
+
+def default_set_id(model: str) -> str:
+    return f"{model}-plt"
+
+
+def write_config(folder: Path, model: str, n_layers: int, extra: dict | None = None) -> None:
+    """config.yaml as circuit-tracer reads it (keys it does not know are kept, not used)."""
+    import yaml
+
+    cfg = {"model_kind": "transcoder_set", "model_name": HUB_NAMES.get(model, model),
+           "feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out",
+           "scan": f"{model}/{folder.name.split('.tmp')[0]}", "dashboard_model": model, "n_layers": n_layers,
+           **(extra or {})}
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def _read_config(folder: Path) -> dict:
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise DamagedTranscoders(f"{folder}: config.yaml unreadable ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("model_kind") != "transcoder_set":
+        raise DamagedTranscoders(f"{folder}: config.yaml is not a transcoder_set")
+    return cfg
+
+
+def resolve(name: str, root: Path | None = None) -> Path:
+    if not isinstance(name, str) or not name.strip():
+        raise UnknownTranscoders("No transcoder set given.")
+    p = Path(root or TRANSCODER_DIR) / name
+    if "/" not in name and (p / "config.yaml").exists():
+        return p
+    q = Path(name).expanduser()
+    if q.is_dir() and (q / "config.yaml").exists():
+        return q
+    raise UnknownTranscoders(f"No transcoder set {name!r}; shipped: "
+                             f"{', '.join(s['id'] for s in list_sets(root=root)) or 'none'}.")
+
+
+def list_sets(model: str | None = None, root: Path | None = None) -> list[dict]:
+    """Every shipped set (folders under data/transcoders with a config.yaml): id, model, path,
+    d_transcoder, activation, n_layers and per-layer quality (fvu, l0, dead_pct) when measured."""
+    root = Path(root or TRANSCODER_DIR)
+    out = []
+    for c in sorted(root.glob("*/config.yaml")):
+        if ".tmp" in c.parent.name or c.parent.name.endswith(".old"):
+            continue
+        try:
+            out.append(describe(c.parent))
+        except DashboardError:
+            continue
+        if model is not None and out[-1]["model"] != model:
+            out.pop()
+    return out
+
+
+def describe(folder: Path) -> dict:
+    cfg = _read_config(folder)
+    q = json.loads((folder / "quality.json").read_text()) if (folder / "quality.json").exists() else {}
+    files = sorted(folder.glob("layer_*.safetensors"), key=lambda f: int(f.stem.split("_")[1]))
+    return {"id": folder.name, "model": cfg.get("dashboard_model", cfg.get("model_name")), "path": str(folder),
+            "format": "circuit-tracer transcoder_set", "d_transcoder": cfg.get("d_transcoder"),
+            "activation": "jumprelu", "skip": cfg.get("skip"), "n_layers": len(files),
+            "training_tokens": cfg.get("training_tokens"),
+            "layers": q.get("layers", [{"layer": int(f.stem.split("_")[1])} for f in files]),
+            "fidelity": q.get("fidelity")}
+
+
+def models_with_sets(root: Path | None = None) -> list[str]:
+    return sorted({s["model"] for s in list_sets(root=root)})
+
+
+@dataclass
+class LoadedSet:
+    """A set in float32 on the device: per layer W_enc [d_tc d], b_enc, W_dec [d_tc d], b_dec,
+    W_skip [d d] or None, threshold [d_tc]."""
+    id: str
+    model: str
+    path: Path
+    W_enc: list[torch.Tensor]
+    b_enc: list[torch.Tensor]
+    W_dec: list[torch.Tensor]
+    b_dec: list[torch.Tensor]
+    W_skip: list[torch.Tensor | None]
+    threshold: list[torch.Tensor]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.W_enc)
+
+    @property
+    def d_transcoder(self) -> int:
+        return self.W_enc[0].shape[0]
+
+    def pre(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.W_enc[layer].t() + self.b_enc[layer]
+
+    def encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """JumpReLU activations [... d_tc] of the MLP input x [... d_model]."""
+        p = self.pre(layer, x)
+        return p * (p > self.threshold[layer])
+
+    def decode(self, layer: int, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        out = acts @ self.W_dec[layer] + self.b_dec[layer]
+        if self.W_skip[layer] is not None:
+            out = out + x @ self.W_skip[layer].t()
+        return out
+
+    def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(layer, self.encode(layer, x), x)
+
+
+_loaded: dict[tuple[str, str], LoadedSet] = {}
+_lock = threading.Lock()
+
+
+def load_set(name: str, n_layers: int | None = None, d_model: int | None = None, root: Path | None = None) -> LoadedSet:
+    """The set named `name` (shipped id or folder), once per process; DamagedTranscoders when a
+    layer is missing (0..n-1 must all be there, n = n_layers if given), a key unknown to
+    circuit-tracer is present, or shapes disagree."""
+    from safetensors.torch import load_file
+
+    folder = resolve(name, root)
+    dev = settings.device()
+    key = (str(folder.resolve()), dev)
+    with _lock:
+        if key in _loaded:
+            return _loaded[key]
+        cfg = _read_config(folder)
+        files = {int(f.stem.split("_")[1]): f for f in folder.glob("layer_*.safetensors")}
+        want = n_layers or cfg.get("n_layers") or (max(files) + 1 if files else 0)
+        missing = [i for i in range(want) if i not in files]
+        if not files or missing:
+            raise DamagedTranscoders(f"{folder}: missing layer file(s) {missing or 'all'} (layer_<i>.safetensors)")
+        parts: dict[str, list] = {k: [] for k in ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip", "threshold")}
+        for i in range(want):
+            try:
+                t = load_file(str(files[i]))
+            except Exception as e:   # a truncated or foreign file: safetensors raises its own errors
+                raise DamagedTranscoders(f"{files[i].name}: unreadable ({e})") from None
+            extra = set(t) - KEYS
+            if extra or not {"W_enc", "W_dec", "b_enc", "b_dec"} <= set(t):
+                raise DamagedTranscoders(f"{files[i].name}: keys {sorted(t)} (expected {sorted(KEYS)})")
+            d_tc, d = t["W_enc"].shape
+            dm = d_model or d
+            ok = (t["W_enc"].shape == (d_tc, dm) and t["W_dec"].shape == (d_tc, dm) and t["b_enc"].shape == (d_tc,)
+                  and t["b_dec"].shape == (dm,) and ("W_skip" not in t or t["W_skip"].shape == (dm, dm))
+                  and t.get("activation_function.threshold", torch.zeros(d_tc)).shape == (d_tc,))
+            if not ok:
+                raise DamagedTranscoders(f"{files[i].name}: shapes " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in t.items())
+                                         + f" do not fit d_model {dm}")
+            f32 = {k: v.to(dev, torch.float32) for k, v in t.items()}
+            for k in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                parts[k].append(f32[k])
+            parts["W_skip"].append(f32.get("W_skip"))
+            parts["threshold"].append(f32.get("activation_function.threshold", torch.zeros(d_tc, device=dev)))
+        if len({w.shape[0] for w in parts["W_enc"]}) != 1:
+            raise DamagedTranscoders(f"{folder}: layers differ in width")
+        s = LoadedSet(folder.name, cfg.get("dashboard_model", cfg.get("model_name")), folder, **parts)
+        _loaded[key] = s
+        return s
+
+
+# -- quality ------------------------------------------------------------------------------
+def replacement_hooks(tset: LoadedSet, layers, first: int = 1) -> dict:
+    """Dense-kernel hooks that replace each MLP's output by its transcoder's (no error term) at
+    positions >= first (first = 0: every position)."""
+    from .train_transcoders import points
+
+    hooks, held = {}, {}
+    for layer in layers:
+        pin, pout = points(layer)
+
+        def keep(x, layer=layer):
+            held[layer] = x
+
+        def swap(y, layer=layer):
+            y = y.clone()
+            y[:, first:] = tset.forward(layer, held[layer][:, first:].float()).to(y.dtype)
+            return y
+        hooks[pin], hooks[pout] = keep, swap
+    return hooks
+
+
+def _fidelity(dm, tset, seqs: list[list[int]], first: int) -> dict:
+    """KL(real || replacement) per token (nats, mean) and top-1 agreement at positions >= 1."""
+    from kernels import forward as kf
+
+    from .corpus import pad_right
+
+    kl_sum = agree = n = 0.0
+    loss_real = loss_rep = 0.0
+    hooks = replacement_hooks(tset, range(tset.n_layers), first)
+    for i in range(0, len(seqs), 8):
+        ids, mask = pad_right(seqs[i:i + 8])
+        mask[:, 0] = False
+        real = kf.run(dm, ids, capture=[kf.FINAL])[kf.FINAL]
+        rep = kf.run(dm, ids, capture=[kf.FINAL], hooks=hooks)[kf.FINAL]
+        lr, lp = (dm.logits(x.float()).float().log_softmax(-1) for x in (real, rep))
+        m = mask
+        kl = (lr.exp() * (lr - lp)).sum(-1)
+        kl_sum += float(kl[m].sum())
+        agree += float((lr.argmax(-1) == lp.argmax(-1))[m].sum())
+        n += float(m.sum())
+        nxt = torch.zeros_like(mask)
+        nxt[:, :-1] = mask[:, 1:]
+        tgt = ids[:, 1:]
+        loss_real += float(-lr[:, :-1].gather(-1, tgt[..., None])[..., 0][nxt[:, :-1]].sum())
+        loss_rep += float(-lp[:, :-1].gather(-1, tgt[..., None])[..., 0][nxt[:, :-1]].sum())
+    ntgt = max(1.0, n - len(seqs))
+    return {"kl": round(kl_sum / n, 4), "top1_agreement": round(agree / n, 4), "tokens": int(n),
+            "loss_real": round(loss_real / ntgt, 4), "loss_replacement": round(loss_rep / ntgt, 4)}
+
+
+def measure_quality(folder: Path, windows: int = 64, log=None) -> dict:
+    """Per-layer FVU (1 - explained variance of the MLP output), L0 and dead latents on held-out
+    corpus windows (positions >= 1), and the replacement model's fidelity on them and on the
+    project's test passages; written to quality.json beside the weights."""
+    from kernels import forward as kf
+
+    from . import corpus
+    from .model import load_model
+    from .train_sae import passages
+    from .train_transcoders import TCConfig, _windows, capture_io
+
+    log = log or (lambda m: None)
+    t0 = time.time()
+    folder = Path(folder)
+    cfg = _read_config(folder)
+    model_id = cfg.get("dashboard_model")
+    model = load_model(model_id)
+    tset = load_set(str(folder), n_layers=None)
+    _loaded.pop((str(folder.resolve()), settings.device()), None)     # measured weights may change later
+    dm = kf.dense_model(model)
+    wins = _windows(TCConfig(model=model_id), "heldout")[:windows]
+    seqs = [w[2] for w in wins]
+    layers = range(tset.n_layers)
+    sse = np.zeros(tset.n_layers); sst = np.zeros(tset.n_layers); l0 = np.zeros(tset.n_layers)
+    fired = torch.zeros(tset.n_layers, tset.d_transcoder, dtype=torch.bool)
+    sums = [[] for _ in layers]
+    n = 0
+    for i in range(0, len(seqs), 8):
+        ids, mask = corpus.pad_right(seqs[i:i + 8])
+        mask[:, 0] = False
+        io = capture_io(dm, ids, mask, layers)
+        for layer in layers:
+            x, y = io[layer]
+            a = tset.encode(layer, x)
+            rec = tset.decode(layer, a, x)
+            sse[layer] += float((rec - y).pow(2).sum())
+            sums[layer].append(y)
+            l0[layer] += float((a > 0).sum())
+            fired[layer] |= (a > 0).any(0).cpu()
+        n += int(mask.sum())
+    for layer in layers:
+        y = torch.cat(sums[layer])
+        sst[layer] = float((y - y.mean(0)).pow(2).sum())
+    log(f"per-layer quality on {n} held-out tokens in {time.time() - t0:.0f} s")
+    per = [{"layer": l, "fvu": round(float(sse[l] / sst[l]), 4), "l0": round(float(l0[l] / n), 2),
+            "dead_pct": round(100 * float(1 - fired[l].float().mean()), 2)} for l in layers]
+    tok = model.tokenizer
+    bos = [tok.bos_token_id] if model.info.prepend_bos and tok.bos_token_id is not None else []
+    texts = passages()
+    pseqs = [bos + tok(t, add_special_tokens=False)["input_ids"][:255] for t in texts.values()]
+    fid = {"heldout": {"positions_ge_1": _fidelity(dm, tset, seqs, 1), "all_positions": _fidelity(dm, tset, seqs, 0)},
+           "passages": {"positions_ge_1": _fidelity(dm, tset, pseqs, 1), "all_positions": _fidelity(dm, tset, pseqs, 0)},
+           "note": "every MLP replaced by its transcoder at once, no error terms; KL(real || replacement) "
+                   "in nats per token and top-1 agreement at positions >= 1; positions_ge_1 keeps the first "
+                   "token's MLPs exact (its massive activations are not in the training data)"}
+    q = {"layers": per, "fidelity": fid, "heldout_tokens": n, "seconds": round(time.time() - t0, 1)}
+    (folder / "quality.json").write_text(json.dumps(q, indent=1))
+    return q
+
+
+# -- CLI ----------------------------------------------------------------------------------
+def add_cli_args(p) -> None:
+    p.add_argument("--model", default=None, help="only the sets of this model")
+    p.add_argument("--measure", default=None, help="measure (and store) the quality of this set")
+
+
+def run_cli(a) -> dict:
+    if a.measure:
+        measure_quality(resolve(a.measure), log=lambda m: print(m, file=sys.stderr))
+    return {"transcoders": list_sets(a.model)}
