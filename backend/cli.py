@@ -68,6 +68,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable | str, Callable | str]] = {
                     "backend.transcoders:add_cli_args", "backend.transcoders:run_cli"),
     "graph": ("attribution graph of a prompt's next token: transcoder features, errors, tokens, logits; pruned, scored",
               "backend.analyses.graph:add_cli_args", "backend.analyses.graph:run_cli"),
+    "graph-intervene": ("switch transcoder features off / scale / set them and see the next-token prediction change",
+                        "backend.analyses.graph_intervention:add_cli_args", "backend.analyses.graph_intervention:run_cli"),
     "saes": ("SAEs available (shipped) with hook names, widths and quality",
             "backend.saes:add_cli_args", "backend.saes:run_cli"),
     "features": ("SAE features of a prompt: top latents per token, reconstruction error",
@@ -141,7 +143,8 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         if argv and argv[0] == name:  # only the chosen subcommand's module is imported
             _resolve(add)(p)
-        p.add_argument("--format", choices=["json", "text"], default="text")
+        if not any("--format" in act.option_strings for act in p._actions):   # a subcommand may widen it
+            p.add_argument("--format", choices=["json", "text"], default="text")
     return parser
 
 

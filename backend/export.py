@@ -267,10 +267,40 @@ def neuronpedia_shape(sae_id: str, feature: int, d: dict) -> dict:
 
 
 # -- CLI ----------------------------------------------------------------------------------
+def export_graph(key: str, out: str, fmt: str, store: Store | None = None) -> dict:
+    """A stored attribution graph: circuit-tracer's Graph .pt (the unpruned graph, recomputed
+    from its spec) or the frontend JSON of the pruned graph (from the store)."""
+    from .analyses.graph import GraphSpec, export_circuit_tracer, neuronpedia_json
+    from .runner import lookup
+    from .spec import Spec
+
+    if fmt not in ("circuit-tracer", "neuronpedia"):
+        raise InvalidSpec(f"export graph writes --format circuit-tracer (.pt) or neuronpedia (.json), not {fmt!r}.")
+    store = store or default_store()
+    rec = store.get(key)
+    if rec is None or not key.startswith("graph-"):
+        raise NotStored(f"No stored attribution graph has the key {key!r}.")
+    spec = Spec.from_dict(json.loads(rec["spec"]) if isinstance(rec["spec"], str) else rec["spec"])
+    assert isinstance(spec, GraphSpec)
+    if fmt == "circuit-tracer":
+        path = _out_path(out, (".pt",))
+        tmp = path.with_suffix(".pt.partial")
+        info = export_circuit_tracer(spec, tmp)
+        tmp.replace(path)
+        return {**info, "path": str(path), "bytes": path.stat().st_size, "run_key": key}
+    path = _out_path(out, (".json",))
+    outcome = lookup(spec, store)
+    _write_atomic(path, json.dumps(_jsonable(neuronpedia_json(spec, outcome.result, path.stem))).encode())
+    return {"path": str(path), "format": "neuronpedia", "run_key": key, "bytes": path.stat().st_size}
+
+
 def add_cli_args(p) -> None:
-    p.add_argument("what", choices=["result", "table", "figure", "feature", "tables"],
+    p.add_argument("what", choices=["result", "table", "figure", "feature", "tables", "graph"],
                    help="result (JSON), table (Parquet), figure (HTML/PNG), feature (Neuronpedia-like JSON), "
-                        "tables (list the store's tables)")
+                        "tables (list the store's tables), graph (--format circuit-tracer: .pt of the unpruned "
+                        "graph; --format neuronpedia: the pruned graph's frontend JSON)")
+    p.add_argument("--format", choices=["json", "text", "circuit-tracer", "neuronpedia"], default="text",
+                   help="how this call prints (json, text); for `export graph`, the file format")
     p.add_argument("--key", help="run key of a stored result (result, figure)")
     p.add_argument("--table", help="store table (table): " + ", ".join(CORPUS_TABLES))
     p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
@@ -293,7 +323,7 @@ def _where(items: list[str]) -> dict:
 
 def run_cli(a) -> dict:
     need = {"result": ("key", "out"), "table": ("table", "out"), "figure": ("key", "out"),
-            "feature": ("sae", "feature", "out"), "tables": ()}[a.what]
+            "feature": ("sae", "feature", "out"), "tables": (), "graph": ("key", "out")}[a.what]
     missing = [f"--{n}" for n in need if getattr(a, n) is None]
     if missing:
         raise InvalidSpec(f"export {a.what} needs {' and '.join(missing)}.")
@@ -305,6 +335,8 @@ def run_cli(a) -> dict:
         return export_table(a.table, a.out, where=_where(a.where))
     if a.what == "figure":
         return export_figure(a.key, a.out, a.figure)
+    if a.what == "graph":
+        return export_graph(a.key, a.out, a.format)
     rec = feature_record(a.sae, a.feature)
     path = _out_path(a.out, (".json",))
     _write_atomic(path, json.dumps(rec, ensure_ascii=False).encode())

@@ -199,6 +199,45 @@ def export(cfg: TCConfig, states: dict[int, _LayerState], out: Path, n_layers: i
     return out
 
 
+def calibrate(folder: Path, k: int, windows: int = 48, split: str = "train", log=None) -> list[float]:
+    """Set every layer's JumpReLU threshold so that the set keeps, over `windows` corpus windows
+    (positions >= 1), exactly the n*k largest pre-activations of each layer: BatchTopK's choice
+    on one large batch, which is what the stored JumpReLU stands for. The running mean of the
+    training batches' smallest kept value drifts while the encoder learns; this fixes the mean
+    L0 at k. Rewrites the layer files in place (float16); returns the thresholds."""
+    from safetensors.torch import load_file, save_file
+
+    from kernels import forward as kf
+
+    from . import transcoders as tcs
+    from .model import load_model
+
+    cfgd = tcs._read_config(Path(folder))
+    model = load_model(cfgd.get("dashboard_model"))
+    dm = kf.dense_model(model)
+    files = sorted(Path(folder).glob("layer_*.safetensors"), key=lambda f: int(f.stem.split("_")[1]))
+    layers = [int(f.stem.split("_")[1]) for f in files]
+    wins = _windows(TCConfig(model=cfgd.get("dashboard_model")), split)[-windows:]
+    xs: dict[int, list] = {l: [] for l in layers}
+    for i in range(0, len(wins), 8):
+        ids, mask = corpus.pad_right([w[2] for w in wins[i:i + 8]])
+        mask[:, 0] = False
+        for l, (x, _) in capture_io(dm, ids, mask, layers).items():
+            xs[l].append(x)
+    out = []
+    for f, l in zip(files, layers):
+        t = load_file(str(f))
+        x = torch.cat(xs[l])
+        pre = (x @ t["W_enc"].float().t() + t["b_enc"].float()).flatten()
+        theta = float(pre.topk(len(x) * k).values[-1].clamp(min=0))
+        t["activation_function.threshold"] = torch.full_like(t["b_enc"], theta)
+        save_file({n: v.half().contiguous() for n, v in t.items()}, str(f))
+        out.append(theta)
+    if log:
+        log(f"thresholds calibrated on {sum(len(torch.cat(v)) for v in xs.values()) // len(layers)} tokens")
+    return out
+
+
 def train(cfg: TCConfig, out: Path, work: Path, export_every: float = 900.0, log=None,
           deadline: float | None = None) -> dict:
     """Train (or resume) the set; returns a summary. log(str) gets progress lines. With a
@@ -311,6 +350,7 @@ def run_cli(a) -> dict:
     work = Path(a.work) if a.work else settings.cache_dir() / "transcoders"
     summary = train(cfg, out, work, a.export_every,
                     deadline=time.time() + a.hours * 3600 if a.hours else None)
+    summary["thresholds"] = calibrate(out, cfg.k, log=lambda m: print(m, file=sys.stderr, flush=True))
     if not a.no_quality:
         summary["quality"] = transcoders.measure_quality(out, log=lambda m: print(m, file=sys.stderr, flush=True))
     return summary

@@ -118,7 +118,7 @@ def active_nodes(tset, gi: GraphInputs, W_U: torch.Tensor, max_logits: int, desi
 
 
 def adjacency(fm: FastModel, gi: GraphInputs, nodes: Nodes, W_skip: Sequence[torch.Tensor | None],
-              batch: int = 256, progress=None) -> torch.Tensor:
+              batch: int = 256, min_batch: int = 48, progress=None) -> torch.Tensor:
     """The dense adjacency [N N] (rows: targets, columns: sources) in circuit-tracer's node
     order: F features, L*T errors, T tokens, K logits; error and token rows are zero."""
     L, T, d = gi.mlp_in.shape
@@ -137,13 +137,20 @@ def adjacency(fm: FastModel, gi: GraphInputs, nodes: Nodes, W_skip: Sequence[tor
     groups = [(L, torch.arange(k0, k0 + K), torch.full((K,), T - 1), nodes.logit_vecs * (fm.ln_f * gi.inv_f[T - 1]))]
     for layer in range(L):
         sel = (nodes.layer == layer).nonzero()[:, 0]
-        if len(sel) == 0:
-            continue
         order = sel[torch.argsort(nodes.pos[sel], stable=True)]
-        for i in range(0, len(order), batch):
-            r = order[i:i + batch]
+        # batches of rows at one position (a row's gradient lives at positions <= its own),
+        # merged with the next positions until a batch has min_batch rows
+        start = 0
+        while start < len(order):
+            end = start
+            while end < len(order) and (end - start < min_batch or nodes.pos[order[end]] == nodes.pos[order[end - 1]]):
+                end += 1
+                if end - start >= batch:
+                    break
+            r = order[start:end]
             p = nodes.pos[r]
             groups.append((layer, r, p, nodes.enc[r] * fm.layers[layer]["ln2"] * gi.inv2[layer, p, None]))
+            start = end
     done = 0
     for top, r, p, vec in groups:
         Tp = int(p.max()) + 1

@@ -64,7 +64,8 @@ class GraphResult(Result):
     token_ids: list[int]
     transcoders: str
     logits: list[dict]                  # [{token, token_id, prob}] the logit targets
-    nodes: list[dict]                   # pruned: id, kind, layer, pos, feature, activation, influence, label
+    nodes: list[dict]                   # pruned: id, kind, layer, pos, feature, activation, influence
+                                        # (share of the total), cumulative (circuit-tracer's score), label
     edge_source: np.ndarray             # [E] indices into nodes
     edge_target: np.ndarray             # [E]
     edge_weight: np.ndarray             # [E] direct effect
@@ -175,6 +176,19 @@ def transcoders_for(spec: GraphSpec, model: LoadedModel):
                                     f"{', '.join(have) or 'none'}.") from None
 
 
+def graph_ids(model: LoadedModel, text: str) -> list[int]:
+    """The prompt's tokens with a special token in front, as circuit-tracer tokenises: position 0
+    holds no feature or error node (the first token's massive activations), so a content token
+    there would lose its features. The model's BOS (else pad, else EOS) unless one is there."""
+    ids = model.encode(text)
+    tok = model.tokenizer
+    if ids and ids[0] in set(tok.all_special_ids):
+        return ids
+    first = next((t for t in (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, *tok.all_special_ids)
+                  if t is not None), None)
+    return ids if first is None else [first] + ids
+
+
 def full_graph(spec: GraphSpec, model: LoadedModel, progress=None) -> FullGraph:
     import torch
 
@@ -186,7 +200,7 @@ def full_graph(spec: GraphSpec, model: LoadedModel, progress=None) -> FullGraph:
     fm = fast_model(model)
     if fm is None or any(L["ln1_post"] is not None for L in fm.layers):
         raise InvalidSpec(f"Attribution graphs need a Llama-style model; {spec.model} is not one.")
-    ids = model.encode(spec.text)
+    ids = graph_ids(model, spec.text)
     if len(ids) > MAX_GRAPH_TOKENS:
         raise PromptTooLong(f"The prompt has {len(ids)} tokens; attribution graphs take at most {MAX_GRAPH_TOKENS} "
                             "(the dense adjacency grows with tokens × active features squared).")
@@ -243,27 +257,30 @@ def compute(spec: GraphSpec, model: LoadedModel, progress=None) -> GraphResult:
     feat_keep = [i for i in keep if i < F]
     labels = dict(zip(feat_keep, _feature_labels(model, tset, nd.layer[feat_keep].tolist(), nd.feature[feat_keep].tolist())))
     total_inf = float(node_inf.sum()) or 1.0
+    order = torch.argsort(node_inf, descending=True)
+    cumulative = torch.zeros_like(node_inf)
+    cumulative[order] = torch.cumsum(node_inf[order], 0) / total_inf
     nodes = []
     for i in keep:
-        inf = round(float(node_inf[i]) / total_inf, 6)
+        common = {"influence": round(float(node_inf[i]) / total_inf, 6), "cumulative": round(float(cumulative[i]), 6)}
         if i < F:
             l, p, f = int(nd.layer[i]), int(nd.pos[i]), int(nd.feature[i])
             nodes.append({"id": f"{l}_{f}_{p}", "kind": "feature", "layer": l, "pos": p, "feature": f,
-                          "activation": round(float(nd.activation[i]), 5), "influence": inf, "label": labels[i]})
+                          "activation": round(float(nd.activation[i]), 5), **common, "label": labels[i]})
         elif i < F + L * T:
             l, p = divmod(i - F, T)
-            nodes.append({"id": f"E_{l}_{p}", "kind": "error", "layer": l, "pos": p, "feature": None,
-                          "activation": round(float(nd.errors[l, p].norm()), 5), "influence": inf,
-                          "label": f"error L{l} @{p}"})
+            nodes.append({"id": f"err_{l}_{p}", "kind": "error", "layer": l, "pos": p, "feature": None,
+                          "activation": round(float(nd.errors[l, p].norm()), 5), **common,
+                          "label": f"MLP {l} error at {toks[p]!r}"})
         elif i < F + L * T + T:
             p = i - F - L * T
-            nodes.append({"id": f"T_{p}", "kind": "embedding", "layer": -1, "pos": p, "feature": int(g.ids[p]),
-                          "activation": None, "influence": inf, "label": toks[p]})
+            nodes.append({"id": f"E_{g.ids[p]}_{p}", "kind": "embedding", "layer": -1, "pos": p,
+                          "feature": int(g.ids[p]), "activation": None, **common, "label": toks[p]})
         else:
             k = i - F - L * T - T
             tid = int(nd.logit_ids[k])
-            nodes.append({"id": f"L_{tid}", "kind": "logit", "layer": L, "pos": T - 1, "feature": tid,
-                          "activation": round(float(nd.logit_probs[k]), 6), "influence": inf,
+            nodes.append({"id": f"{L + 1}_{tid}_{T - 1}", "kind": "logit", "layer": L, "pos": T - 1, "feature": tid,
+                          "activation": round(float(nd.logit_probs[k]), 6), **common,
                           "label": model.str_tokens([tid])[0]})
     where = {n: j for j, n in enumerate(keep)}
     t_idx, s_idx = edge_mask.nonzero(as_tuple=True)
@@ -286,6 +303,71 @@ def edge_list(r: GraphResult) -> list[dict]:
     ids = [n["id"] for n in r.nodes]
     return [{"source": ids[s], "target": ids[t], "weight": float(w)}
             for s, t, w in zip(r.edge_source.tolist(), r.edge_target.tolist(), r.edge_weight.tolist())]
+
+
+# -- export ---------------------------------------------------------------------------------
+def export_circuit_tracer(spec: GraphSpec, path, model: LoadedModel | None = None) -> dict:
+    """The unpruned graph as circuit-tracer's Graph file (`Graph.from_pt` loads it): recomputed
+    from the spec (the store keeps the pruned graph only). Logit targets are written as a
+    tensor of token ids, the form from_pt converts; cfg as a transformers config
+    with circuit-tracer's field names, importable wherever circuit-tracer is."""
+    import torch
+
+    from ..model import load_model
+
+    model = model or load_model(spec.model)
+    g = full_graph(spec, model)
+    nd = g.nodes
+    info = model.info
+    hf_cfg = model.hf_config()
+    # a fresh config of the model's own class with the basic fields only: the class exists
+    # under the same name in the transformers circuit-tracer pins (4.57), unlike the base
+    # class (renamed PreTrainedConfig in 5.x), and carries nothing version-specific
+    cfg = type(hf_cfg)(num_hidden_layers=info.n_layers, hidden_size=info.d_model, head_dim=info.d_head,
+                       num_attention_heads=info.n_heads, intermediate_size=info.d_mlp, vocab_size=info.d_vocab,
+                       num_key_value_heads=info.n_kv_heads, architectures=list(hf_cfg.architectures or []))
+    cfg.name_or_path = info.hf_name
+    F = len(nd.layer)
+    d = {"input_string": model.decode(g.ids), "adjacency_matrix": g.adjacency.contiguous(), "cfg": cfg,
+         "active_features": torch.stack([nd.layer, nd.pos, nd.feature], 1),
+         "logit_targets": nd.logit_ids.clone(), "logit_probabilities": nd.logit_probs.float().clone(),
+         "vocab_size": info.d_vocab, "input_tokens": torch.tensor(g.ids), "selected_features": torch.arange(F),
+         "activation_values": nd.activation.clone(), "scan": f"{spec.model}/{g.tset_id}"}
+    torch.save(d, str(path))
+    return {"path": str(path), "format": "circuit-tracer", "nodes": int(g.adjacency.shape[0]), "n_active_features": F}
+
+
+def neuronpedia_json(spec: GraphSpec, r: GraphResult, slug: str) -> dict:
+    """The pruned graph as the JSON circuit-tracer's and Neuronpedia's graph frontends read
+    (circuit_tracer.utils.create_graph_files): metadata, qParams, nodes, links."""
+    L = max((n["layer"] for n in r.nodes if n["kind"] == "logit"), default=0)
+    top = max((n["activation"] or 0 for n in r.nodes if n["kind"] == "logit"), default=0)
+    out_nodes, rename = [], {}
+    for n in r.nodes:
+        k, l, p = n["kind"], n["layer"], n["pos"]
+        if k == "feature":
+            nid, js = n["id"], f"{l}_{n['feature']}-0"
+            extra = {"feature": (l + n["feature"]) * (l + n["feature"] + 1) // 2 + n["feature"], "layer": str(l),
+                     "feature_type": "cross layer transcoder", "activation": n["activation"], "clerp": n["label"]}
+        elif k == "error":
+            nid, js = f"0_{l}_{p}", f"{l}_{p}-0"
+            extra = {"feature": -1, "layer": str(l), "feature_type": "mlp reconstruction error"}
+        elif k == "embedding":
+            nid, js = n["id"], f"E_{n['feature']}-{p}"
+            extra = {"feature": p, "layer": "E", "feature_type": "embedding"}
+        else:
+            nid, js = n["id"], f"L_{n['feature']}-{p}"
+            extra = {"feature": n["feature"], "layer": str(L + 1), "feature_type": "logit", "token_prob": n["activation"],
+                     "is_target_logit": n["activation"] == top, "clerp": f'Output "{n["label"]}" (p={n["activation"]:.3f})'}
+        rename[n["id"]] = nid
+        out_nodes.append({"node_id": nid, "jsNodeId": js, "ctx_idx": p, "run_idx": 0, "reverse_ctx_idx": 0,
+                          "influence": n["cumulative"], "token_prob": 0.0, "is_target_logit": False, "clerp": "",
+                          "activation": None, **extra})
+    links = [{"source": rename[e["source"]], "target": rename[e["target"]], "weight": e["weight"]} for e in edge_list(r)]
+    meta = {"slug": slug, "scan": f"{spec.model}/{r.transcoders}", "transcoder_list": [], "prompt_tokens": r.tokens,
+            "prompt": spec.text, "node_threshold": spec.node_threshold, "schema_version": 1}
+    return {"metadata": meta, "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
+                                          "sg_pos": ""}, "nodes": out_nodes, "links": links}
 
 
 # -- CLI ----------------------------------------------------------------------------------

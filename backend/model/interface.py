@@ -209,6 +209,11 @@ class LoadedModel:
             return fn(self.bridge, self._ids(base_ids), cache, metric, index_axis_names=None,
                       index_df=index_df)
 
+    def hf_config(self):
+        """The Hugging Face config of the model (read-only: exports that name the model's
+        architecture in the field's own formats)."""
+        return self.bridge.original_model.config
+
     def hf_model(self):
         """The wrapped Hugging Face model, for acceptance tests that compare against it
         (tests only: analyses and kernels use the methods above)."""
