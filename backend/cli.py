@@ -80,6 +80,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable | str, Callable | str]] = {
                         "backend.analyses.massive:add_ablation_cli_args", "backend.analyses.massive:run_ablation_cli"),
     "patch": ("exact activation patching sweep (layers x positions / heads) of a prompt pair",
              "backend.analyses.patching:add_cli_args", "backend.analyses.patching:run_cli"),
+    "attribute": ("which input tokens made this output: saliency, input x gradient, integrated gradients (auto steps)",
+                  "backend.analyses.token_attribution:add_cli_args", "backend.analyses.token_attribution:run_cli"),
     "atp": ("attribution patching (AtP): gradient estimate of the patching sweep, ~3 forwards",
            "backend.analyses.attribution:add_cli_args", "backend.analyses.attribution:run_cli"),
     "atp-star": ("AtP* (QK fix + GradDrop) beside plain AtP; false negatives vs a stored exact sweep",
