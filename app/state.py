@@ -19,9 +19,9 @@ PAGES = {"prompt": "Prompt & logit lens", "attention": "Attention patterns", "he
          "patching": "Activation patching", "massive": "Massive activations", "features": "SAE features",
          "neurons": "Neurons", "neuron": "Neuron (corpus)", "feature": "Feature dashboard",
          "featuremap": "Feature map", "search": "Feature search", "circuits": "Circuits",
-         "steering": "Directions & steering"}
+         "steering": "Directions & steering", "graph": "Attribution graph"}
 # Pages that use the prompt box in the sidebar.
-PROMPT_PAGES = ("prompt", "attention", "massive", "features", "neurons")
+PROMPT_PAGES = ("prompt", "attention", "massive", "features", "neurons", "graph")
 # Query parameters of newer pages: page -> the View fields its link carries (the generic rule;
 # the older pages spell theirs out in view_params).
 PAGE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -33,13 +33,14 @@ PAGE_FIELDS: dict[str, tuple[str, ...]] = {
                  "top_n", "removed", "circuit"),
     "steering": ("dkey", "sae", "feature", "prompt", "strength", "smode", "spos", "chat", "max_new", "temp",
                  "seed", "steer"),
+    "graph": ("tcs", "node_thr", "edge_thr", "gnode", "pinned", "supers", "iv"),
 }
 IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"
 IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 LENS_MODES = {"top": "Top token", "token": "Chosen token"}
 INT_FIELDS = ("layer", "head", "n_pairs", "pos", "neuron", "atp", "feature", "top_n", "chat", "max_new", "seed",
               "steer")
-FLOAT_FIELDS = ("abs_thr", "ratio_thr", "strength", "temp")
+FLOAT_FIELDS = ("abs_thr", "ratio_thr", "strength", "temp", "node_thr", "edge_thr")
 
 
 @dataclass
@@ -89,6 +90,14 @@ class View:
     temp: float = 0.0
     seed: int = 0
     steer: int = 0          # 1: show (run on a miss) the steered generation of these fields
+    # attribution graph
+    tcs: str = ""           # transcoder set ("" = the model's shipped set)
+    node_thr: float = 0.8
+    edge_thr: float = 0.98
+    gnode: str = ""         # the clicked node's id
+    pinned: str = ""        # pinned node ids, ";"-separated
+    supers: str = ""        # supernodes: "name:id,id|name:id,id"
+    iv: str = ""            # an intervention: "layer_feature_pos=value;..." (=xK scales)
     # massive activations
     abs_thr: float = 100.0
     ratio_thr: float = 1000.0

@@ -53,6 +53,7 @@ class TCConfig:
     warmup: int = 100                       # steps
     decay_share: float = 0.2                # linear decay to 0 over the last share of steps
     aux_coefficient: float = 0.25
+    bf16_skip: bool = True                  # the skip's dense products in bfloat16 on the CPU (3x)
     k_aux: int = 64                         # dead latents per row in the aux-k loss (SAELens: d_in / 2 =
                                             # 288 here; 64 costs a quarter and still revives them)
     dead_window: int = 50_000               # tokens without firing before the aux-k loss acts on a latent
@@ -65,7 +66,7 @@ class TCConfig:
     def key(self) -> str:
         import hashlib
 
-        d = {k: v for k, v in asdict(self).items() if k not in ("tokens", "threads", "precision", "k_aux")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("tokens", "threads", "precision", "k_aux", "bf16_skip")}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -148,7 +149,8 @@ def _step_layer(cfg: TCConfig, st: _LayerState, x, y, lr: float) -> dict:
     n_dead = int(dead.sum())
     chosen, aux = choose(st.tc, x, cfg.k, dead if n_dead else None, cfg.k_aux)
     st.tc.zero_grad(set_to_none=True)
-    out = sparse_step(st.tc, x, y, chosen, aux, n_dead, cfg.aux_coefficient)
+    out = sparse_step(st.tc, x, y, chosen, aux, n_dead, cfg.aux_coefficient,
+                      skip_dtype=torch.bfloat16 if x.device.type == "cpu" and cfg.bf16_skip else None)
     for g in st.opt.param_groups:
         g["lr"] = lr
     st.opt.step()

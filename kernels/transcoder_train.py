@@ -128,21 +128,24 @@ def reference_loss(tc: Transcoder, x, y, chosen: Chosen, aux: Chosen | None = No
 
 
 def sparse_step(tc: Transcoder, x, y, chosen: Chosen, aux: Chosen | None = None, n_dead: int = 0,
-                aux_coef: float = 0.25) -> dict:
+                aux_coef: float = 0.25, skip_dtype=None) -> dict:
     """reference_loss's values, its gradients accumulated into the parameters' .grad by sparse
-    products; returns {"mse", "aux", "acts" (the chosen activations [nnz])}."""
+    products; returns {"mse", "aux", "acts" (the chosen activations [nnz])}. skip_dtype (e.g.
+    bfloat16) runs the two dense skip products (x W_skip^T and its weight gradient) in that
+    dtype, ~3x faster on CPUs with bfloat16 matmuls; None keeps x's dtype (exact)."""
     n, m = len(x), tc.d_tc
     with torch.no_grad():
         a = chosen.sampled(x, tc.W_enc) + tc.b_enc[chosen.cols]                 # [nnz]
         y_hat = torch.sparse.mm(chosen.csr(a, m), tc.W_dec) + tc.b_dec
+        xs = x if skip_dtype is None else x.to(skip_dtype)
         if tc.W_skip is not None:
-            y_hat = y_hat + x @ tc.W_skip.t()
+            y_hat = y_hat + (xs @ tc.W_skip.to(xs.dtype).t()).to(x.dtype)
         e = y_hat - y
         mse = e.pow(2).sum(-1).mean()
         G = e * (2.0 / n)                                                          # d mse / d y_hat
         grads = {"W_dec": torch.sparse.mm(chosen.csr_t(a, m), G), "b_dec": G.sum(0)}
         if tc.W_skip is not None:
-            grads["W_skip"] = G.t() @ x
+            grads["W_skip"] = (G.to(xs.dtype).t() @ xs).to(x.dtype)
         d_a = chosen.sampled(G, tc.W_dec)
         grads["W_enc"] = torch.sparse.mm(chosen.csr_t(d_a, m), x)
         grads["b_enc"] = torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, chosen.cols, d_a)

@@ -134,8 +134,8 @@ def test_each_edge_is_the_effect_of_its_source(small_graph):
 
 
 def _ct_python() -> str | None:
-    p = os.environ.get("CIRCUIT_TRACER_PYTHON", "/work/ct-venv/bin/python")
-    return p if Path(p).exists() else None
+    p = os.environ.get("CIRCUIT_TRACER_PYTHON", "")
+    return p if p and Path(p).exists() else None
 
 
 @pytest.mark.model
@@ -146,8 +146,8 @@ def test_equals_circuit_tracer(small_graph, random_set, tmp_path):
     benchmarks/ct_graph_reference.py for the install line; CIRCUIT_TRACER_PYTHON points at it)."""
     py = _ct_python()
     if py is None:
-        pytest.skip("circuit-tracer venv absent: python3 -m venv /work/ct-venv && /work/ct-venv/bin/pip install "
-                    "torch==2.13.0 && /work/ct-venv/bin/pip install circuit-tracer==0.5.0 nnsight==0.6.1")
+        pytest.skip("set CIRCUIT_TRACER_PYTHON to a venv made by: python3 -m venv ct-venv && ct-venv/bin/pip install "
+                    "torch==2.13.0 && ct-venv/bin/pip install circuit-tracer==0.5.0 nnsight==0.6.1")
     from backend.model.loading import OFFLINE_MODELS, converted_dir
 
     fm, tset, ids, gi, nodes, A = small_graph

@@ -7,7 +7,7 @@ import streamlit as st
 from backend import PromptSpec, TokenLensSpec
 
 from .. import figures
-from ..common import fetch, main_result, make_spec, synced, token_chips
+from ..common import navigate, fetch, main_result, make_spec, synced, token_chips
 from ..state import LENS_MODES, View
 
 
@@ -23,6 +23,9 @@ def render(view: View) -> View:
     left, right = st.columns([1, 3])
     with left:
         st.plotly_chart(figures.top_k_bar(r.top_tokens, r.top_probs), key="topk")
+        if st.button("Trace this prediction", help="the attribution graph of the next token: which transcoder "
+                     "features carry it (Attribution graph page)"):
+            navigate(view.replace(page="graph", key=""))
     with right:
         mode = st.segmented_control("Logit lens shows", list(LENS_MODES), format_func=LENS_MODES.get,
                                     key=synced("w_lens", view.lens)) or "top"
