@@ -55,13 +55,13 @@ def graph_figure(nodes: list[dict], src, dst, weight, tokens: list[str], n_layer
                 k = min(int(abs(s) / (top or 1.0) * 4), 3)
                 if k != b or (s >= 0) != (sign > 0):
                     continue
-                xs += [x[src[e]], x[dst[e]], None]
-                ys += [y[src[e]], y[dst[e]], None]
+                xs += [float(x[src[e]]), float(x[dst[e]]), None]
+                ys += [float(y[src[e]]), float(y[dst[e]]), None]
             if xs:
                 fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
                                          line=dict(color=color, width=0.5 + 1.5 * b), opacity=0.25 + 0.15 * b))
     inf = np.array([n["influence"] for n in nodes], dtype=float)
-    size = 7 + 22 * np.sqrt(inf / (inf.max() or 1.0))
+    size = (7 + 22 * np.sqrt(inf / (inf.max() or 1.0))).tolist()
     palette = ["#e45756", "#72b7b2", "#b279a2", "#eeca3b", "#ff9da6", "#9d755d"]
     gnames = sorted(set(groups.values()))
     color = [palette[gnames.index(groups[n["id"]]) % len(palette)] if n["id"] in groups else KIND_COLOR[n["kind"]]
@@ -69,7 +69,7 @@ def graph_figure(nodes: list[dict], src, dst, weight, tokens: list[str], n_layer
     line_w = [3 if n["id"] == selected else (2 if n["id"] in pinned else 0.5) for n in nodes]
     line_c = ["black" if n["id"] == selected else ("#d62728" if n["id"] in pinned else "white") for n in nodes]
     fig.add_trace(go.Scatter(
-        x=x, y=y, mode="markers", name="nodes", showlegend=False,
+        x=x.tolist(), y=y.tolist(), mode="markers", name="nodes", showlegend=False,
         marker=dict(size=size, color=color, symbol=[KIND_SYMBOL[n["kind"]] for n in nodes],
                     line=dict(width=line_w, color=line_c)),
         customdata=[_hover(n) + (f"<br>supernode {groups[n['id']]}" if n["id"] in groups else "") for n in nodes],

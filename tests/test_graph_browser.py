@@ -40,11 +40,13 @@ def _random_set(folder, model):
 
 def _click_node(page, node_id: str) -> None:
     """Click the marker of a node on the graph (its point on the trace named "nodes")."""
+    page.wait_for_function("[...document.querySelectorAll('.js-plotly-plot')].some(p => p._fullLayout && "
+                           "(p.layout.title.text || '').includes('Attribution graph'))", timeout=120_000)
     page.evaluate("""() => { const gd = [...document.querySelectorAll('.js-plotly-plot')].find(p =>
-        (p.layout.title.text || '').startsWith('Attribution graph')); gd.scrollIntoView({block: 'center'}); }""")
+        (p.layout.title.text || '').includes('Attribution graph')); gd.scrollIntoView({block: 'center'}); }""")
     page.wait_for_timeout(400)
     px = page.evaluate("""(id) => { const gd = [...document.querySelectorAll('.js-plotly-plot')].find(p =>
-        (p.layout.title.text || '').startsWith('Attribution graph'));
+        (p.layout.title.text || '').includes('Attribution graph'));
         const t = gd.data.find(d => d.name === 'nodes'); const i = t.customdata.findIndex(c => c.includes('<b>' + id + '</b>'));
         const fl = gd._fullLayout, r = gd.getBoundingClientRect();
         return [r.left + fl._size.l + fl.xaxis.l2p(t.x[i]), r.top + fl._size.t + fl.yaxis.l2p(t.y[i])]; }""", node_id)
@@ -79,8 +81,8 @@ def test_graph_page_pin_supernode_switch_off_and_reopen(tmp_path, model):
             page.wait_for_function(f"window.location.search.includes('gnode={node}')", timeout=120_000)
             wait_idle(page)
             page.get_by_role("button", name="Pin this node").click()
-            page.wait_for_function(f"decodeURIComponent(window.location.search).includes('{node}') && "
-                                   "window.location.search.includes('pinned=')", timeout=120_000)
+            page.wait_for_function(f"(new URLSearchParams(window.location.search).get('pinned') || '')"
+                                   f".split(';').includes('{node}')", timeout=120_000)
             wait_idle(page)
         assert set(parse_qs(urlparse(page.url).query)["pinned"][0].split(";")) == {a, b}
         page.get_by_label("Supernode name").fill("capital city")
