@@ -171,7 +171,7 @@ def export(cfg: TCConfig, states: dict[int, _LayerState], out: Path, n_layers: i
     folder and renamed, so a reader never sees half a set."""
     from safetensors.torch import save_file
 
-    from .transcoders import write_config
+    from .transcoders import stamp, write_config
 
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -187,6 +187,7 @@ def export(cfg: TCConfig, states: dict[int, _LayerState], out: Path, n_layers: i
                   str(tmp / f"layer_{layer}.safetensors"))
     write_config(tmp, cfg.model, n_layers, extra={"d_transcoder": cfg.width, "k": cfg.k, "skip": cfg.skip,
                                                   "training_tokens": tokens, "train_config": asdict(cfg)})
+    stamp(tmp)
     old = out.with_name(out.name + ".old")
     if out.exists():
         if old.exists():
@@ -235,6 +236,7 @@ def calibrate(folder: Path, k: int, windows: int = 48, split: str = "train", log
         t["activation_function.threshold"] = torch.full_like(t["b_enc"], theta)
         save_file({n: v.half().contiguous() for n, v in t.items()}, str(f))
         out.append(theta)
+    tcs.stamp(Path(folder))
     if log:
         log(f"thresholds calibrated on {sum(len(torch.cat(v)) for v in xs.values()) // len(layers)} tokens")
     return out

@@ -113,6 +113,61 @@ def describe(folder: Path) -> dict:
             "fidelity": q.get("fidelity")}
 
 
+def fingerprint(folder: Path) -> str:
+    """12 hex digits that change whenever the set's weights do: the sha256 of every layer file
+    written into config.yaml by the trainer (`weights_sha256`), else one computed from the
+    config and the layer files' names and sizes. Never mtimes: a clone must give the same."""
+    import hashlib
+
+    folder = Path(folder)
+    cfg = _read_config(folder)
+    if cfg.get("weights_sha256"):
+        return str(cfg["weights_sha256"])[:12]
+    h = hashlib.sha256((folder / "config.yaml").read_bytes())
+    for f in sorted(folder.glob("layer_*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:12]
+
+
+def weights_sha256(folder: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("layer_*.safetensors"), key=lambda f: int(f.stem.split("_")[1])):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def stamp(folder: Path) -> str:
+    """Record the weights' sha256 in config.yaml (after every write of the layer files)."""
+    import yaml
+
+    folder = Path(folder)
+    cfg = _read_config(folder)
+    cfg["weights_sha256"] = weights_sha256(folder)
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return cfg["weights_sha256"]
+
+
+def reference(name: str, model: str, root: Path | None = None) -> str:
+    """What a spec records: "<set>@<fingerprint>" ("" names the model's shipped set), so a
+    result computed with one set of weights is never read back for another."""
+    if "@" in name:
+        return name
+    folder = resolve(name or default_set_id(model), root)
+    return f"{name or folder.name}@{fingerprint(folder)}"
+
+
+def load_reference(ref: str, n_layers: int | None = None, d_model: int | None = None, root: Path | None = None):
+    """load_set of a reference, refusing a set whose weights changed since it was recorded."""
+    name, _, fp = ref.partition("@")
+    folder = resolve(name, root)
+    if fp and fingerprint(folder) != fp:
+        raise UnknownTranscoders(f"The transcoder set {name!r} changed since this result was made "
+                                 f"(fingerprint {fp}, now {fingerprint(folder)}); trace the prompt again.")
+    return load_set(name, n_layers, d_model, root)
+
+
 def models_with_sets(root: Path | None = None) -> list[str]:
     return sorted({s["model"] for s in list_sets(root=root)})
 

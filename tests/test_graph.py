@@ -286,3 +286,13 @@ def test_cli_intervention(random_set, small_graph):
         code, out = execute(["graph-intervene", "--text", PROMPT, "--transcoders", str(random_set), "--set", bad,
                              "--format", "json"])
         assert code == 2 and out["error"]["code"] == err, out
+
+
+@pytest.mark.model
+def test_model_without_transcoders_names_the_ones_that_have_them(monkeypatch, tmp_path, random_set):
+    from backend.cli import execute
+
+    monkeypatch.setattr(tc, "TRANSCODER_DIR", tmp_path)          # no shipped set at all
+    rc, out = execute(["graph", "--text", PROMPT, "--format", "json"])
+    assert rc == 2 and out["error"]["code"] == "unknown_transcoders"
+    assert "no transcoders" in out["error"]["message"] and "none" in out["error"]["message"]

@@ -50,12 +50,28 @@ class GraphSpec(Spec):
 
     def validate(self):
         check_text(self.text)
+        _pin_transcoders(self)
         if not 1 <= self.max_logits <= 50:
             raise OutOfRange(f"max_logits must lie in 1–50, not {self.max_logits}.")
         for name in ("desired_logit_prob", "node_threshold", "edge_threshold"):
             v = getattr(self, name)
             if not 0 < v <= 1:
                 raise OutOfRange(f"{name} must lie in (0, 1], not {v}.")
+
+
+def _pin_transcoders(spec) -> None:
+    """Replace the spec's transcoder name by "<set>@<fingerprint>" (its key then changes with
+    the weights); a model without any set says which models have one."""
+    from .. import transcoders as tc
+
+    try:
+        object.__setattr__(spec, "transcoders", tc.reference(spec.transcoders, spec.model))
+    except tc.UnknownTranscoders:
+        if spec.transcoders:
+            raise
+        have = tc.models_with_sets()
+        raise tc.UnknownTranscoders(f"{spec.model} has no transcoders; models with a shipped set: "
+                                    f"{', '.join(have) or 'none'}.") from None
 
 
 @dataclass(frozen=True)
@@ -162,18 +178,11 @@ class FullGraph:
     seconds: float
 
 
-def transcoders_for(spec: GraphSpec, model: LoadedModel):
+def transcoders_for(spec, model: LoadedModel):
+    """The loaded set of a spec's pinned reference (GraphSpec, GraphInterventionSpec)."""
     from .. import transcoders as tc
 
-    name = spec.transcoders or tc.default_set_id(spec.model)
-    try:
-        return tc.load_set(name, n_layers=model.info.n_layers, d_model=model.info.d_model)
-    except tc.UnknownTranscoders:
-        if spec.transcoders:
-            raise
-        have = tc.models_with_sets()
-        raise tc.UnknownTranscoders(f"{spec.model} has no transcoders; models with a shipped set: "
-                                    f"{', '.join(have) or 'none'}.") from None
+    return tc.load_reference(spec.transcoders, n_layers=model.info.n_layers, d_model=model.info.d_model)
 
 
 def graph_ids(model: LoadedModel, text: str) -> list[int]:

@@ -46,7 +46,10 @@ class GraphInterventionSpec(Spec):
     top_k: int = 10
 
     def validate(self):
+        from .graph import _pin_transcoders
+
         check_text(self.text)
+        _pin_transcoders(self)
         if not self.edits:
             raise InvalidSpec("Choose at least one feature to intervene on.")
         if len(self.edits) > 512:
@@ -118,9 +121,9 @@ def _top(model, logits, k):
 
 @analysis(GraphInterventionSpec, GraphInterventionResult)
 def compute(spec: GraphInterventionSpec, model: LoadedModel, progress=None) -> GraphInterventionResult:
-    from .graph import GraphSpec, graph_ids, transcoders_for
+    from .graph import graph_ids, transcoders_for
 
-    tset = transcoders_for(GraphSpec(model=spec.model, text=spec.text, transcoders=spec.transcoders), model)
+    tset = transcoders_for(spec, model)
     ids = graph_ids(model, spec.text)
     edits = [parse_edit(e) for e in spec.edits]
     with model.lock:
