@@ -140,6 +140,14 @@ class Store:
         self._conn.close()
 
     @contextlib.contextmanager
+    def locked(self):
+        """The store's write lock alone, for check-then-write sequences that keep their own
+        cursor (and transaction); transaction() is the usual way to write. Nothing outside
+        this module touches the lock itself."""
+        with self._write_lock:
+            yield
+
+    @contextlib.contextmanager
     def transaction(self):
         """A cursor in one transaction under the store's write lock: committed when the block
         ends, rolled back if it raises."""

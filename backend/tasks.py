@@ -270,7 +270,7 @@ def stored_pairs(store, model_id: str, task: str, n: int = 8, seed: int = 0, loa
         raise InvalidSpec(f"unknown task {task!r}; known: {', '.join(GENERATORS)}")
     cur = store.cursor()
     if not getattr(store, "_task_pairs_table", False):      # once per store, not on every page render
-        with store._write_lock:
+        with store.locked():
             cur.execute(PAIRS_SCHEMA)
         store._task_pairs_table = True
     rows = cur.execute("SELECT pairs FROM task_pairs WHERE model = ? AND task = ? AND n = ? AND seed = ?",
@@ -283,7 +283,7 @@ def stored_pairs(store, model_id: str, task: str, n: int = 8, seed: int = 0, loa
     if load is None:
         from .model import load_model as load
     pairs = generate(load(model_id), task, n=n, seed=seed)
-    with store._write_lock:
+    with store.locked():
         cur.execute("INSERT OR REPLACE INTO task_pairs(model, task, n, seed, pairs) VALUES (?, ?, ?, ?, ?)",
                     [model_id, task, int(n), int(seed), json.dumps([list(p.as_tuple()) for p in pairs])])
     return pairs

@@ -278,7 +278,7 @@ class _Batches:
             g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
             self._perm, self._epoch = torch.randperm(len(self.acts), generator=g), epoch
         self.pos += 1
-        return self.acts[self._perm[i * self.batch:(i + 1) * self.batch]].float()
+        return self.acts[self._perm[i * self.batch:(i + 1) * self.batch]].float().to(settings.device())
 
 
 def _training_sae(cfg: TrainConfig, component: str, layer: int, d_in: int):
@@ -288,7 +288,7 @@ def _training_sae(cfg: TrainConfig, component: str, layer: int, d_in: int):
     meta = SAEMetadata(model_name=cfg.model, hook_name=hook_name(Site(Component(component), layer)),
                        context_size=cfg.context, prepend_bos=False, dataset_path=f"corpus:{cfg.corpus}")
     sae_cfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=cfg.width, k=cfg.k_for(component), dtype="float32",
-                                    device="cpu", normalize_activations="expected_average_only_in",
+                                    device=settings.device(), normalize_activations="expected_average_only_in",
                                     reshape_activations="hook_z" if component == "z" else "none",
                                     aux_loss_coefficient=cfg.aux_coefficient, metadata=meta)
     if cfg.sparse_kernel:
@@ -324,7 +324,7 @@ def train_one(cfg: TrainConfig, component: str, layer: int, acts: np.ndarray, wo
     tcfg = SAETrainerConfig(
         total_training_samples=total, train_batch_size_samples=cfg.batch, lr=cfg.lr,
         lr_end=cfg.lr / 10, lr_scheduler_name="constant", lr_warm_up_steps=max(1, steps // 20),
-        lr_decay_steps=max(1, steps // 5), device="cpu", dead_feature_window=_dead_window_steps(cfg, steps),
+        lr_decay_steps=max(1, steps // 5), device=settings.device(), dead_feature_window=_dead_window_steps(cfg, steps),
         feature_sampling_window=max(10, steps // 4), n_checkpoints=4 if steps >= 40 else 0,
         checkpoint_path=str(ckpt_root), logger=LoggingConfig(log_to_wandb=False), autocast=cfg.autocast,
         n_batches_for_norm_estimate=min(50, max(1, len(acts) // cfg.batch)))
@@ -379,7 +379,7 @@ def _continue_from(sae, folder: Path, acts: np.ndarray, cfg: TrainConfig) -> flo
 def _eval_sae(sae_dir: Path):
     from sae_lens import SAE
 
-    sae = SAE.load_from_disk(str(sae_dir), device="cpu", dtype="float32").eval()
+    sae = SAE.load_from_disk(str(sae_dir), device=settings.device(), dtype="float32").eval()
     if sae.cfg.reshape_activations == "hook_z":
         sae.turn_off_forward_pass_hook_z_reshaping()   # we pass heads flattened
     return sae
@@ -411,15 +411,15 @@ def activation_metrics(sae, acts: np.ndarray, dense_threshold: float, batch: int
     rel = []
     with torch.inference_mode():
         for i in range(0, n, batch):
-            x = x_all[i:i + batch]
+            x = x_all[i:i + batch].to(sae.W_dec.device)
             f = sae.encode(x)
             rec = sae.decode(f)
             fired = f > 0
-            freq += fired.float().sum(0)
+            freq += fired.float().sum(0).cpu()
             l0 += float(fired.sum())
             err = ((rec - x) ** 2).sum(-1)
             sse += float(err.sum())
-            rel.append(err / (x ** 2).sum(-1).clamp_min(1e-12))
+            rel.append((err / (x ** 2).sum(-1).clamp_min(1e-12)).cpu())
     freq /= n
     rel_t = torch.cat(rel)
     return {"tokens": n, "l0": l0 / n, "variance_explained": 1 - sse / sst,

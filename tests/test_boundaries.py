@@ -93,3 +93,12 @@ def test_backend_and_kernels_never_import_streamlit():
             "    importlib.import_module(m)\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] == 'streamlit'))\n")
     assert _run(code) == "[]"
+
+
+def test_the_store_write_lock_stays_in_the_store():
+    """Writers go through Store.transaction() / Store.locked(); the lock itself is the store's."""
+    bad = []
+    for name, text in _sources():
+        if name != "backend/store.py" and "_write_lock" in text and name != "tests/test_boundaries.py":
+            bad += [f"{name}: {h}" for h in _hits(re.compile(r"_write_lock"), text)]
+    assert not bad, "\n".join(bad)

@@ -361,7 +361,7 @@ def save_circuit(name: str, spec: CircuitSpec, faithfulness: float, link: dict |
         raise InvalidSpec("A circuit name is at most 120 characters.")
     store = store or default_store()
     cid = "c" + hashlib.sha256((name + "\0" + spec.key()).encode()).hexdigest()[:12]
-    with store._write_lock:
+    with store.locked():
         store.cursor().execute(
             "INSERT OR REPLACE INTO saved_circuits(circuit_id, name, run_key, spec, faithfulness, link) "
             "VALUES (?, ?, ?, ?, ?, ?)",

@@ -71,7 +71,7 @@ def state(store, job_key: str) -> JobState | None:
 
 
 def _register(store, job_key: str, kind: str, model: str, spec: dict, n_chunks: int) -> None:
-    with store._write_lock:
+    with store.locked():
         cur = store.cursor()
         rows = cur.execute("SELECT n_chunks FROM jobs WHERE job_key = ?", [job_key]).fetchall()
         if rows:
@@ -196,6 +196,10 @@ class WindowJob:
     VERSION: ClassVar[int] = 1
 
     def __post_init__(self):
+        if isinstance(getattr(self, "model", None), str):   # a local folder: its path and fingerprint
+            from ..model.local import canonical_id
+
+            object.__setattr__(self, "model", canonical_id(self.model))
         check_windows(self)
 
     def key(self) -> str:

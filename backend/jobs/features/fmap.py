@@ -67,7 +67,7 @@ def _store_map(store, key: str, xy: np.ndarray) -> None:
     t = pa.table({"sae_key": pa.array([key] * len(xy)), "feature": np.arange(len(xy), dtype=np.int32),
                   "x": xy[:, 0], "y": xy[:, 1]})
     cur = store.cursor()
-    with store._write_lock:
+    with store.locked():
         if cur.execute("SELECT 1 FROM sae_maps WHERE sae_key = ? LIMIT 1", [key]).fetchall():
             return
         cur.register("_map", t)

@@ -67,6 +67,7 @@ SCHEMA = [
     """CREATE TABLE token_strings(model VARCHAR NOT NULL, token INTEGER NOT NULL, text VARCHAR NOT NULL)""",
 ]
 from ...errors import InvalidSpec, SAEMismatch, UnknownSAE
+from ...model.local import same_weights
 
 CONTEXT = 128
 CHUNK_WINDOWS = 16
@@ -196,7 +197,7 @@ def _ensure_index_rows(store, job_key: str, model: str, infos: list[dict], n_win
                        corpus_name: str) -> dict[str, int]:
     cur = store.cursor()
     out = {}
-    with store._write_lock:
+    with store.locked():
         for info in infos:
             rows = cur.execute("SELECT ix FROM feature_indexes WHERE job_key = ? AND sae_id = ?",
                                [job_key, info["sae_id"]]).fetchall()
@@ -261,7 +262,7 @@ def drop_index(store, ix: int) -> None:
     cur = store.cursor()
     job = cur.execute("SELECT job_key FROM feature_indexes WHERE ix = ?", [ix]).fetchall()
     sql, params = _drop_sql(ix)
-    with store._write_lock:
+    with store.locked():
         cur.begin()
         try:
             for q, p in zip(sql, params):
@@ -288,7 +289,7 @@ def resolve_saes(model_id: str, sae: str | list[str]) -> list[str]:
     ids = [sae] if isinstance(sae, str) else list(sae)
     for s in ids:
         info = sae_info(s)
-        if info["model"] and info["model"] != model_id:
+        if info["model"] and not same_weights(info["model"], model_id):
             raise SAEMismatch(f"SAE {s!r} was trained on {info['model']!r}, not {model_id!r}.")
     return ids
 

@@ -122,7 +122,7 @@ def ensure_tables(store) -> None:
     if getattr(store, "_scores_tables", False):
         return
     cur = store.cursor()
-    with store._write_lock:
+    with store.locked():
         for sql in SCHEMA:
             cur.execute(sql)
     store._scores_tables = True
@@ -611,7 +611,7 @@ def _input_scores(store, ctx: _Ctx, key: str, index) -> dict:
                coalesce(agg.n, 0), coalesce(agg.hits, 0)
         FROM feature_vocab_proj vp LEFT JOIN agg ON agg.feature = vp.feature WHERE vp.sae_key = ?
         ORDER BY vp.feature"""
-    with store._write_lock:
+    with store.locked():
         if cur.execute("SELECT 1 FROM feature_input_scores WHERE sae_key = ? AND ix = ? LIMIT 1",
                        [key, index.ix]).fetchall():
             return {"part": "input", "status": "done", "already_done": True}
