@@ -28,10 +28,11 @@ def serve_store():
     """Open the store once per process and serve it to CLI calls (backend/serve.py), so scripts
     run while the dashboard is open and their results show here at the next rerun."""
     from backend import serve, settings
+    from backend.cli import execute
     from backend.store import default_store
 
     default_store()   # raises (and is retried at the next run) when the store cannot be opened
-    return str(serve.start(settings.store_path()))
+    return str(serve.start(settings.store_path(), execute))
 
 
 try:

@@ -32,6 +32,7 @@ import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
 
 from .errors import DashboardError, StoreLocked
 
@@ -45,6 +46,7 @@ def server_file(store_path: Path) -> Path:
 
 class _Handler(BaseHTTPRequestHandler):
     token = ""
+    run: Callable[[list[str]], tuple[int, dict]]     # the CLI's execute, given to start()
 
     def log_message(self, *args):  # quiet: the dashboard's log is for the dashboard
         pass
@@ -74,21 +76,21 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/run" or not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
             return self._reply(400, {"error": {"type": "BadRequest", "code": "bad_request",
                                                "message": "POST /run with {token, argv: [str]}"}})
-        from .cli import execute
-
-        code, payload = execute(argv)
+        code, payload = type(self).run(argv)
         self._reply(200, {"code": code, "payload": payload})
 
 
-def start(store_path: Path) -> Path:
-    """Serve the store this process holds (once per process); returns the server file."""
+def start(store_path: Path, run: Callable[[list[str]], tuple[int, dict]]) -> Path:
+    """Serve the store this process holds (once per process) to CLI calls, answering each with
+    `run(argv) -> (exit code, payload)` (backend.cli.execute: passed in, so this module does not
+    import the CLI that imports it); returns the server file."""
     global _server
     store_path = Path(store_path).resolve()
     info_path = server_file(store_path)
     with _guard:
         if _server is None:
             token = secrets.token_hex(16)
-            handler = type("Handler", (_Handler,), {"token": token})
+            handler = type("Handler", (_Handler,), {"token": token, "run": staticmethod(run)})
             _server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
             _server.daemon_threads = True
             threading.Thread(target=_server.serve_forever, name="store-server", daemon=True).start()

@@ -10,6 +10,7 @@ name from $CIRCUIT_TRACER_CACHE_DIR/<id>/):
                                                b_dec, W_skip [d_model d_model] (x @ W_skip.T),
                                                activation_function.threshold [d_tc] (JumpReLU)
     data/transcoders/<id>/quality.json         ours: per-layer FVU / L0 / dead, replacement fidelity
+                                               (measured by backend/train_transcoders.py)
 
 Feature i of layer L: a = JumpReLU_theta(W_enc[i] . x + b_enc[i]) with x the MLP's input (the
 pre-MLP norm's output); the MLP's output is approximated by sum_i a_i W_dec[i] + b_dec + W_skip x.
@@ -19,17 +20,16 @@ A set is named by its folder name under data/transcoders or by a path to such a 
 from __future__ import annotations
 
 import json
-import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from . import settings
 from .errors import DashboardError
+
+if TYPE_CHECKING:     # torch only where a set is loaded: the pages resolve set names without it
+    import torch
 
 TRANSCODER_DIR = settings.DATA_DIR / "transcoders"
 KEYS = {"W_enc", "W_dec", "b_enc", "b_dec", "W_skip", "activation_function.threshold"}
@@ -216,10 +216,18 @@ _loaded: dict[tuple[str, str], LoadedSet] = {}
 _lock = threading.Lock()
 
 
+def forget(folder: Path) -> None:
+    """Drop a set from the per-process cache (its files are about to change)."""
+    with _lock:
+        for k in [k for k in _loaded if k[0] == str(Path(folder).resolve())]:
+            _loaded.pop(k)
+
+
 def load_set(name: str, n_layers: int | None = None, d_model: int | None = None, root: Path | None = None) -> LoadedSet:
     """The set named `name` (shipped id or folder), once per process; DamagedTranscoders when a
     layer is missing (0..n-1 must all be there, n = n_layers if given), a key unknown to
     circuit-tracer is present, or shapes disagree."""
+    import torch
     from safetensors.torch import load_file
 
     folder = resolve(name, root)
@@ -263,124 +271,10 @@ def load_set(name: str, n_layers: int | None = None, d_model: int | None = None,
         return s
 
 
-# -- quality ------------------------------------------------------------------------------
-def replacement_hooks(tset: LoadedSet, layers, first: int = 1) -> dict:
-    """Dense-kernel hooks that replace each MLP's output by its transcoder's (no error term) at
-    positions >= first (first = 0: every position)."""
-    from .train_transcoders import points
-
-    hooks, held = {}, {}
-    for layer in layers:
-        pin, pout = points(layer)
-
-        def keep(x, layer=layer):
-            held[layer] = x
-
-        def swap(y, layer=layer):
-            y = y.clone()
-            y[:, first:] = tset.forward(layer, held[layer][:, first:].float()).to(y.dtype)
-            return y
-        hooks[pin], hooks[pout] = keep, swap
-    return hooks
-
-
-def _fidelity(dm, tset, seqs: list[list[int]], first: int) -> dict:
-    """KL(real || replacement) per token (nats, mean) and top-1 agreement at positions >= 1."""
-    from kernels import forward as kf
-
-    from .corpus import pad_right
-
-    kl_sum = agree = n = 0.0
-    loss_real = loss_rep = 0.0
-    hooks = replacement_hooks(tset, range(tset.n_layers), first)
-    for i in range(0, len(seqs), 8):
-        ids, mask = pad_right(seqs[i:i + 8])
-        mask[:, 0] = False
-        real = kf.run(dm, ids, capture=[kf.FINAL])[kf.FINAL]
-        rep = kf.run(dm, ids, capture=[kf.FINAL], hooks=hooks)[kf.FINAL]
-        lr, lp = (dm.logits(x.float()).float().log_softmax(-1) for x in (real, rep))
-        m = mask
-        kl = (lr.exp() * (lr - lp)).sum(-1)
-        kl_sum += float(kl[m].sum())
-        agree += float((lr.argmax(-1) == lp.argmax(-1))[m].sum())
-        n += float(m.sum())
-        nxt = torch.zeros_like(mask)
-        nxt[:, :-1] = mask[:, 1:]
-        tgt = ids[:, 1:]
-        loss_real += float(-lr[:, :-1].gather(-1, tgt[..., None])[..., 0][nxt[:, :-1]].sum())
-        loss_rep += float(-lp[:, :-1].gather(-1, tgt[..., None])[..., 0][nxt[:, :-1]].sum())
-    ntgt = max(1.0, n - len(seqs))
-    return {"kl": round(kl_sum / n, 4), "top1_agreement": round(agree / n, 4), "tokens": int(n),
-            "loss_real": round(loss_real / ntgt, 4), "loss_replacement": round(loss_rep / ntgt, 4)}
-
-
-def measure_quality(folder: Path, windows: int = 64, log=None) -> dict:
-    """Per-layer FVU (1 - explained variance of the MLP output), L0 and dead latents on held-out
-    corpus windows (positions >= 1), and the replacement model's fidelity on them and on the
-    project's test passages; written to quality.json beside the weights."""
-    from kernels import forward as kf
-
-    from . import corpus
-    from .model import load_model
-    from .train_sae import passages
-    from .train_transcoders import TCConfig, _windows, capture_io
-
-    log = log or (lambda m: None)
-    t0 = time.time()
-    folder = Path(folder)
-    cfg = _read_config(folder)
-    model_id = cfg.get("dashboard_model")
-    model = load_model(model_id)
-    tset = load_set(str(folder), n_layers=None)
-    _loaded.pop((str(folder.resolve()), settings.device()), None)     # measured weights may change later
-    dm = kf.dense_model(model)
-    wins = _windows(TCConfig(model=model_id), "heldout")[:windows]
-    seqs = [w[2] for w in wins]
-    layers = range(tset.n_layers)
-    sse = np.zeros(tset.n_layers); sst = np.zeros(tset.n_layers); l0 = np.zeros(tset.n_layers)
-    fired = torch.zeros(tset.n_layers, tset.d_transcoder, dtype=torch.bool)
-    sums = [[] for _ in layers]
-    n = 0
-    for i in range(0, len(seqs), 8):
-        ids, mask = corpus.pad_right(seqs[i:i + 8])
-        mask[:, 0] = False
-        io = capture_io(dm, ids, mask, layers)
-        for layer in layers:
-            x, y = io[layer]
-            a = tset.encode(layer, x)
-            rec = tset.decode(layer, a, x)
-            sse[layer] += float((rec - y).pow(2).sum())
-            sums[layer].append(y)
-            l0[layer] += float((a > 0).sum())
-            fired[layer] |= (a > 0).any(0).cpu()
-        n += int(mask.sum())
-    for layer in layers:
-        y = torch.cat(sums[layer])
-        sst[layer] = float((y - y.mean(0)).pow(2).sum())
-    log(f"per-layer quality on {n} held-out tokens in {time.time() - t0:.0f} s")
-    per = [{"layer": l, "fvu": round(float(sse[l] / sst[l]), 4), "l0": round(float(l0[l] / n), 2),
-            "dead_pct": round(100 * float(1 - fired[l].float().mean()), 2)} for l in layers]
-    tok = model.tokenizer
-    bos = [tok.bos_token_id] if model.info.prepend_bos and tok.bos_token_id is not None else []
-    texts = passages()
-    pseqs = [bos + tok(t, add_special_tokens=False)["input_ids"][:255] for t in texts.values()]
-    fid = {"heldout": {"positions_ge_1": _fidelity(dm, tset, seqs, 1), "all_positions": _fidelity(dm, tset, seqs, 0)},
-           "passages": {"positions_ge_1": _fidelity(dm, tset, pseqs, 1), "all_positions": _fidelity(dm, tset, pseqs, 0)},
-           "note": "every MLP replaced by its transcoder at once, no error terms; KL(real || replacement) "
-                   "in nats per token and top-1 agreement at positions >= 1; positions_ge_1 keeps the first "
-                   "token's MLPs exact (its massive activations are not in the training data)"}
-    q = {"layers": per, "fidelity": fid, "heldout_tokens": n, "seconds": round(time.time() - t0, 1)}
-    (folder / "quality.json").write_text(json.dumps(q, indent=1))
-    return q
-
-
 # -- CLI ----------------------------------------------------------------------------------
 def add_cli_args(p) -> None:
     p.add_argument("--model", default=None, help="only the sets of this model")
-    p.add_argument("--measure", default=None, help="measure (and store) the quality of this set")
 
 
 def run_cli(a) -> dict:
-    if a.measure:
-        measure_quality(resolve(a.measure), log=lambda m: print(m, file=sys.stderr))
     return {"transcoders": list_sets(a.model)}

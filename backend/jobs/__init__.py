@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, ClassVar
@@ -29,8 +28,7 @@ from typing import Any, Callable, ClassVar
 import pyarrow as pa
 
 from ..errors import StoreError
-
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+from .chunks import Remote, write_chunk  # noqa: F401  (re-exported: jobs.Remote, jobs.write_chunk)
 
 # The protocol's tables (store migration 2).
 SCHEMA = [
@@ -87,22 +85,6 @@ def done_chunks(store, job_key: str) -> set[int]:
     return {r[0] for r in rows}
 
 
-def write_chunk(store, job_key: str, chunk: int, tables: dict[str, pa.Table], seconds: float) -> bool:
-    """Insert a chunk's rows and its done-mark atomically; False if the chunk was already done."""
-    for name in tables:
-        if not _IDENT.match(name):
-            raise StoreError(f"Not a table name: {name!r}")
-    from ..store import insert_arrow
-
-    with store.transaction() as cur:
-        if cur.execute("SELECT 1 FROM job_chunks WHERE job_key = ? AND chunk = ?",
-                       [job_key, chunk]).fetchall():
-            return False
-        n = sum(insert_arrow(cur, name, table) for name, table in tables.items())
-        cur.execute("INSERT INTO job_chunks VALUES (?, ?, ?, ?)", [job_key, chunk, n, seconds])
-    return True
-
-
 def finish(store, job_key: str, summary: dict[str, Any], sql: list[str] | None = None,
            params: list[list] | None = None) -> None:
     """Mark a job finished with its summary; `sql` (e.g. building a clustered copy) runs in the
@@ -112,22 +94,6 @@ def finish(store, job_key: str, summary: dict[str, Any], sql: list[str] | None =
             cur.execute(q, (params or [[]] * len(sql))[k])
         cur.execute("UPDATE jobs SET summary = ?, finished = current_timestamp WHERE job_key = ?",
                     [json.dumps(summary), job_key])
-
-
-@dataclass(frozen=True)
-class Remote:
-    """How a worker process rebuilds a job's `work(chunk)`: `factory` ("module:function") is
-    called once per worker with `args` (plain, picklable values: the job config, thresholds…)
-    and returns the work function, so each worker loads the model once."""
-
-    factory: str
-    args: tuple = ()
-
-    def build(self) -> Callable[[int], dict[str, pa.Table]]:
-        import importlib
-
-        module, name = self.factory.split(":")
-        return getattr(importlib.import_module(module), name)(*self.args)
 
 
 ENGINES = ("local", "ray")

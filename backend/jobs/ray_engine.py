@@ -132,7 +132,7 @@ def read_shard(path: Path) -> dict:
 
 
 def _merge(store, job_key: str, chunk: int, path: Path, seconds: float) -> None:
-    from . import write_chunk
+    from .chunks import write_chunk
 
     write_chunk(store, job_key, chunk, read_shard(path), seconds)
     shutil.rmtree(path, ignore_errors=True)
@@ -221,7 +221,7 @@ def run_chunks(store, job_key: str, kind: str, n_chunks: int, done: set[int], re
                stop_after: int | None = None, workers: int | None = None, stats: dict | None = None) -> dict:
     """Run the chunks not in `done` on Ray actors (map_chunks) and merge their shards into the
     store. Returns timing statistics (also filled into `stats` if given)."""
-    from . import Remote
+    from .chunks import Remote
 
     root = shard_root()
     stats = stats if stats is not None else {}
