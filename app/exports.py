@@ -43,8 +43,18 @@ def _patch(r, spec) -> dict:
                                               spec.get("metric", ""), title, labels)}
 
 
+def _token_attribution(r, spec) -> dict:
+    from .figures_attribution import explained_of, layer_heatmap, token_scores
+
+    explained = explained_of(r.target, r.against)
+    figs = {"scores": token_scores(r.tokens, r.scores, r.method, explained, r.held_positions)}
+    if r.layer_scores is not None:
+        figs["layers"] = layer_heatmap(r.tokens, r.layer_scores, r.method, explained, r.layer_gap_rel, r.layer_steps)
+    return figs
+
+
 BUILDERS = {"prompt": _prompt, "attention": _attention, "head_scores": _head_scores, "massive": _massive,
-            "patch": _patch}
+            "patch": _patch, "token_attribution": _token_attribution}
 
 
 def figures_for(kind: str, result, spec: dict) -> dict:

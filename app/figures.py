@@ -48,8 +48,15 @@ def top_k_bar(tokens: list[str], probs: np.ndarray) -> go.Figure:
     return _layout(fig, "Top next tokens", "probability", "token", height=60 + 28 * len(tokens))
 
 
+def mark_position(fig: go.Figure, pos: int | None) -> go.Figure:
+    """Dotted lines around one token's column (a position a link points at)."""
+    if pos is not None:
+        fig.add_vrect(x0=pos - 0.5, x1=pos + 0.5, line=dict(color="red", width=2, dash="dot"))
+    return fig
+
+
 def logit_lens_top(tokens: list[str], layer_labels: list[str], probs: np.ndarray,
-                   top_tokens: np.ndarray) -> go.Figure:
+                   top_tokens: np.ndarray, mark: int | None = None) -> go.Figure:
     """Layer × position heatmap of the top token's probability, the token written in the cell.
 
     probs, top_tokens: [layers+1, pos, k]; hover lists the k best tokens.
@@ -66,12 +73,13 @@ def logit_lens_top(tokens: list[str], layer_labels: list[str], probs: np.ndarray
         textfont=dict(size=9), hovertemplate="%{customdata}<extra></extra>"))
     fig.update_xaxes(**token_ticks(tokens), tickangle=-45)
     fig.update_yaxes(tickmode="array", tickvals=list(range(n_rows)), ticktext=layer_labels)
+    mark_position(fig, mark)
     return _layout(fig, "Logit lens: top token at each layer's residual stream", "input token (position)",
                    "layer (output of block; embed = input)", height=max(420, 18 * n_rows + 140))
 
 
 def logit_lens_token(tokens: list[str], layer_labels: list[str], probs: np.ndarray, ranks: np.ndarray,
-                     token: str) -> go.Figure:
+                     token: str, mark: int | None = None) -> go.Figure:
     n_rows, n_pos = probs.shape
     custom = np.stack([np.broadcast_to(np.array([html.escape(fmt_token(t)) for t in tokens]), probs.shape),
                        ranks.astype(str)], axis=-1)
@@ -82,6 +90,7 @@ def logit_lens_token(tokens: list[str], layer_labels: list[str], probs: np.ndarr
                       f"p({html.escape(fmt_token(token))}) = " + "%{z:.4f}<br>rank %{customdata[1]}<extra></extra>"))
     fig.update_xaxes(**token_ticks(tokens), tickangle=-45)
     fig.update_yaxes(tickmode="array", tickvals=list(range(n_rows)), ticktext=layer_labels)
+    mark_position(fig, mark)
     return _layout(fig, f"Logit lens: probability of {fmt_token(token)!s} at each layer", "input token (position)",
                    "layer (output of block; embed = input)", height=max(420, 18 * n_rows + 140))
 

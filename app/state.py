@@ -19,9 +19,10 @@ PAGES = {"prompt": "Prompt & logit lens", "attention": "Attention patterns", "he
          "patching": "Activation patching", "massive": "Massive activations", "features": "SAE features",
          "neurons": "Neurons", "neuron": "Neuron (corpus)", "feature": "Feature dashboard",
          "featuremap": "Feature map", "search": "Feature search", "circuits": "Circuits",
-         "steering": "Directions & steering", "graph": "Attribution graph"}
+         "steering": "Directions & steering", "graph": "Attribution graph",
+         "attribution_tokens": "Token attribution"}
 # Pages that use the prompt box in the sidebar.
-PROMPT_PAGES = ("prompt", "attention", "massive", "features", "neurons", "graph")
+PROMPT_PAGES = ("prompt", "attention", "massive", "features", "neurons", "graph", "attribution_tokens")
 # Query parameters of newer pages: page -> the View fields its link carries (the generic rule;
 # the older pages spell theirs out in view_params).
 PAGE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -34,12 +35,14 @@ PAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "steering": ("dkey", "sae", "feature", "prompt", "strength", "smode", "spos", "chat", "max_new", "temp",
                  "seed", "steer"),
     "graph": ("tcs", "node_thr", "edge_thr", "gnode", "pinned", "supers", "iv"),
+    "attribution_tokens": ("amethod", "atarget", "acontrast", "asteps", "abase", "afirst", "alayers"),
+    "prompt": ("lpos",),    # only when set: older prompt links are unchanged
 }
 IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"
 IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 LENS_MODES = {"top": "Top token", "token": "Chosen token"}
 INT_FIELDS = ("layer", "head", "n_pairs", "pos", "neuron", "atp", "feature", "top_n", "chat", "max_new", "seed",
-              "steer")
+              "steer", "afirst", "alayers")
 FLOAT_FIELDS = ("abs_thr", "ratio_thr", "strength", "temp", "node_thr", "edge_thr")
 
 
@@ -98,6 +101,15 @@ class View:
     pinned: str = ""        # pinned node ids, ";"-separated
     supers: str = ""        # supernodes: "name:id,id|name:id,id"
     iv: str = ""            # an intervention: "layer_feature_pos=value;..." (=xK scales)
+    # token attribution
+    amethod: str = "integrated-gradients"   # "saliency", "input-x-gradient" or "integrated-gradients"
+    atarget: str = ""       # the token explained ("" = the model's top next token)
+    acontrast: str = ""     # "" or the dispreferred token: explain logit(atarget) - logit(acontrast)
+    asteps: str = "auto"    # IG steps: "auto" or N (1-512)
+    abase: str = "zero"     # IG baseline: "zero", "pad" or "mask"
+    afirst: int = 0         # 1: interpolate position 0 too (default: held at its own embedding)
+    alayers: int = 0        # 1: the layer view (the same method at every layer's resid_pre)
+    lpos: str = ""          # prompt page: the position marked in the logit lens ("" = none)
     # massive activations
     abs_thr: float = 100.0
     ratio_thr: float = 1000.0

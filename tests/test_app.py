@@ -84,6 +84,10 @@ def _errors(at: AppTest) -> str:
     ({"page": "massive", "text": ""}, "prompt is empty"),
     ({"page": "features", "sae": "no-such-sae"}, "sae"),
     ({"page": "neurons", "layer": 31}, "Layer 31 does not exist"),
+    ({"page": "attribution_tokens", "asteps": "9999"}, "steps must be"),
+    ({"page": "attribution_tokens", "asteps": "many"}, "steps"),
+    ({"page": "attribution_tokens", "amethod": "lrp"}, "Unknown attribution method"),
+    ({"page": "attribution_tokens", "acontrast": " London"}, "preferred token"),
 ])
 def test_bad_links_give_clear_messages_and_store_nothing(params, expected, model):
     from backend.store import default_store
@@ -96,6 +100,29 @@ def test_bad_links_give_clear_messages_and_store_nothing(params, expected, model
     falls_back = params.get("page") == "nowhere" or params.get("layer") == "three" or "cell" in params
     if not falls_back and "lens" not in params:
         assert default_store().count_runs() == before
+
+
+def test_token_attribution_page_reads_a_stored_result(model):
+    """A stored IG result renders from the store with its completeness gap said above 1 %; the
+    layer view (saliency: one backward pass, cheap) renders; a link that marks a position the
+    prompt does not have is said on the prompt page. (The IG layer view: the browser test.)"""
+    from backend.analyses.token_attribution import TokenAttributionSpec
+    from backend.runner import run
+
+    text = "The capital of France is"
+    out = run(TokenAttributionSpec(model=DEFAULT_MODEL, text=text, steps=4))
+    at = _app(page="attribution_tokens", model=DEFAULT_MODEL, text=text, asteps=4, key=out.run_key)
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert any("token attribution: read from the store" in c.value for c in at.caption)
+    assert "attribution of logit" in str(at.get("plotly_chart")[0].proto.spec)
+    gap = out.result.completeness_gap_rel
+    assert gap > 0.01 and any(f"Completeness gap {gap * 100:.1f} %, above 1 %" in w.value for w in at.warning)
+    at = _app(page="attribution_tokens", model=DEFAULT_MODEL, text=text, amethod="saliency", alayers=1)
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    assert "Layer view" in " ".join(str(c.proto.spec) for c in at.get("plotly_chart"))
+    at = _app(page="prompt", model=DEFAULT_MODEL, text=text, lens="token", token=" Paris", lpos=99)
+    assert not at.exception and "not a position of this prompt" in _errors(at)
 
 
 def _figure_data(page) -> str:

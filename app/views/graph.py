@@ -69,6 +69,9 @@ def render(view: View) -> View:
     view, out = main_result(view, spec, "attribution graph")
     if out is None:
         return view
+    # the link names the set with its fingerprint ("<set>@<hash>"): reopened after the set was
+    # retrained, it still shows this graph from the store, and a recompute says the set changed
+    view = view.replace(tcs=spec.transcoders)
     r = out.result
     s = r.scores
     c = st.columns(5)
