@@ -18,9 +18,17 @@ from app.common import apply_pending_view, link_of  # noqa: E402
 from app.state import DEFAULT_MODEL, PAGES, PROMPT_PAGES, View, read_view, view_params  # noqa: E402
 from backend import bootstrap  # noqa: E402  (no torch at import; jobs import it in their thread)
 from backend.errors import DashboardError  # noqa: E402
-from backend.model import offline_model_ids  # noqa: E402
+from backend.model import canonical_id, local_model_ids, looks_local, offline_model_ids  # noqa: E402
 
 st.set_page_config(page_title="Inside the model", page_icon="🔬", layout="wide")
+
+
+def _model_label(model_id: str) -> str:
+    """A local folder's id (/abs/path#fingerprint) as its folder name and the fingerprint's head."""
+    if not looks_local(model_id) or "#" not in model_id:
+        return model_id
+    path, _, fp = model_id.rpartition("#")
+    return f"{Path(path).name} (local folder #{fp[:6]})"
 
 
 @st.cache_resource
@@ -46,19 +54,24 @@ if "view" not in st.session_state:  # first run of this session: the URL is the 
     st.session_state.w_page, st.session_state.w_text = view.page, view.text
 apply_pending_view()
 view: View = st.session_state.view
+if canonical_id(view.model) != view.model:   # a folder path in a link: keyed by path and fingerprint
+    view = st.session_state.view = view.replace(model=canonical_id(view.model))
 for p in st.session_state.problems:
     st.warning(p, icon=":material/link:")
 
 with st.sidebar:
     st.title("Inside the model")
     page = st.radio("View", list(PAGES), format_func=PAGES.get, key="w_page")
-    offline = offline_model_ids() or [DEFAULT_MODEL]
-    other = "other (hub name)…"
-    choice = st.selectbox("Model", offline + [other],
+    offline = (offline_model_ids() or [DEFAULT_MODEL]) + local_model_ids()   # + registered folders
+    other = "other (hub name or local folder)…"
+    choice = st.selectbox("Model", offline + [other], format_func=_model_label,
                           index=offline.index(view.model) if view.model in offline else len(offline))
     model = view.model
     if choice == other:
-        model = st.text_input("TransformerLens or Hugging Face name", value=view.model if view.model not in offline else "gpt2-small")
+        typed = st.text_input("TransformerLens or Hugging Face name, or a local folder path (a Hugging Face "
+                              "checkpoint: /path/to/checkpoint)",
+                              value=view.model if view.model not in offline else "gpt2-small")
+        model = canonical_id(typed.strip()) if typed.strip() else typed
     else:
         model = choice
     if page in PROMPT_PAGES:

@@ -1,6 +1,7 @@
 """Command line over the same calls the dashboard makes.
 
     python -m backend prompt --model smollm2-135m --text "The capital of France is" --format json
+    python -m backend prompt --model ./my-checkpoint --text "..."     (any Hugging Face folder)
     python -m backend models --format json
 
 Errors print {"error": {"type", "code", "message"}} (json) or a message (text), exit code 2.
@@ -34,7 +35,7 @@ def _run_prompt(a: argparse.Namespace) -> dict:
 
     out = run(PromptSpec(model=a.model, text=a.text, top_k=a.top_k), progress=_log)
     r = out.result
-    return {**_outcome_fields(out), "model": a.model, "text": a.text, "tokens": r.tokens,
+    return {**_outcome_fields(out), "model": out.spec.model, "text": a.text, "tokens": r.tokens,
             "token_ids": r.token_ids,
             "top_k": [{"token": t, "prob": float(p), "token_id": int(i)}
                       for t, p, i in zip(r.top_tokens, r.top_probs, r.top_ids)],
@@ -43,21 +44,38 @@ def _run_prompt(a: argparse.Namespace) -> dict:
 
 
 def _add_models(p: argparse.ArgumentParser) -> None:
-    pass
+    p.add_argument("action", nargs="?", choices=["list", "add", "remove"], default="list",
+                   help="list (default); add PATH: register a local checkpoint folder (kept beside the store); "
+                        "remove PATH: forget one. DASHBOARD_MODELS lists more (os.pathsep-separated)")
+    p.add_argument("path", nargs="?", default=None, help="a Hugging Face checkpoint folder (add / remove)")
 
 
 def _run_models(a: argparse.Namespace) -> dict:
-    from .model import available_models
+    from . import settings
+    from .errors import InvalidSpec
+    from .model import available_models, local_models, register, unregister
 
-    return {"default": DEFAULT_MODEL, "offline": available_models(),
-            "hub": "any TransformerLens model name or Hugging Face repo id, when online"}
+    if a.action in ("add", "remove") and not a.path:
+        raise InvalidSpec(f"`models {a.action}` needs the folder: python -m backend models {a.action} PATH")
+    out: dict[str, Any] = {}
+    if a.action == "add":
+        out["added"] = register(a.path)
+    elif a.action == "remove":
+        out["removed"] = unregister(a.path)
+    elif a.path:
+        raise InvalidSpec("`models` takes a folder only with add or remove.")
+    return {**out, "default": DEFAULT_MODEL, "offline": available_models(), "local": local_models(),
+            "registry": str(settings.registered_models_file()),
+            "hub": "any TransformerLens model name or Hugging Face repo id, when online",
+            "any_folder": "--model PATH opens any Hugging Face checkpoint folder, registered or not"}
 
 
 # name -> (help, add-arguments, run); the last two are functions or "module:function" strings,
 # imported only when that subcommand runs (so `python -m backend prompt` never imports SAELens).
 SUBCOMMANDS: dict[str, tuple[str, Callable | str, Callable | str]] = {
     "prompt": ("tokens, top next tokens and logit lens of a prompt", _add_prompt, _run_prompt),
-    "models": ("models available offline", _add_models, _run_models),
+    "models": ("models available offline and local checkpoint folders registered (models add PATH)",
+               _add_models, _run_models),
     "corpus": ("build (from installed packages) or describe the text corpus",
               "backend.corpus:add_cli_args", "backend.corpus:run_cli"),
     "train-sae": ("train the SAEs offline (one activation cache, SAELens SAETrainer)",

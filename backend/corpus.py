@@ -823,7 +823,9 @@ def documents(name: str = DEFAULT_NAME, root: Path | None = None, split: str | N
 
 
 def tokens_path(model_id: str, name: str = DEFAULT_NAME, root: Path | None = None) -> Path:
-    return corpus_dir(name, root) / "tokens" / f"{model_id}.parquet"
+    from .model.local import file_name
+
+    return corpus_dir(name, root) / "tokens" / f"{file_name(model_id)}.parquet"
 
 
 def tokenize(model_id: str, name: str = DEFAULT_NAME, root: Path | None = None,

@@ -24,6 +24,26 @@ class UnknownModel(DashboardError):
     code = "unknown_model"
 
 
+class InvalidCheckpoint(UnknownModel):
+    """A local path that is not a loadable Hugging Face checkpoint folder: a file, a folder with
+    no config.json or no weights, weights that do not fit the config, an unreadable tokenizer.
+    A subclass of UnknownModel, so whoever handles an unknown model handles it too."""
+
+    code = "invalid_checkpoint"
+
+
+class UnsupportedArchitecture(InvalidCheckpoint):
+    """A checkpoint whose architecture transformers (or TransformerLens's bridge) does not know."""
+
+    code = "unsupported_architecture"
+
+
+class CheckpointChanged(InvalidCheckpoint):
+    """A local model id names a checkpoint as it was (its fingerprint); the folder now holds another."""
+
+    code = "checkpoint_changed"
+
+
 class ModelUnavailableOffline(DashboardError):
     code = "model_offline"
 

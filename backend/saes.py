@@ -20,6 +20,7 @@ from typing import Any
 
 from . import settings
 from .errors import SAEUnavailableOffline, UnknownSAE
+from .model.local import same_weights
 
 SAE_DIR = settings.DATA_DIR / "saes"
 
@@ -44,7 +45,7 @@ def list_saes(model: str | None = None, root: Path | None = None) -> list[dict]:
     out = []
     for p in sorted(root.glob("*/cfg.json")):
         info = _folder_info(p.parent, "shipped")
-        if model is None or info["model"] == model:
+        if model is None or info["model"] == model or (info["model"] and same_weights(info["model"], model)):
             out.append(info)
     return out
 

@@ -4,6 +4,8 @@ DASHBOARD_STORE       path of the DuckDB store (default: data/store.duckdb)
 DASHBOARD_CACHE       where converted model checkpoints live (default: ~/.cache/interp-dashboard)
 DASHBOARD_MAX_TOKENS  longest prompt accepted, in tokens (default: 256)
 DASHBOARD_DEVICE      force a device ("cpu", "cuda"); default: CUDA when present
+DASHBOARD_MODELS      local checkpoint folders to list as models, separated by os.pathsep (':');
+                      `python -m backend models add PATH` registers more in <store>.models.txt
 """
 
 from __future__ import annotations
@@ -28,6 +30,18 @@ def corpus_root() -> Path:
 def cache_dir() -> Path:
     default = Path.home() / ".cache" / "interp-dashboard"
     return Path(os.environ.get("DASHBOARD_CACHE", default))
+
+
+def env_model_folders() -> list[str]:
+    """Checkpoint folders named in DASHBOARD_MODELS (os.pathsep-separated), in order."""
+    return [p.strip() for p in os.environ.get("DASHBOARD_MODELS", "").split(os.pathsep) if p.strip()]
+
+
+def registered_models_file() -> Path:
+    """Where `models add` keeps the folders it registered: beside the store (one path a line), so
+    each store (a project, a test) has its own list."""
+    s = store_path()
+    return s.with_name(s.stem + ".models.txt")
 
 
 def max_tokens() -> int:

@@ -38,6 +38,11 @@ class Spec:
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model.strip():
             raise InvalidSpec("A model id is required.")
+        from .model.local import canonical_id
+
+        # A local checkpoint folder is keyed by its path and fingerprint (backend/model/local.py), so
+        # a checkpoint saved over another at the same path never reads the other's results.
+        object.__setattr__(self, "model", canonical_id(self.model))
         self.validate()
 
     def validate(self) -> None:

@@ -43,7 +43,7 @@ import numpy as np
 
 from .. import settings
 from ..errors import DashboardError, InvalidSite, InvalidSpec, OutOfRange, SAEMismatch
-from ..model import LoadedModel
+from ..model import LoadedModel, trained_for
 from ..runner import analysis
 from ..sites import _BLOCK, _GLOBAL, Component, Site, hook_name, hook_names
 from ..spec import Result, Spec
@@ -536,7 +536,7 @@ def _sae_direction(spec: DirectionSpec, model: LoadedModel) -> DirectionResult:
 
     sae = load_sae(spec.sae)
     trained_on = sae.cfg.metadata.model_name
-    if trained_on and trained_on not in (model.info.model_id, model.info.hf_name):
+    if trained_on and not trained_for(trained_on, model.info):
         raise SAEMismatch(f"SAE {spec.sae!r} was trained on {trained_on!r}, not {spec.model!r}.")
     if spec.feature >= sae.cfg.d_sae:
         raise OutOfRange(f"Feature {spec.feature} does not exist: {spec.sae} has features 0–{sae.cfg.d_sae - 1}.")

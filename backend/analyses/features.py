@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidSpec, SAEMismatch
-from ..model import LoadedModel
+from ..model import LoadedModel, trained_for
 from ..runner import analysis
 from ..spec import Result, Spec, check_text
 
@@ -76,7 +76,7 @@ def compute(spec: FeaturesSpec, model: LoadedModel, progress=None) -> FeaturesRe
     sae = load_sae(spec.sae)
     hook = sae.cfg.metadata.hook_name
     trained_on = sae.cfg.metadata.model_name
-    if trained_on and trained_on not in (model.info.model_id, model.info.hf_name):
+    if trained_on and not trained_for(trained_on, model.info):
         raise SAEMismatch(f"SAE {spec.sae!r} was trained on {trained_on!r}, not {spec.model!r}.")
     ids = model.encode(spec.text)
     x = hook_activations(model, hook, ids).float()                 # [pos d_in]

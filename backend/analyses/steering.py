@@ -350,7 +350,9 @@ def run_cli(a) -> dict:
 
     if a.direction:            # a missing or foreign direction fails before the model loads
         dspec, _ = load_direction(a.direction)
-        if dspec.model != a.model:
+        from ..model import canonical_id
+
+        if dspec.model != canonical_id(a.model):
             raise DirectionMismatch(f"Direction {a.direction} was made on {dspec.model!r}, not {a.model!r}.")
     spec = SteerSpec(model=a.model, prompt=a.prompt, direction=a.direction, sae=a.sae, feature=a.feature,
                      strength=a.strength, mode=a.mode, positions=a.positions, chat=a.chat,

