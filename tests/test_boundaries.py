@@ -102,3 +102,58 @@ def test_the_store_write_lock_stays_in_the_store():
         if name != "backend/store.py" and "_write_lock" in text and name != "tests/test_boundaries.py":
             bad += [f"{name}: {h}" for h in _hits(re.compile(r"_write_lock"), text)]
     assert not bad, "\n".join(bad)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Project module -> the project modules it imports (top level and inside functions)."""
+    import ast
+
+    mods = {}
+    for top in ("backend", "kernels", "app"):
+        for p in (ROOT / top).rglob("*.py"):
+            parts = list(p.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            mods[".".join(parts)] = p
+
+    def known(name: str) -> str | None:
+        while name and name not in mods:
+            name = name.rsplit(".", 1)[0] if "." in name else ""
+        return name or None
+
+    graph = {m: set() for m in mods}
+    for m, p in mods.items():
+        pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = pkg.split(".")[:len(pkg.split(".")) - (node.level - 1)]
+                    base = ".".join(up + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            for t in filter(None, map(known, targets)):
+                if t != m:
+                    graph[m].add(t)
+    return graph
+
+
+def test_no_import_cycles_among_project_modules():
+    """Data flows one way: no chain of imports (at the top or inside functions) leads a module back
+    to itself. A package's __init__ importing its own submodules is the one allowed loop."""
+    graph = _import_graph()
+    cycles = []
+    for start in graph:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start and not (start.startswith(nxt + ".") or nxt.startswith(start + ".")
+                                         or len(path) == 1 and (nxt.startswith(start) or start.startswith(nxt))):
+                    cycles.append(" -> ".join(path + [nxt]))
+                elif nxt not in seen and nxt not in path:
+                    seen.add(nxt)
+                    stack.append((nxt, path + [nxt]))
+    assert not cycles, "\n".join(sorted(set(cycles))[:20])

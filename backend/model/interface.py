@@ -319,7 +319,7 @@ class LoadedModel:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from .loading import OFFLINE_MODELS, converted_dir
+        from .registry import OFFLINE_MODELS, converted_dir
 
         m = OFFLINE_MODELS.get(self.info.model_id)
         path = str(converted_dir(m)) if m is not None else self.info.hf_name

@@ -167,7 +167,7 @@ def _shown(name: str) -> str:
 
 
 def _hint() -> str:
-    from .loading import _offline_hint
+    from .registry import _offline_hint
 
     return ("A local model is a Hugging Face checkpoint folder: config.json, weights (*.safetensors or "
             f"pytorch_model*.bin) and tokenizer files. {_offline_hint()}.")
@@ -233,7 +233,7 @@ def file_name(model_id: str) -> str:
 def weights_fingerprint(model_id: str) -> str | None:
     """The fingerprint of the files a model loads from, where known without loading it: a local id's
     (from the id or its folder), an offline model's converted checkpoint once converted; else None."""
-    from .loading import OFFLINE_MODELS, converted_dir
+    from .registry import OFFLINE_MODELS, converted_dir
 
     if looks_local(model_id):
         cid = canonical_id(model_id)
