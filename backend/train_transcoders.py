@@ -314,7 +314,8 @@ def train(cfg: TCConfig, out: Path, work: Path, export_every: float = 900.0, log
                 f"dead {sum(stats[l]['dead'] for l in layers)}")
             if deadline is not None:
                 per_step = (time.time() - rate_t) / 20
-                total = min(max(1, cfg.tokens // cfg.batch_tokens), step + max(1, int((deadline - time.time()) / per_step)))
+                # past the deadline nothing is left (max 0): the decay has ended, the run stops
+                total = min(max(1, cfg.tokens // cfg.batch_tokens), step + max(0, int((deadline - time.time()) / per_step)))
             rate_t, rate_n = time.time(), 0
         if time.time() - last_export > export_every:
             save()

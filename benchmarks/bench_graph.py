@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DEFAULT_TEXT = "The Eiffel Tower is in the city of Paris, and the Colosseum is in the city of"
+DEFAULT_TEXT = "The Eiffel Tower is in Paris, and the Colosseum is in"   # 16 tokens with BOS
 
 
 def ours(a) -> None:

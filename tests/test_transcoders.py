@@ -144,9 +144,11 @@ def test_shipped_set_quality_is_listed():
     assert s["n_layers"] == 30 and s["d_transcoder"] >= 1024
     for row in s["layers"]:
         assert {"layer", "fvu", "l0", "dead_pct"} <= set(row)
-        assert 0 <= row["fvu"] < 1 and 0 <= row["dead_pct"] <= 100 and row["l0"] > 0
+        assert 0 <= row["fvu"] < 0.75 and 0 <= row["dead_pct"] <= 100 and 20 <= row["l0"] <= 48
+    fvu = sorted(r["fvu"] for r in s["layers"])
+    assert fvu[len(fvu) // 2] < 0.40                  # floors just below the shipped set's figures
     fid = s["fidelity"]["heldout"]["positions_ge_1"]
-    assert 0 <= fid["top1_agreement"] <= 1 and fid["kl"] >= 0
+    assert 0.2 < fid["top1_agreement"] <= 1 and 0 <= fid["kl"] < 3.5
 
 
 @pytest.mark.model
