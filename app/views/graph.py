@@ -10,16 +10,10 @@ import streamlit as st
 
 from backend.analyses.graph import GraphSpec
 from backend.analyses.graph_intervention import GraphInterventionSpec
-from backend.errors import DashboardError
 
-from ..common import fetch, main_result, model_dims, navigate
+from ..common import fetch, main_result, make_spec, model_dims, navigate
 from ..figures_graph import clicked_node, graph_figure, intervention_figure
 from ..state import View
-
-
-def spec_of(view: View) -> GraphSpec:
-    return GraphSpec(model=view.model, text=view.text, transcoders=view.tcs, node_threshold=view.node_thr,
-                     edge_threshold=view.edge_thr)
 
 
 def _ids(s: str) -> list[str]:
@@ -61,10 +55,9 @@ def render(view: View) -> View:
             new = view.replace(tcs=tcs.strip(), node_thr=float(node_thr), edge_thr=float(edge_thr), key="")
             if new != view:
                 navigate(new.replace(gnode="", pinned="", supers="", iv=""))
-    try:
-        spec = spec_of(view)
-    except DashboardError as e:
-        st.error(str(e), icon=":material/warning:")
+    spec = make_spec(GraphSpec, model=view.model, text=view.text, transcoders=view.tcs,
+                     node_threshold=view.node_thr, edge_threshold=view.edge_thr)
+    if spec is None:
         return view
     view, out = main_result(view, spec, "attribution graph")
     if out is None:
@@ -185,12 +178,8 @@ def _interventions(view: View, r, by_id: dict, pinned: list[str], supers: dict) 
     edits = tuple(_ids(view.iv))
     if not edits:
         return view
-    try:
-        spec = GraphInterventionSpec(model=view.model, text=view.text, transcoders=view.tcs, edits=edits)
-    except DashboardError as e:
-        st.error(str(e), icon=":material/warning:")
-        return view
-    out = fetch(spec, "intervention")
+    spec = make_spec(GraphInterventionSpec, model=view.model, text=view.text, transcoders=view.tcs, edits=edits)
+    out = fetch(spec, "intervention") if spec is not None else None
     if out is None:
         return view
     ir = out.result
