@@ -188,17 +188,14 @@ def export(cfg: TCConfig, states: dict[int, _LayerState], out: Path, n_layers: i
     write_config(tmp, cfg.model, n_layers, extra={"d_transcoder": cfg.width, "k": cfg.k, "skip": cfg.skip,
                                                   "training_tokens": tokens, "train_config": asdict(cfg)})
     stamp(tmp)
+    import shutil
+
     old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
     if out.exists():
-        if old.exists():
-            import shutil
-            shutil.rmtree(old)
-        out.rename(old)
+        out.rename(old)           # its quality.json measured the old weights: it goes with them
     tmp.rename(out)
-    if old.exists():
-        import shutil
-        # quality.json of an earlier export stays only if it measured these weights (it does not)
-        shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 

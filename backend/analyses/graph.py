@@ -174,7 +174,7 @@ class FullGraph:
     nodes: object                      # kernels.graph.Nodes
     adjacency: object                  # [N N] torch
     n_layers: int
-    tset_id: str
+    tset: object                       # the loaded transcoder set
     seconds: float
 
 
@@ -207,14 +207,17 @@ def full_graph(spec: GraphSpec, model: LoadedModel, progress=None) -> FullGraph:
     t0 = time.perf_counter()
     tset = transcoders_for(spec, model)
     fm = fast_model(model)
-    if fm is None or any(L["ln1_post"] is not None for L in fm.layers):
+    if fm is None:
         raise InvalidSpec(f"Attribution graphs need a Llama-style model; {spec.model} is not one.")
     ids = graph_ids(model, spec.text)
     if len(ids) > MAX_GRAPH_TOKENS:
         raise PromptTooLong(f"The prompt has {len(ids)} tokens; attribution graphs take at most {MAX_GRAPH_TOKENS} "
                             "(the dense adjacency grows with tokens × active features squared).")
     with model.lock, torch.inference_mode():
-        gi = kg.graph_inputs(fm, ids)
+        try:
+            gi = kg.graph_inputs(fm, ids)
+        except NotImplementedError as e:          # post-norms or softcaps: not in the kernel
+            raise InvalidSpec(f"Attribution graphs of {spec.model}: {e}.") from None
         nodes = kg.active_nodes(tset, gi, fm.W_U, spec.max_logits, spec.desired_logit_prob)
         n = len(nodes.layer) + fm.n_layers * len(ids) + len(ids) + len(nodes.logit_ids)
         if 4.0 * n * n > MAX_ADJACENCY_BYTES:
@@ -228,7 +231,7 @@ def full_graph(spec: GraphSpec, model: LoadedModel, progress=None) -> FullGraph:
                 last[0] = time.perf_counter()
                 progress(f"graph rows {done}/{total}")
         A = kg.adjacency(fm, gi, nodes, tset.W_skip, progress=tick)
-    return FullGraph(ids, nodes, A, fm.n_layers, tset.id, time.perf_counter() - t0)
+    return FullGraph(ids, nodes, A, fm.n_layers, tset, time.perf_counter() - t0)
 
 
 def _feature_labels(model: LoadedModel, tset, layers, feats, k: int = 3) -> list[str]:
@@ -261,7 +264,7 @@ def compute(spec: GraphSpec, model: LoadedModel, progress=None) -> GraphResult:
     rep_u, comp_u = graph_scores(A, F, L, T, K, probs)
     rep_p, comp_p = graph_scores(Ap, F, L, T, K, probs)
     keep = node_mask.nonzero()[:, 0].tolist()
-    tset = transcoders_for(spec, model)
+    tset = g.tset
     toks = model.str_tokens(g.ids)
     feat_keep = [i for i in keep if i < F]
     labels = dict(zip(feat_keep, _feature_labels(model, tset, nd.layer[feat_keep].tolist(), nd.feature[feat_keep].tolist())))
@@ -299,7 +302,7 @@ def compute(spec: GraphSpec, model: LoadedModel, progress=None) -> GraphResult:
     logits = [{"token": model.str_tokens([int(i)])[0], "token_id": int(i), "prob": round(float(p), 6)}
               for i, p in zip(nd.logit_ids, nd.logit_probs)]
     return GraphResult(
-        tokens=toks, token_ids=list(map(int, g.ids)), transcoders=g.tset_id, logits=logits, nodes=nodes,
+        tokens=toks, token_ids=list(map(int, g.ids)), transcoders=g.tset.id, logits=logits, nodes=nodes,
         edge_source=np.array([where[int(s)] for s in s_idx], dtype=np.int32),
         edge_target=np.array([where[int(t)] for t in t_idx], dtype=np.int32),
         edge_weight=A[t_idx, s_idx].numpy().astype(np.float32),
@@ -341,7 +344,7 @@ def export_circuit_tracer(spec: GraphSpec, path, model: LoadedModel | None = Non
          "active_features": torch.stack([nd.layer, nd.pos, nd.feature], 1),
          "logit_targets": nd.logit_ids.clone(), "logit_probabilities": nd.logit_probs.float().clone(),
          "vocab_size": info.d_vocab, "input_tokens": torch.tensor(g.ids), "selected_features": torch.arange(F),
-         "activation_values": nd.activation.clone(), "scan": f"{spec.model}/{g.tset_id}"}
+         "activation_values": nd.activation.clone(), "scan": f"{spec.model}/{g.tset.id}"}
     torch.save(d, str(path))
     return {"path": str(path), "format": "circuit-tracer", "nodes": int(g.adjacency.shape[0]), "n_active_features": F}
 
