@@ -1,8 +1,10 @@
 """Dashboards full on first start: the corpus jobs run in the background of the dashboard.
 
-When the dashboard starts on a store with no feature index and no neuron statistics, it
-calls `ensure_started()`, which runs the existing CLI jobs one after another in a daemon
-thread of the dashboard process:
+Every time the dashboard starts it calls `ensure_started()`, which looks at the store for each
+step of the plan below (for the model's shipped SAEs and the default corpus) and runs the steps
+whose result is missing, in plan order, in a daemon thread of the dashboard process; a step
+that was interrupted resumes at its first chunk not written (every step is a resumable job). A
+finished store starts nothing. The plan:
 
   1. feature-index --sae all --windows FIRST   (a small slice: the feature dashboards and the
                                                 map colours appear within minutes)
@@ -24,6 +26,13 @@ background build is exactly `python -m backend <step>`.
 Progress is read from the store's `jobs` / `job_chunks` tables (every corpus job uses them),
 so the page shows chunk-level progress of any step without the step knowing about it.
 
+A clean stop: when the process exits (Ctrl-C or SIGTERM to the dashboard), an exit hook sets
+jobs.STOP, so the running job stops before its next chunk (the chunk being written is one
+transaction: whole or not at all), and waits for the thread up to STOP_WAIT seconds; a thread
+still inside a forward then is left by ending the process at once (os._exit), never by
+finalising the interpreter under a native thread (that aborted: "terminate called without an
+active exception").
+
 Settings: DASHBOARD_BOOTSTRAP=0 turns it off (unset: on, except under pytest); DASHBOARD_BOOTSTRAP_FIRST (default 128) and
 DASHBOARD_BOOTSTRAP_WINDOWS (default 1024; 0 skips step 4) set the window counts.
 This module imports neither torch nor streamlit at import time.
@@ -31,11 +40,16 @@ This module imports neither torch nor streamlit at import time.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import Callable
+
+
+STOP_WAIT = 8.0   # seconds the exit hook waits for the running chunk
 
 
 @dataclass
@@ -46,6 +60,7 @@ class Step:
     status: str = "pending"   # pending | running | done | skipped | failed
     message: str = ""
     seconds: float = 0.0
+    done: Callable[[object], bool] | None = field(default=None, repr=False)   # done(store): its result is stored
 
 
 @dataclass
@@ -79,22 +94,86 @@ def enabled() -> bool:
 
 
 def plan(model: str | None = None) -> list[Step]:
+    from .model import DEFAULT_MODEL
+
     first = int(os.environ.get("DASHBOARD_BOOTSTRAP_FIRST", "128"))
     full = int(os.environ.get("DASHBOARD_BOOTSTRAP_WINDOWS", "1024"))
+    mid = model or DEFAULT_MODEL
     m = ["--model", model] if model else []
     steps = [Step("feature-index", [*m, "--sae", "all", "--windows", str(first)],
-                  f"feature index ({first} windows)"),
-             Step("neuron-stats", [*m, "--windows", str(first)], f"neuron statistics ({first} windows)"),
+                  f"feature index ({first} windows)", done=lambda st: _indexed(st, mid, first)),
+             Step("neuron-stats", [*m, "--windows", str(first)], f"neuron statistics ({first} windows)",
+                  done=lambda st: _neuron_stats(st, mid, first)),
              Step("feature-scores", [*m, "--sae", "all", "--parts", "vocab,output,input"],
-                  "feature labels, VocabProj, input and output scores")]
+                  "feature labels, VocabProj, input and output scores",
+                  done=lambda st: _scored(st, mid, ("n_vocab", "n_output", "n_input")))]
     if full > first:
         steps.append(Step("feature-index", [*m, "--sae", "all", "--windows", str(full)],
-                          f"feature index ({full} windows)"))
+                          f"feature index ({full} windows)", done=lambda st: _indexed(st, mid, full)))
     # TokenChange last: the long part (its strengths come from the index, so after the full one),
     # with the input scores of the full index
     steps.append(Step("feature-scores", [*m, "--sae", "all", "--parts", "input,token_change"],
-                      "feature TokenChange (every feature)"))
+                      "feature TokenChange (every feature)",
+                      done=lambda st: _scored(st, mid, ("n_input", "n_token_change"))))
     return steps
+
+
+# -- is a step's result in the store? (cheap reads; a reader that fails counts as "not yet") --
+def _shipped_saes(model: str) -> list[str]:
+    from .saes import list_saes
+
+    return [s["sae_id"] for s in list_saes(model)]
+
+
+def _indexed(store, model: str, windows: int) -> bool:
+    from .jobs.features.index import current_index
+
+    for sae in _shipped_saes(model):
+        ix = current_index(store, sae)
+        if ix is None or ix["stale"] or int(ix["n_windows"]) < windows:
+            return False
+    return True
+
+
+def _neuron_stats(store, model: str, windows: int) -> bool:
+    from .jobs.neuron_stats import finished_job
+
+    job = finished_job(store, model)
+    return job is not None and job.n_windows >= windows
+
+
+def _scored(store, model: str, counts: tuple[str, ...]) -> bool:
+    from .jobs.features.index import current_index, sae_key
+    from .jobs.features.scores import ensure_tables, score_table
+    from .saes import sae_info
+
+    ensure_tables(store)
+    for sae in _shipped_saes(model):
+        n = int(sae_info(sae)["d_sae"])
+        t = score_table(store, sae)
+        if "n_token_change" in counts:
+            ix = current_index(store, sae)
+            if ix is None:
+                return False
+            tc = store.cursor().execute("SELECT count(DISTINCT feature) FROM feature_token_change WHERE sae_key = ? "
+                                        "AND ix = ?", [sae_key(sae), ix["ix"]]).fetchall()[0][0]
+            t = {**t, "n_token_change": tc}
+        if any(int(t[c]) < n for c in counts):
+            return False
+    return True
+
+
+def pending_steps(store, model: str | None = None) -> list[Step]:
+    """The plan's steps whose result is not in the store, in plan order."""
+    out = []
+    for step in plan(model):
+        try:
+            done = step.done is not None and step.done(store)
+        except Exception:    # noqa: BLE001 - an unreadable result is a missing one
+            done = False
+        if not done:
+            out.append(step)
+    return out
 
 
 def store_is_empty(store) -> bool:
@@ -131,7 +210,11 @@ def _run_all(b: Bootstrap) -> None:
     from .model.loading import import_stack
 
     import_stack()   # before any page of this process can import the same stack (see there)
+    from .jobs import STOP
+
     for step in b.steps:
+        if STOP.is_set():
+            break
         try:
             run_step(step)
         except Exception as e:     # noqa: BLE001 - one failing step must not stop the others
@@ -141,8 +224,9 @@ def _run_all(b: Bootstrap) -> None:
 
 
 def ensure_started(store=None, model: str | None = None, force: bool = False) -> Bootstrap | None:
-    """Start the background build once per process if the store is empty (or `force`);
-    returns the running (or finished) build, or None when nothing was needed."""
+    """Start the background build once per process with the plan's steps whose result is not
+    stored (all of them with `force`); returns the running (or finished) build, or None when
+    nothing was needed."""
     global _current, _checked
     with _lock:
         if _current is not None or (_checked and not force):
@@ -153,13 +237,27 @@ def ensure_started(store=None, model: str | None = None, force: bool = False) ->
         if store is None:
             from .store import default_store
             store = default_store()
-        if not force and not store_is_empty(store):
+        steps = plan(model) if force else pending_steps(store, model)
+        if not steps:
             return None
-        b = Bootstrap(plan(model))
+        b = Bootstrap(steps)
         b.thread = threading.Thread(target=_run_all, args=(b,), name="dashboard-bootstrap", daemon=True)
         _current = b
+        atexit.register(_stop_at_exit, b)
         b.thread.start()
         return b
+
+
+def _stop_at_exit(b: Bootstrap) -> None:
+    """The exit hook (see the module's docstring): stop the build between chunks, or end now."""
+    from .jobs import STOP
+
+    if b.thread is None or not b.thread.is_alive():
+        return
+    STOP.set()
+    b.thread.join(STOP_WAIT)
+    if b.thread.is_alive():     # inside a forward: the unwritten chunk is simply not there
+        os._exit(0)
 
 
 def current() -> Bootstrap | None:

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import json
 import sys
+import time
 from typing import Any, Callable
 
 from .errors import DashboardError
@@ -97,9 +98,15 @@ SUBCOMMANDS: dict[str, tuple[str, Callable | str, Callable | str]] = {
     "massive-ablation": ("zero / mean ablation of the massive activations: LM loss on texts",
                         "backend.analyses.massive:add_ablation_cli_args", "backend.analyses.massive:run_ablation_cli"),
     "patch": ("exact activation patching sweep (layers x positions / heads) of a prompt pair",
-             "backend.analyses.patching:add_cli_args", "backend.analyses.patching:run_cli"),
+             "backend.analyses.patching:add_patch_args", "backend.analyses.patching:run_cli"),
     "attribute": ("which input tokens made this output: saliency, input x gradient, integrated gradients (auto steps)",
                   "backend.analyses.token_attribution:add_cli_args", "backend.analyses.token_attribution:run_cli"),
+    "das": ("distributed alignment search: learn a K-dim subspace at a site whose interchange makes the model follow a causal variable",
+            "backend.analyses.das:add_cli_args", "backend.analyses.das:run_cli"),
+    "illusion": ("the subspace-patching illusion check of a 1-D direction: rowspace vs nullspace of the next weights",
+                 "backend.analyses.illusion:add_cli_args", "backend.analyses.illusion:run_cli"),
+    "probe-study": ("what the hidden states know: truth probe (SAPLMA), TCAV, CLUE verification, harmfulness vs refusal",
+                    "backend.analyses.probe_study:add_cli_args", "backend.analyses.probe_study:run_cli"),
     "atp": ("attribution patching (AtP): gradient estimate of the patching sweep, ~3 forwards",
            "backend.analyses.attribution:add_cli_args", "backend.analyses.attribution:run_cli"),
     "atp-star": ("AtP* (QK fix + GradDrop) beside plain AtP; false negatives vs a stored exact sweep",
@@ -181,27 +188,92 @@ def execute(argv: list[str]) -> tuple[int, dict]:
         return 2, {"error": e.to_dict()}
 
 
+def store_wait() -> float:
+    """How long a command waits for a store another process holds without serving it (the
+    moment between one command closing it and the next opening it): DASHBOARD_STORE_WAIT s."""
+    import os
+
+    try:
+        return max(0.0, float(os.environ.get("DASHBOARD_STORE_WAIT", "120")))
+    except ValueError:
+        return 120.0
+
+
+def _serve_opened(store) -> None:
+    """The first command to open the store serves it to the commands started after it."""
+    from . import serve
+
+    if str(store.path) != ":memory:":
+        serve.start(store.path, execute)
+
+
+def _stop_signals() -> None:
+    """SIGTERM ends a command as Ctrl-C does (KeyboardInterrupt: the running chunk's transaction
+    rolls back, the store closes, exit 143), instead of killing it between two writes."""
+    import signal
+
+    def term(signum, frame):
+        raise _Terminated()
+
+    try:
+        signal.signal(signal.SIGTERM, term)
+    except ValueError:   # not the main thread (an embedding caller): leave signals alone
+        pass
+
+
+class _Terminated(KeyboardInterrupt):
+    pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .errors import StoreLocked
+    from . import store as store_mod
 
     argv = sys.argv[1:] if argv is None else argv
     a = _parser(argv).parse_args(argv)
+    _stop_signals()
+    store_mod.on_open.append(_serve_opened)
     try:
-        payload = _resolve(SUBCOMMANDS[a.command][2])(a)
-        code = 0
-    except StoreLocked as e:
-        # The store is held by a running dashboard: hand the call to it (backend/serve.py).
-        from . import serve, settings
+        return _main(a, argv)
+    except KeyboardInterrupt as e:
+        _log("Stopped." + (" (SIGTERM)" if isinstance(e, _Terminated) else ""))
+        return 143 if isinstance(e, _Terminated) else 130
+    finally:
+        _release()
 
-        if serve.holder(settings.store_path()) is None:
-            return _fail(a, e)
-        _log(f"The store is held by the dashboard: running this call in its process…")
+
+def _main(a, argv: list[str]) -> int:
+    from . import serve, settings
+    from .errors import StoreLocked
+
+    deadline, told = time.monotonic() + store_wait(), False
+    while True:
         try:
-            code, payload = serve.forward(argv, settings.store_path())
-        except DashboardError as e2:
-            return _fail(a, e2)
-    except DashboardError as e:
-        return _fail(a, e)
+            payload, code = _resolve(SUBCOMMANDS[a.command][2])(a), 0
+            break
+        except StoreLocked as e:
+            # Held by a dashboard or by another command: hand the call to it (backend/serve.py);
+            # between two holders (one closing, none serving yet) wait and try again.
+            try:
+                if serve.holder(settings.store_path()) is not None:
+                    if not told:
+                        _log("The store is held by another process (a dashboard or a command): "
+                             "running this call in its process…")
+                        told = True
+                    code, payload = serve.forward(argv, settings.store_path())
+                    break
+            except serve.Retry:
+                pass
+            except DashboardError as e2:
+                return _fail(a, e2)
+            if time.monotonic() > deadline:
+                return _fail(a, e)
+            if not told:
+                _log(f"Waiting for the store (in use by another process; up to {store_wait():.0f} s, "
+                     "DASHBOARD_STORE_WAIT)…")
+                told = True
+            time.sleep(0.25)
+        except DashboardError as e:
+            return _fail(a, e)
     if code != 0:
         err = payload.get("error", {})
         if a.format == "json":
@@ -214,6 +286,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _print_text(payload)
     return 0
+
+
+def _release() -> None:
+    """Hand the store on: finish the calls forwarded to this process, stop serving, close."""
+    from . import serve, store as store_mod
+
+    try:
+        serve.stop_when_idle()
+    except KeyboardInterrupt:
+        pass
+    store_mod.close_default()
 
 
 def _fail(a, e: DashboardError) -> int:

@@ -18,7 +18,15 @@ own process, against its own open store, and sends back the JSON payload. So:
   computation, while stored views (reads) stay interactive in every session.
 
 The token keeps other local users from driving the dashboard's process; the server binds
-127.0.0.1 only. Without a running dashboard the CLI opens the store itself, as before.
+127.0.0.1 only.
+
+Scripts side by side, no dashboard: the first CLI process that opens the store serves it the
+same way (backend/cli.py), so a second, third … command started meanwhile runs in the first
+one's process instead of failing with store_locked. When its own command is done, the first
+process keeps serving while any forwarded call is still running, and closes the store once it
+is idle (`stop_when_idle`); a command that arrives in that moment is told to retry (HTTP 503)
+and opens the store itself. A waiting command prints one line on stderr and gives up with
+store_locked after DASHBOARD_STORE_WAIT seconds (default 120).
 """
 
 from __future__ import annotations
@@ -38,6 +46,13 @@ from .errors import DashboardError, StoreLocked
 
 _server: ThreadingHTTPServer | None = None
 _guard = threading.Lock()
+_active = 0               # forwarded calls running now
+_closing = False          # stop_when_idle ran: new calls are told to retry elsewhere
+_idle = threading.Condition(_guard)
+
+
+class Retry(StoreLocked):
+    """The holder is closing (or went away) between finding it and calling it: try again."""
 
 
 def server_file(store_path: Path) -> Path:
@@ -76,7 +91,18 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/run" or not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
             return self._reply(400, {"error": {"type": "BadRequest", "code": "bad_request",
                                                "message": "POST /run with {token, argv: [str]}"}})
-        code, payload = type(self).run(argv)
+        global _active
+        with _guard:
+            if _closing:
+                return self._reply(503, {"error": {"type": "Retry", "code": "retry",
+                                                   "message": "the store's holder is closing; open it yourself"}})
+            _active += 1
+        try:
+            code, payload = type(self).run(argv)
+        finally:
+            with _guard:
+                _active -= 1
+                _idle.notify_all()
         self._reply(200, {"code": code, "payload": payload})
 
 
@@ -101,8 +127,30 @@ def start(store_path: Path, run: Callable[[list[str]], tuple[int, dict]]) -> Pat
             with os.fdopen(fd, "w") as fh:
                 json.dump(info, fh)
             os.replace(tmp, info_path)
+            _served.add(info_path)
             atexit.register(_remove, info_path, os.getpid())
     return info_path
+
+
+def stop_when_idle(timeout: float | None = None) -> bool:
+    """Stop serving once no forwarded call runs (new calls keep being accepted until then), and
+    remove the server file; True when stopped (False: `timeout` seconds passed first)."""
+    global _server, _closing
+    with _guard:
+        if _server is None:
+            return True
+        if not _idle.wait_for(lambda: _active == 0, timeout=timeout):
+            return False
+        _closing = True
+        srv, _server = _server, None
+    srv.shutdown()
+    srv.server_close()
+    for info_path in list(_served):
+        _remove(info_path, os.getpid())
+    return True
+
+
+_served: set[Path] = set()
 
 
 def _remove(info_path: Path, pid: int) -> None:
@@ -145,10 +193,17 @@ def forward(argv: list[str], store_path: Path, timeout: float | None = None) -> 
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             out = json.loads(resp.read())
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except urllib.error.HTTPError as e:
+        if e.code == 503:
+            raise Retry(f"The store {store_path}'s holder (pid {info['pid']}) is closing.") from None
+        raise StoreLocked(f"The store {store_path} is held by pid {info['pid']}, which refused the call ({e}).") from None
+    except (urllib.error.URLError, ConnectionError) as e:
+        # gone between reading its file and calling it (or killed while running the call): retry
+        raise Retry(f"The store {store_path}'s holder (pid {info['pid']}) did not answer ({e}).") from None
+    except (OSError, ValueError) as e:
         raise StoreLocked(f"The store {store_path} is held by the dashboard (pid {info['pid']}), which did not "
                           f"answer ({e}).") from None
     return int(out["code"]), out["payload"]
 
 
-__all__ = ["start", "forward", "holder", "server_file", "DashboardError"]
+__all__ = ["start", "stop_when_idle", "forward", "holder", "server_file", "Retry", "DashboardError"]

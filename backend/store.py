@@ -255,6 +255,8 @@ class Store:
 
 _default: Store | None = None
 _default_lock = threading.Lock()
+# Called with the process's default store right after it opens (the CLI serves it: backend/cli.py).
+on_open: list = []
 
 
 def insert_arrow(cur, table: str, rows: pa.Table, order_by: str | None = None) -> int:
@@ -278,4 +280,15 @@ def default_store() -> Store:
     with _default_lock:
         if _default is None or _default.path != settings.store_path():
             _default = Store()
+            for fn in on_open:
+                fn(_default)
         return _default
+
+
+def close_default() -> None:
+    """Close the process's default store (a CLI hands the file to the next command)."""
+    global _default
+    with _default_lock:
+        if _default is not None:
+            _default.close()
+            _default = None

@@ -27,33 +27,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def dashboard(env: dict | None = None, timeout: float = 60):
-    """Run `streamlit run app/main.py` on a free port; yield its base URL."""
+def start_dashboard(env: dict | None = None, timeout: float = 60) -> tuple[subprocess.Popen, str, Path]:
+    """Start `streamlit run app/main.py` on a free port: (process, base URL, log file)."""
     port = free_port()
     cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "main.py"), "--server.headless", "true",
            "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"]
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"streamlit-{port}.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"streamlit-{port}.log"
+    with open(path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if urllib.request.urlopen(base + "/_stcore/health", timeout=2).read() == b"ok":
+                return proc, base, path
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"dashboard did not start; see {path}")
+        time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def dashboard(env: dict | None = None, timeout: float = 60):
+    """Run `streamlit run app/main.py` on a free port; yield its base URL."""
+    proc, base, _ = start_dashboard(env, timeout)
     try:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                if urllib.request.urlopen(base + "/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"dashboard did not start; see {log.name}")
-            time.sleep(0.3)
         yield base
     finally:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
         proc.kill()
-        log.close()
 
 
 def browser_context(playwright, user_dir: str):

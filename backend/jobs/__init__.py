@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, ClassVar
@@ -41,6 +42,15 @@ SCHEMA = [
 
 
 Progress = Callable[[int, int, str], None]
+
+# Set when the process is stopping (the dashboard's exit, backend/bootstrap.py): a job running
+# in a background thread stops before its next chunk (JobStopped), the chunks written stay.
+STOP = threading.Event()
+
+
+class JobStopped(StoreError):
+    """The process is stopping: the job stopped between two chunks and resumes at the next start."""
+    code = "job_stopped"
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,9 @@ def run_job(store, job_key: str, kind: str, model: str, spec: dict, n_chunks: in
             continue
         if stop_after is not None and new >= stop_after:
             break
+        if STOP.is_set():
+            raise JobStopped(f"{kind} stopped at chunk {chunk + 1}/{n_chunks} (the process is stopping); "
+                             "it resumes there.")
         t = time.perf_counter()
         tables = work(chunk)
         if write_chunk(store, job_key, chunk, tables, time.perf_counter() - t):
