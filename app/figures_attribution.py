@@ -15,7 +15,9 @@ import plotly.graph_objects as go
 from .figures import DIVERGING, _layout, click_layer, fmt_token, token_ticks
 
 METHOD_LABELS = {"saliency": "saliency ‖∂f/∂e‖", "input-x-gradient": "input × gradient",
-                 "integrated-gradients": "integrated gradients"}
+                 "integrated-gradients": "integrated gradients", "lrp": "LRP (AttnLRP, with positions)",
+                 "lrp-cp": "LRP (attention weights constant, CP-LRP)"}
+LRP = ("lrp", "lrp-cp")
 UNSIGNED = ("saliency",)
 
 
@@ -65,6 +67,21 @@ def token_scores(tokens: list[str], scores: np.ndarray, method: str, explained: 
     fig.update_yaxes(visible=False)
     return _layout(fig, f"{METHOD_LABELS.get(method, method)}: attribution of {html.escape(explained)} to each "
                    "input token", "position (the tokens are in the cells)", "", height=240)
+
+
+def content_and_position(tokens: list[str], content: np.ndarray, position: np.ndarray, explained: str) -> go.Figure:
+    """LRP: each token's relevance split into what its content (the embedding) and its position
+    (the rotary factors read there) received; grouped bars, signed, hover with both."""
+    labels = [f"{i} {html.escape(fmt_token(t))}" for i, t in enumerate(tokens)]
+    fig = go.Figure()
+    for name, vals, colour in (("content (token embedding)", content, "#4c72b0"),
+                               ("position (rotary factors)", position, "#dd8452")):
+        fig.add_trace(go.Bar(x=list(range(len(tokens))), y=[float(v) for v in vals], name=name, marker_color=colour,
+                             customdata=labels, hovertemplate="%{customdata}<br>" + name + ": %{y:+.4f}<extra></extra>"))
+    fig.update_layout(barmode="group")
+    fig.update_xaxes(tickmode="array", tickvals=list(range(len(tokens))), ticktext=labels)
+    return _layout(fig, f"LRP relevance of {html.escape(explained)}: content vs position per token",
+                   "position and token", "relevance", height=320)
 
 
 def layer_heatmap(tokens: list[str], layer_scores: np.ndarray, method: str, explained: str,

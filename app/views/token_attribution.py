@@ -1,6 +1,6 @@
 """Token attribution page: which input tokens made the next token (saliency, input × gradient,
-integrated gradients), the completeness of IG said plainly, and a layer view whose cells open
-the logit lens at their position."""
+integrated gradients, LRP), the completeness of IG and LRP's conservation said plainly, LRP's
+positional share, and a layer view whose cells open the logit lens at their position."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from backend.errors import InvalidSpec, OutOfRange
 
 from ..common import form_result, metrics_row, navigate, synced
 from ..figures import fmt_token
-from ..figures_attribution import METHOD_LABELS, UNSIGNED, explained_of, layer_heatmap, pct, token_scores
+from ..figures_attribution import (LRP, METHOD_LABELS, UNSIGNED, content_and_position, explained_of, layer_heatmap,
+                                   pct, token_scores)
 from ..state import View
 
 BASELINE_LABELS = {"zero": "zero vectors", "pad": "the pad token's embedding", "mask": "the mean embedding"}
@@ -65,7 +66,8 @@ def render(view: View) -> View:
     st.caption("Which words of the prompt made the next token: the gradient of the explained logit (or logit "
                "difference) with respect to each input token's embedding. Saliency is its norm (unsigned); "
                "input × gradient and integrated gradients are signed and, for IG, add up to the logit's change "
-               "from the baseline to the prompt. Blue raises the explained logit, red lowers it.")
+               "from the baseline to the prompt; LRP propagates the logit itself back by rules, to each token's "
+               "content and its position. Blue raises the explained logit, red lowers it.")
     view, out = form_result(view, _form, spec_of, "token attribution")
     if out is None:
         return view
@@ -75,6 +77,14 @@ def render(view: View) -> View:
     _numbers(r, explained)
     st.plotly_chart(token_scores(r.tokens, r.scores, r.method, explained, r.held_positions),
                     key=f"scores-{out.run_key}")
+    if r.method in LRP and r.position_scores is not None:
+        st.plotly_chart(content_and_position(r.tokens, r.scores, r.position_scores, explained),
+                        key=f"positions-{out.run_key}")
+        st.caption("LRP rules (kernels/lrp.py): norms pass relevance through their denominator, the gate's "
+                   "activation passes it unchanged, every product of two activations (gate × up, q · k, "
+                   "weights × values, rotary x·cos + rot(x)·sin) splits it in half. The rotary half is the "
+                   "position's: AttnLRP propagates through the softmax into queries and keys; CP-LRP holds the "
+                   "attention weights constant, so position gets nothing and the scores add up exactly.")
     if r.held_positions:
         st.caption("Position 0 is held at its own embedding. " + HELD_DETAIL)
     elif r.method == "integrated-gradients":
@@ -110,6 +120,20 @@ def _target_picker(view: View, r) -> View:
 def _numbers(r, explained: str) -> None:
     ig = r.method == "integrated-gradients"
     total = float(np.sum(r.scores))
+    if r.method in LRP:
+        pos = float(np.sum(r.position_scores)) if r.position_scores is not None else 0.0
+        metrics_row([(explained, f"{r.target_logit:.3f}"), ("content relevance", f"{total:+.3f}"),
+                     ("positional relevance", f"{pos:+.3f}"), ("conservation gap", f"{r.completeness_gap:+.4g}"),
+                     ("gap, relative", pct(r.completeness_gap_rel))])
+        st.caption(f"Conservation: content + position − {explained} = {total:+.4f} + {pos:+.4f} − "
+                   f"{r.target_logit:.4f}.")
+        if r.completeness_gap_rel > TOLERANCE:
+            st.warning(f"The relevances do not add up: {pct(r.completeness_gap_rel)} of {explained} is not "
+                       "accounted for. AttnLRP's softmax rule is not conservative (the softmax ignores a shift "
+                       "of its inputs, and the rule gives relevance in proportion to their level); CP-LRP "
+                       "conserves exactly, at the price of giving queries, keys and positions nothing.",
+                       icon=":material/warning:")
+        return
     if not ig:
         items = [(explained, f"{r.target_logit:.3f}")]
         if r.method not in UNSIGNED:
@@ -141,7 +165,8 @@ def _numbers(r, explained: str) -> None:
 def _layer_view(view: View, r, run_key: str, explained: str) -> View:
     st.subheader("Layer view")
     cost = (f"one integrated-gradients run per layer ({len(r.tokens)} tokens; with auto steps this can take "
-            "minutes on a CPU)" if r.method == "integrated-gradients" else "one more backward pass")
+            "minutes on a CPU)" if r.method == "integrated-gradients" else "nothing more (the same backward)"
+            if r.method in LRP else "one more backward pass")
     on = st.checkbox("Attribute to every layer's residual stream (resid_pre) too", key=synced("w_alayers",
                      bool(view.alayers)), help=f"the same method applied at each layer's input; costs {cost}")
     if on != bool(view.alayers):

@@ -52,7 +52,8 @@ from ..runner import analysis
 from ..spec import Result, Spec, check_text
 from .token_lens import single_token_id
 
-METHODS = ("saliency", "input-x-gradient", "integrated-gradients")
+METHODS = ("saliency", "input-x-gradient", "integrated-gradients", "lrp", "lrp-cp")
+LRP_MODES = {"lrp": "attnlrp", "lrp-cp": "cp"}   # kernels/lrp.py
 BASELINES = ("zero", "pad", "mask")
 MAX_STEPS = 512          # --steps N must be 1..MAX_STEPS; auto stops there
 AUTO_START = 16          # auto: 16, 32, 64, ... MAX_STEPS
@@ -137,6 +138,7 @@ class TokenAttributionResult(Result):
     layer_scores: np.ndarray | None = None      # [n_layers pos] float64 (layers=True)
     layer_gap_rel: np.ndarray | None = None     # [n_layers] IG completeness per layer
     layer_steps: np.ndarray | None = None       # [n_layers] IG steps used per layer
+    position_scores: np.ndarray | None = None   # LRP: [pos] relevance of the rotary position factors read there
 
     def payload(self) -> dict:
         """The JSON-able fields (the CLI's answer)."""
@@ -145,6 +147,11 @@ class TokenAttributionResult(Result):
             "completeness_gap", "completeness_gap_rel", "steps_used", "steps_requested", "steps_cap",
             "converged", "rounds", "baseline", "held_positions", "top_next", "engine")}
         d["scores"] = [float(s) for s in self.scores]
+        if self.position_scores is not None:
+            d["position_scores"] = [float(s) for s in self.position_scores]
+            tot = np.abs(self.scores) + np.abs(self.position_scores)
+            d["position_share"] = [float(p / t) if t > 0 else 0.0
+                                   for p, t in zip(np.abs(self.position_scores), tot)]
         if self.layer_scores is not None:
             d["layer_scores"] = self.layer_scores.tolist()
             if self.layer_gap_rel is not None:
@@ -259,6 +266,8 @@ def attribute(spec: TokenAttributionSpec, model: LoadedModel, progress=None, pre
 
     ids = model.encode(spec.text)
     T = len(ids)
+    if spec.method in LRP_MODES:
+        return _lrp(spec, model, ids)
     with model.lock:
         eng = engine(model, ids, prefer)
         x = eng.embed(ids)                                              # [T d] at hook_embed
@@ -320,6 +329,40 @@ def attribute(spec: TokenAttributionSpec, model: LoadedModel, progress=None, pre
         layer_scores=None if layer_scores is None else np.asarray(layer_scores, dtype=np.float64),
         layer_gap_rel=None if layer_gap is None else layer_gap.astype(np.float64),
         layer_steps=None if layer_steps is None else layer_steps.astype(np.int64))
+
+
+def _lrp(spec: TokenAttributionSpec, model: LoadedModel, ids: list[int]) -> TokenAttributionResult:
+    """LRP (kernels/lrp.py): token relevances, the rotary positions' share, and conservation:
+    completeness_gap = sum(scores) + sum(position_scores) - f(x) (0 up to rounding for lrp-cp)."""
+    import torch
+
+    from kernels.lrp import lrp_model, relevance
+    from kernels.token_attribution import DenseEngine
+
+    with model.lock:
+        lm = lrp_model(model, LRP_MODES[spec.method])
+        if lm is None:
+            raise InvalidSpec(f"LRP is written over the canonical-weight block (Llama-style models and Gemma-3); "
+                              f"{model.info.model_id} has another block: use integrated-gradients.")
+        eng = DenseEngine(lm)
+        x = eng.embed(ids)
+        logits, _, _ = eng.run(x[None])
+        readout, target, against = readout_of(spec, model, logits[0])
+        r = relevance(lm, x, readout, layers=spec.layers)
+    probs = logits[0].float().softmax(-1)
+    top = probs.topk(min(TOP_NEXT, probs.shape[0]))
+    top_next = [{"token": model.str_tokens([int(i)])[0], "id": int(i), "prob": float(p),
+                 "logit": float(logits[0, int(i)])} for p, i in zip(top.values, top.indices)]
+    f_x = float(readout.from_logits(logits).double()[0])
+    scores, pos = r["tokens"].cpu().numpy(), r["positions"].cpu().numpy()
+    gap = float(scores.sum() + pos.sum() - f_x)
+    return TokenAttributionResult(
+        tokens=model.str_tokens(ids), token_ids=list(ids), method=spec.method, target=target, against=against,
+        target_logit=f_x, baseline_logit=None, completeness_gap=gap, completeness_gap_rel=_rel(gap, f_x),
+        steps_used=None, steps_requested=None, steps_cap=None, converged=None, rounds=[], baseline=None,
+        held_positions=[], top_next=top_next, engine="lrp", scores=np.asarray(scores, dtype=np.float64),
+        layer_scores=None if "layers" not in r else r["layers"].cpu().numpy().astype(np.float64),
+        position_scores=np.asarray(pos, dtype=np.float64))
 
 
 @analysis(TokenAttributionSpec, TokenAttributionResult)
