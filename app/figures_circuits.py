@@ -103,3 +103,40 @@ def clicked_item(points: list[dict], fig: go.Figure, items: list[str]) -> str | 
         if names[curve] == "edges":
             return items[n_nodes + idx]
     return None
+
+
+ABLATION_METRIC_LABELS = {"logit_diff": "logit difference", "prob": "probability", "kl": "KL"}
+
+
+def ablation_heatmap(rows: list[dict], title: str) -> go.Figure:
+    """The 18 faithfulness values of a circuit: rows ablation x direction, columns metric."""
+    metrics = list(ABLATION_METRIC_LABELS)
+    keys = [(a, d) for a in ("resample", "mean", "zero") for d in ("denoising", "noising")]
+    val = {(r["ablation"], r["direction"], r["metric"]): r["faithfulness"] for r in rows}
+    z = [[val.get((a, d, m)) for m in metrics] for a, d in keys]
+    text = [["undefined" if v is None else f"{0.0 if abs(v) < 5e-4 else v:.3f}" for v in row] for row in z]
+    # signed: centred at 0 (red: the circuit pushes against the effect), symmetric, 1 = the full effect
+    top = max([1.0] + [abs(v) for row in z for v in row if v is not None])
+    fig = go.Figure(go.Heatmap(
+        z=[[float("nan") if v is None else v for v in row] for row in z],
+        x=[ABLATION_METRIC_LABELS[m] for m in metrics], y=[f"{a} · {d}" for a, d in keys],
+        text=text, texttemplate="%{text}", colorscale="RdBu", zmid=0.0, zmin=-top, zmax=top,
+        colorbar={"title": "faithfulness<br>(1 = full effect)"},
+        hovertemplate="ablation · direction: %{y}<br>metric: %{x}<br>faithfulness: %{text}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="metric", yaxis_title="ablation of the edges outside · direction",
+                      yaxis={"autorange": "reversed"}, height=420, margin={"l": 200})
+    return fig
+
+
+def method_curves_figure(curves: dict, title: str) -> go.Figure:
+    """Faithfulness (logit difference) against circuit edges for EAP, EAP-IG (top-n curves) and ACDC (points)."""
+    fig = go.Figure()
+    for method, c in curves.items():
+        fig.add_trace(go.Scatter(
+            x=c["edges"], y=c["faithfulness"], name=method.upper(), mode="markers" if method == "acdc" else "lines+markers",
+            marker={"size": 12 if method == "acdc" else 6, "symbol": "star" if method == "acdc" else "circle"},
+            text=c.get("labels"),
+            hovertemplate=method.upper() + "<br>edges: %{x}<br>faithfulness: %{y:.3f}<br>%{text}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="edges in the circuit (after pruning)", yaxis_title="faithfulness (logit difference)",
+                      xaxis_type="log", height=420)
+    return fig

@@ -20,7 +20,7 @@ PAGES = {"prompt": "Prompt & logit lens", "attention": "Attention patterns", "he
          "neurons": "Neurons", "neuron": "Neuron (corpus)", "feature": "Feature dashboard",
          "featuremap": "Feature map", "search": "Feature search", "circuits": "Circuits",
          "steering": "Directions & steering", "graph": "Attribution graph",
-         "attribution_tokens": "Token attribution"}
+         "attribution_tokens": "Token attribution", "probes": "Probes"}
 # Pages that use the prompt box in the sidebar.
 PROMPT_PAGES = ("prompt", "attention", "massive", "features", "neurons", "graph", "attribution_tokens")
 # Query parameters of newer pages: page -> the View fields its link carries (the generic rule;
@@ -31,11 +31,15 @@ PAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "featuremap": ("sae", "feature", "colour"),
     "search": ("sae", "mode", "q", "sort", "min_out"),
     "circuits": ("task", "n_pairs", "clean", "corrupt", "answer", "wrong", "metric", "method",
-                 "top_n", "removed", "circuit"),
+                 "top_n", "removed", "circuit", "tau", "cview"),
     "steering": ("dkey", "sae", "feature", "prompt", "strength", "smode", "spos", "chat", "max_new", "temp",
                  "seed", "steer"),
     "graph": ("tcs", "node_thr", "edge_thr", "gnode", "pinned", "supers", "iv"),
     "attribution_tokens": ("amethod", "atarget", "acontrast", "asteps", "abase", "afirst", "alayers"),
+    "probes": ("study",   # each study appends its own fields here
+               "cl_n", "cl_samples", "cl_temp", "cl_seed", "cl_layer", "hr_layer", "hr_strength", "hr_show",
+               "sp_layers", "sp_max", "sp_epochs", "tc_concept", "tc_random", "tc_class", "tc_target", "tc_versus",
+               "tc_layers", "tc_n"),
     "prompt": ("lpos",),    # only when set: older prompt links are unchanged
 }
 IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"
@@ -44,6 +48,13 @@ LENS_MODES = {"top": "Top token", "token": "Chosen token"}
 INT_FIELDS = ("layer", "head", "n_pairs", "pos", "neuron", "atp", "feature", "top_n", "chat", "max_new", "seed",
               "steer", "afirst", "alayers")
 FLOAT_FIELDS = ("abs_thr", "ratio_thr", "strength", "temp", "node_thr", "edge_thr")
+INT_FIELDS += ("cl_n", "cl_samples", "cl_seed", "cl_layer", "hr_layer", "hr_show")   # probes: CLUE, harm-refusal
+INT_FIELDS += ("sp_max", "sp_epochs", "tc_n")   # probes: truth probe, TCAV
+FLOAT_FIELDS += ("cl_temp", "hr_strength")
+# patching page, DAS section: its link carries these while the section is open (das_on)
+DAS_FIELDS = ("das_on", "das_task", "das_site", "das_layer", "das_pos", "das_dim", "das_bl", "das_steps", "das_n",
+              "das_sweep", "das_sl", "das_sp", "das_ill")
+INT_FIELDS += ("das_on", "das_layer", "das_pos", "das_dim", "das_bl", "das_steps", "das_n", "das_sweep", "das_ill")
 
 
 @dataclass
@@ -82,6 +93,22 @@ class View:
     top_n: int = 50         # edges kept
     removed: str = ""       # nodes/edges removed by clicks, ";"-separated
     circuit: str = ""       # a saved circuit's id
+    tau: str = ""           # ACDC's threshold τ ("" = 0.05)
+    cview: str = ""         # "" the circuit graph, "ablations" its faithfulness table
+    corruption: str = ""    # patching: "" token replacement (the pair), "gaussian" noise on the embeddings
+    das_on: int = 0         # patching: 1 shows the DAS section (distributed alignment search)
+    das_task: str = "ioi"   # DAS task: "ioi" or "country-capital"
+    das_site: str = "resid_pre"   # resid_pre, mlp_post or attn_z
+    das_layer: int = 20
+    das_pos: int = -1       # token index (-1: last)
+    das_dim: int = 1        # K
+    das_bl: int = 0         # 1: boundless DAS
+    das_steps: int = 100
+    das_n: int = 48         # examples
+    das_sweep: int = 0      # 1: show the layer x position IIA sweep
+    das_sl: str = "12,16,20,24,28"   # sweep layers ("" = all)
+    das_sp: str = ""        # sweep positions ("" = all)
+    das_ill: int = 0        # 1: the illusion check of the open run
     # directions & steering
     dkey: str = ""          # a stored direction's key ("" with feature >= 0: steer with the SAE feature)
     prompt: str = "I went for a walk today and the weather"
@@ -110,6 +137,26 @@ class View:
     afirst: int = 0         # 1: interpolate position 0 too (default: held at its own embedding)
     alayers: int = 0        # 1: the layer view (the same method at every layer's resid_pre)
     lpos: str = ""          # prompt page: the position marked in the logit lens ("" = none)
+    # probes page (each study's own fields follow, prefixed by the study)
+    study: str = "saplma"   # "saplma", "tcav", "clue" or "harm-refusal"
+    cl_n: int = 48          # CLUE: the first N shipped problems
+    cl_samples: int = 6     # CLUE: sampled traces per problem
+    cl_temp: float = 1.0    # CLUE: sampling temperature
+    cl_seed: int = 0        # CLUE: sampling seed (and the problem split)
+    cl_layer: int = -1      # CLUE: the layer of the score histogram (-1: the rerank layer)
+    hr_layer: int = -1      # harm-refusal: the layer of the two directions (-1: the middle layer)
+    hr_strength: float = 4.0  # harm-refusal: steering strength (× the raw vector)
+    hr_show: int = -1       # harm-refusal: the layer of the scatter (-1: the directions' layer)
+    sp_layers: str = ""     # truth probe: blocks probed, comma list ("" = all)
+    sp_max: int = 50        # truth probe: at most N true and N false per topic (0 = all)
+    sp_epochs: int = 30     # truth probe: MLP epochs
+    tc_concept: str = "water"   # TCAV: concept set (shipped name or file)
+    tc_random: str = "random"   # TCAV: random pool
+    tc_class: str = "sea"       # TCAV: class prompts
+    tc_target: str = " sea"     # TCAV: target token
+    tc_versus: str = ""         # TCAV: logit difference against this token ("" = none)
+    tc_layers: str = "6,15,24"  # TCAV: layers tested (Bonferroni over them)
+    tc_n: int = 20              # TCAV: random CAVs
     # massive activations
     abs_thr: float = 100.0
     ratio_thr: float = 1000.0
@@ -184,6 +231,10 @@ def view_params(view: View) -> dict[str, str]:
             p["pos"] = str(view.pos)
         if view.cell:
             p["cell"] = view.cell
+        if view.corruption:
+            p["corruption"] = view.corruption
+        if view.das_on:
+            p.update({f: str(getattr(view, f)) for f in DAS_FIELDS})
         if view.atp:
             p["atp"] = "1"
     if view.key:

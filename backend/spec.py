@@ -28,6 +28,7 @@ class Spec:
 
     KIND: ClassVar[str] = ""
     VERSION: ClassVar[int] = 1
+    KEY_NEUTRAL: ClassVar[dict] = {}     # field -> default: not part of the key at that default
     model: str
 
     def __init_subclass__(cls, **kw):
@@ -52,7 +53,13 @@ class Spec:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.KIND, **self.fields()}
+        """The spec as stored and hashed. Fields named in KEY_NEUTRAL (added after results were
+        stored) are left out while at their default, so the keys of older questions stay the same."""
+        d = {"kind": self.KIND, **self.fields()}
+        for name, default in self.KEY_NEUTRAL.items():
+            if name in d and d[name] == default:
+                del d[name]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)

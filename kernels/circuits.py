@@ -284,10 +284,11 @@ def corrupt_run(fm: FastModel, corrupt_ids, metric: PairMetric, graph: Graph) ->
         return CorruptRun(r.outs, [x[:, 0] for x in r.inputs[0:-1:2]], r.inputs[1::2], r.inputs[-1], r.metric)
 
 
-def run_circuits(fm: FastModel, clean_ids, corrupt: CorruptRun, masks: torch.Tensor, metric: PairMetric,
+def run_circuits(fm: FastModel, clean_ids, corrupt: CorruptRun, masks: torch.Tensor, metric: PairMetric | None,
                  graph: Graph) -> torch.Tensor:
     """The metric of each circuit on each pair: masks [C U D] (1 = edge in the circuit) ->
-    values [C B]. Rows of a batch are circuit-major (C*B rows)."""
+    values [C B] (metric None: the final residual at the last position [C B d]). Rows of a
+    batch are circuit-major (C*B rows)."""
     dev = fm.W_U.device
     clean_ids = torch.as_tensor(clean_ids, device=dev)
     C, B = masks.shape[0], clean_ids.shape[0]
@@ -315,46 +316,63 @@ def run_circuits(fm: FastModel, clean_ids, corrupt: CorruptRun, masks: torch.Ten
             delta[:, n] = mlp_forward(fm, j, xm) - c_outs[:, n]
             n += 1
         xf = gather(slice(len(graph.down) - 1, len(graph.down)), rep(corrupt.final)[:, None])[:, 0]
+        if metric is None:                                   # the final residual itself [C B d]
+            return xf[:, -1].reshape(C, B, -1)
         return metric.repeat(C)(fm, xf[:, -1]).view(C, B)
 
 
 # ---------------------------------------------------------------------------------------
 # Reference: a plain per-node loop over one pair, with the bridge's cached activations
 # ---------------------------------------------------------------------------------------
-def reference_circuit_metric(model, fm: FastModel, clean_ids: Sequence[int], corrupt_ids: Sequence[int],
-                             edges: set[tuple[str, str]], metric: PairMetric, graph: Graph) -> float:
-    """The metric of one circuit on one pair, node by node in topological order.
+def _ref_shares(fm: FastModel, j: int, raw: torch.Tensor) -> torch.Tensor:
+    """raw [T H d] per-head projections -> each head's share of block j's attention output."""
+    post = fm.layers[j]["ln1_post"]
+    if post is None:
+        return raw
+    r = torch.rsqrt(raw.sum(1).float().pow(2).mean(-1, keepdim=True) + fm.eps)   # [T 1]
+    return post * (raw * r[:, None]).to(raw.dtype)
 
-    Corrupt outputs come from a hooked run of the model (hook_embed, hook_z projected through
-    each head's W_O slice and, with a post-attention norm, scaled by the rms of hook_z's full
-    projection; hook_mlp_out); each node's input is summed edge by edge in a Python loop; a
-    head's output is block j's full-layer attention (kernels.patching.FastModel.attn, tested
-    equal to the model) on that head's input, keeping head h's z.
-    """
+
+def reference_node_outputs(model, fm: FastModel, ids: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Every upstream node's output [T d] on one prompt, from a hooked run of the model
+    (hook_embed, hook_z projected through each head's W_O slice and, with a post-attention
+    norm, scaled by the rms of hook_z's full projection; hook_mlp_out)."""
     from backend.sites import Component, Site, hook_name
 
-    dev = fm.W_U.device
     H, D = fm.n_heads, fm.d_head
-    T = len(clean_ids)
     names = {hook_name(Site(Component.EMBED))} | {hook_name(Site(c, j)) for j in range(fm.n_layers)
                                                   for c in (Component.Z, Component.MLP_OUT)}
     with torch.inference_mode():
-        _, cache = model.run_with_cache([list(corrupt_ids)], names)
-        corrupt_out = {"input": cache[hook_name(Site(Component.EMBED))][0]}
-
-        def shares(j, raw):                                  # raw [T H d] -> each head's share
-            post = fm.layers[j]["ln1_post"]
-            if post is None:
-                return raw
-            r = torch.rsqrt(raw.sum(1).float().pow(2).mean(-1, keepdim=True) + fm.eps)   # [T 1]
-            return post * (raw * r[:, None]).to(raw.dtype)
+        _, cache = model.run_with_cache([list(ids)], names)
+        out = {"input": cache[hook_name(Site(Component.EMBED))][0]}
         for j in range(fm.n_layers):
             z = cache[hook_name(Site(Component.Z, j))][0]                                   # [T H D]
             raw = torch.stack([z[:, h] @ fm.layers[j]["wo"][:, h * D:(h + 1) * D].T for h in range(H)], 1)
-            sh = shares(j, raw)
+            sh = _ref_shares(fm, j, raw)
             for h in range(H):
-                corrupt_out[f"A{j}.{h}"] = sh[:, h]
-            corrupt_out[f"M{j}"] = cache[hook_name(Site(Component.MLP_OUT, j))][0]
+                out[f"A{j}.{h}"] = sh[:, h]
+            out[f"M{j}"] = cache[hook_name(Site(Component.MLP_OUT, j))][0]
+    return out
+
+
+def reference_circuit_metric(model, fm: FastModel, clean_ids: Sequence[int], corrupt_ids: Sequence[int] | None,
+                             edges: set[tuple[str, str]], metric: PairMetric, graph: Graph,
+                             ablated: dict[str, torch.Tensor] | None = None) -> float:
+    """The metric of one circuit on one pair, node by node in topological order.
+
+    Edges outside the circuit carry the corrupted prompt's outputs (reference_node_outputs), or
+    the `ablated` outputs {node: [T d]} when given (a mean over prompts, zeros); each node's
+    input is summed edge by edge in a Python loop; a head's output is block j's full-layer
+    attention (kernels.patching.FastModel.attn, tested equal to the model) on that head's
+    input, keeping head h's z.
+    """
+    dev = fm.W_U.device
+    H = fm.n_heads
+    T = len(clean_ids)
+    corrupt_out = ablated if ablated is not None else reference_node_outputs(model, fm, corrupt_ids)
+    shares = lambda j, raw: _ref_shares(fm, j, raw)   # noqa: E731
+    with torch.inference_mode():
+        D = fm.d_head
         out = {"input": fm.embed(torch.as_tensor([list(clean_ids)], device=dev))[0]}
         rb, rt = torch.zeros(T, dtype=torch.long, device=dev), torch.arange(T, device=dev)
         empty = out["input"].new_zeros(fm.n_kv, T, D)
@@ -377,3 +395,255 @@ def reference_circuit_metric(model, fm: FastModel, clean_ids: Sequence[int], cor
             out[f"M{j}"] = fm.mlp(j, node_input(f"M{j}"))[1]
         final = node_input("logits")
         return float(metric(fm, final[-1:])[0])
+
+
+# ---------------------------------------------------------------------------------------
+# Circuits under other ablations: the ablated run of edges outside a circuit
+# ---------------------------------------------------------------------------------------
+def ablated_run(corrupt: CorruptRun, kind: str, n_pairs: int) -> CorruptRun:
+    """What edges outside a circuit carry: "resample" the corrupted run of each pair itself;
+    "mean" every node's output averaged over the corrupted prompts of the task (one reference
+    set, broadcast to every pair); "zero" nothing at all (zero outputs, zero inputs). Node
+    inputs are sums of upstream outputs, so the mean of the corrupted inputs is the input of
+    the mean outputs."""
+    if kind == "resample":
+        return corrupt
+
+    def f(t):
+        m = t.mean(0, keepdim=True) if kind == "mean" else torch.zeros_like(t[:1])
+        return m.expand(n_pairs, *t.shape[1:]).contiguous()
+    if kind not in ("mean", "zero"):
+        raise ValueError(f"unknown ablation {kind!r}")
+    return CorruptRun(f(corrupt.outs), [f(x) for x in corrupt.head_in], [f(x) for x in corrupt.mlp_in],
+                      f(corrupt.final), corrupt.metric)
+
+
+def circuit_finals(fm: FastModel, clean_ids, corrupt: CorruptRun, masks: torch.Tensor, graph: Graph) -> torch.Tensor:
+    """The final residual at the last position [C B d_model] of each circuit (masks [C U D]) run by
+    edge patching against `corrupt` (any ablated run): the input of every metric."""
+    return run_circuits(fm, clean_ids, corrupt, masks, None, graph)
+
+
+# ---------------------------------------------------------------------------------------
+# ACDC (Conmy et al. 2023) on the fast edge patching
+# ---------------------------------------------------------------------------------------
+@dataclass
+class ACDCOut:
+    mask: torch.Tensor                 # [U D] bool: the edges kept
+    log: list[tuple[int, int, float, bool]]   # every visited or skipped edge in order: (u, d, change, removed)
+    evaluated: list[bool]              # per log row: a forward pass measured it (False: its receiver
+                                       # no longer reached the logits, the change is 0 exactly)
+    forward_passes: int                # the algorithm's passes: one per measured edge, plus the start
+    kernel_rows: int                   # trial runs the kernel computed (speculative ones included)
+    clean_metric: torch.Tensor         # [B] raw metric of the clean run
+    corrupt_metric: torch.Tensor       # [B]
+    final_value: float                 # the minimised metric of the final circuit (mean over pairs)
+
+
+class _ACDCState:
+    """The current circuit's run: every node's output and input under the current mask."""
+
+    def __init__(self, fm: FastModel, graph: Graph, clean: GraphRun, corrupt: CorruptRun):
+        self.fm, self.g = fm, graph
+        H = graph.n_heads
+        self.c_out = corrupt.outs                                          # [B U T d]
+        self.out = clean.outs.clone()                                      # [B U T d]
+        ins = []
+        for j in range(graph.n_layers):
+            ins += [clean.inputs[2 * j][:, h] for h in range(H)] + [clean.inputs[2 * j + 1]]
+        ins.append(clean.inputs[-1])
+        self.inp = torch.stack(ins, 1)                                     # [B D T d]
+        self.mask = graph.valid.clone().to(self.out.device)                # [U D] bool
+        self.up_of_down = torch.tensor([graph.up_index.get(n, -1) for n in graph.down])
+        self.weights = [head_weights(fm, j) for j in range(graph.n_layers)]
+
+    def _heads(self, j: int, idx: list[int], x: torch.Tensor) -> torch.Tensor:
+        """Outputs [N len(idx) T d] of heads idx of block j reading x [N len(idx) T d]. With a
+        post-attention norm every head's share depends on all of them: idx must be every head."""
+        W = self.weights[j]
+        if W.post is not None or len(idx) == self.g.n_heads:
+            return heads_forward(self.fm, j, x, W)
+        t = torch.as_tensor(idx, device=x.device)
+        sub = HeadWeights(W.ln, W.eps, W.wq[t], W.wk[t], W.wv[t], W.wo[t], W.q_norm, W.k_norm, None)
+        return heads_forward(self.fm, j, x, sub)
+
+    def evaluate(self, d: int, x_d: torch.Tensor, metric, commit: bool = False) -> torch.Tensor:
+        """The metric rows [K*B] of K trial inputs x_d [K B T d] of downstream node d, with every
+        node after d recomputed from its current input plus the change of its kept senders. With
+        commit (K = 1) the recomputed outputs and inputs become the current state."""
+        g, fm = self.g, self.fm
+        K, B = x_d.shape[:2]
+        H, L = g.n_heads, g.n_layers
+        D = len(g.down)
+        N = K * B
+        rep = lambda t: t.unsqueeze(0).expand(K, *t.shape).reshape(N, *t.shape[1:])   # noqa: E731
+        if d == D - 1:                                                     # logits: no node to recompute
+            if commit:
+                self.inp[:, d] = x_d[0]
+            return metric.repeat(K)(fm, x_d.reshape(N, *x_d.shape[2:])[:, -1])
+        changed: list[int] = []                                            # upstream indices
+        diffs: list[torch.Tensor] = []                                     # [N T d] new - current output
+        new_in: dict[int, torch.Tensor] = {d: x_d.reshape(N, *x_d.shape[2:])}
+
+        def inputs_of(cols: list[int]) -> torch.Tensor:                    # [N len(cols) T d]
+            base = rep(self.inp[:, cols])
+            if not changed:
+                return base
+            m = self.mask[torch.as_tensor(changed)][:, cols].to(base.dtype)   # [nc k]
+            return base + torch.einsum("nctk,ce->netk", torch.stack(diffs, 1), m)
+
+        def record(ups: list[int], outs: torch.Tensor):                    # outs [N k T d]
+            for i, u in enumerate(ups):
+                changed.append(u)
+                diffs.append(outs[:, i] - rep(self.out[:, u]))
+        dname = g.down[d]
+        start = int(node_layer(dname))
+        for j in range(start, L):
+            hc = list(range(*g.head_cols(j).indices(D)))
+            cols = [c for c in hc if c >= d and (c == d or (changed and bool(self.mask[changed][:, c].any())))]
+            if cols:
+                if self.weights[j].post is not None:                       # the layer's shares move together
+                    cols_all = hc
+                else:
+                    cols_all = cols
+                x = inputs_of(cols_all)
+                if d in cols_all:
+                    x = x.clone()
+                    x[:, cols_all.index(d)] = new_in[d]
+                for c in cols_all:
+                    new_in[c] = x[:, cols_all.index(c)]
+                outs = self._heads(j, [c - hc[0] for c in cols_all], x)
+                record([int(self.up_of_down[c]) for c in cols_all], outs)
+            mc = g.mlp_col(j)
+            if mc >= d and (mc == d or (changed and bool(self.mask[changed][:, mc].any()))):
+                x = new_in[d] if mc == d else inputs_of([mc])[:, 0]
+                new_in[mc] = x
+                record([int(self.up_of_down[mc])], mlp_forward(fm, j, x)[:, None])
+        final = inputs_of([D - 1])[:, 0]
+        if commit:
+            for c, x in new_in.items():
+                self.inp[:, c] = x
+            for u, df in zip(changed, diffs):
+                self.out[:, u] += df
+            self.inp[:, D - 1] = final
+        return metric.repeat(K)(fm, final[:, -1])
+
+
+def output_group(fm: FastModel, graph: Graph, name: str) -> list[str]:
+    """The upstream nodes whose outputs move when node `name`'s input does: itself, or with a
+    post-attention norm (Gemma-3) every head of its layer (the norm's scale is the rms of their
+    sum, so each head's share depends on all of them). A node whose group has no outgoing edge
+    left changes nothing downstream."""
+    if name.startswith("A") and fm.layers[int(node_layer(name))]["ln1_post"] is not None:
+        j = int(node_layer(name))
+        return [f"A{j}.{h}" for h in range(graph.n_heads)]
+    return [name]
+
+
+def acdc(fm: FastModel, clean_ids, corrupt_ids, metric: PairMetric, graph: Graph, threshold: float,
+         sign: float = 1.0, scale: float = 1.0, max_batch: int = 64) -> ACDCOut:
+    """ACDC: visit downstream nodes from the logits back (reverse topological order) and, for
+    each, its incoming edges from the latest sender to the earliest; remove an edge when the
+    minimised metric v = sign * mean(metric) / scale (KL: sign 1; a logit difference or a
+    probability: sign -1) changes by less than `threshold` when it is removed from the current
+    circuit (change = v(without it) - v(current)), else keep it.
+
+    Exact and fast:
+    - while a node's incoming edges are visited, every node before it still has all its
+      edges, so its senders carry their clean outputs, and only the node and the nodes it
+      reaches through kept edges are recomputed for a trial;
+    - a node that no longer reaches the logits through kept edges changes nothing: its edges
+      are removed with change 0 exactly, without a pass (as ACDC drops such nodes); with a
+      post-attention norm a head reaches nothing only when no head of its layer does
+      (output_group);
+    - trials run in batches that assume the edges before them in the batch are removed; the
+      batch is read in order up to the first edge kept, and the next batch starts after it.
+    """
+    dev = fm.W_U.device
+    clean_ids = torch.as_tensor(clean_ids, device=dev)
+    corrupt_ids = torch.as_tensor(corrupt_ids, device=dev)
+    B = clean_ids.shape[0]
+    with torch.inference_mode():
+        cr = corrupt_run(fm, corrupt_ids, metric, graph)
+        cl = run_full(fm, fm.embed(clean_ids), metric, graph)
+        st = _ACDCState(fm, graph, cl, cr)
+
+        def value(rows):                                                   # [K*B] -> [K] float64
+            return (sign * rows.double().view(-1, B).mean(1) / scale)
+        D = len(graph.down)
+        current = float(value(st.evaluate(D - 1, st.inp[None, :, D - 1], metric))[0])
+        log, evaluated = [], []
+        passes, rows = 1, 1
+        K = 8
+        for d in reversed(range(D)):
+            senders = list(reversed(range(graph.prefix(graph.down[d]))))
+            group = [graph.up_index[n] for n in output_group(fm, graph, graph.down[d])] if d < D - 1 else []
+            if group and not bool(st.mask[group].any()):                  # reaches nothing: drop its inputs
+                for u in senders:
+                    st.mask[u, d] = False
+                    log.append((u, d, 0.0, True))
+                    evaluated.append(False)
+                continue
+            delta = st.out[:, senders] - st.c_out[:, senders]              # [B S T d]
+            x_d = st.inp[:, d].clone()                                     # [B T d]
+            i = 0
+            while i < len(senders):
+                k = min(K, len(senders) - i)
+                trial = x_d[None] - delta[:, i:i + k].transpose(0, 1).cumsum(0)   # [k B T d]
+                vals = value(st.evaluate(d, trial, metric)).tolist()
+                rows += k
+                prev, took, stop = current, 0, False
+                for t in range(k):
+                    change = vals[t] - prev
+                    u = senders[i + t]
+                    passes += 1
+                    took += 1
+                    evaluated.append(True)
+                    if change < threshold:
+                        st.mask[u, d] = False
+                        log.append((u, d, change, True))
+                        prev = vals[t]
+                    else:
+                        log.append((u, d, change, False))
+                        stop = True
+                        break
+                removed = took - (1 if stop else 0)
+                if removed:
+                    x_d = x_d - delta[:, i:i + removed].sum(1)
+                current = prev
+                i += took
+                K = min(max_batch, 2 * K) if not stop else max(4, min(max_batch, 2 * took))
+            st.evaluate(d, x_d[None], metric, commit=True)
+        return ACDCOut(st.mask.cpu(), log, evaluated, passes, rows, cl.metric.clone(), cr.metric.clone(), current)
+
+
+def reference_acdc(model, fm: FastModel, pairs, metric_of, graph: Graph, threshold: float,
+                   sign: float = 1.0, scale: float = 1.0):
+    """ACDC as a plain loop: every trial is a whole circuit run per pair by
+    reference_circuit_metric (bridge-cached corrupted outputs, node by node); same visiting
+    order and rule as `acdc`, with no batching and no shortcut but the one ACDC itself takes
+    (a node that reaches nothing, output_group, has its edges removed unmeasured). `pairs` [(clean_ids,
+    corrupt_ids)], metric_of(i) the PairMetric of pair i (one row). Returns (edges kept, log)."""
+    edges = {(graph.up[u], graph.down[d]) for u, d in graph.valid.nonzero().tolist()}
+    corrupt_outs = [reference_node_outputs(model, fm, k) for _, k in pairs]
+
+    def v(es):
+        return sign * sum(reference_circuit_metric(model, fm, c, None, es, metric_of(i), graph, corrupt_outs[i])
+                          for i, (c, k) in enumerate(pairs)) / len(pairs) / scale
+    current = v(edges)
+    log = []
+    for d in reversed(graph.down):
+        senders = list(reversed(graph.up[:graph.prefix(d)]))
+        if d != "logits" and not any(e[0] in output_group(fm, graph, d) for e in edges):
+            for u in senders:
+                edges.discard((u, d))
+                log.append((u, d, 0.0, True))
+            continue
+        for u in senders:
+            trial = v(edges - {(u, d)})
+            change = trial - current
+            if change < threshold:
+                edges.discard((u, d))
+                current = trial
+            log.append((u, d, change, change < threshold))
+    return edges, log

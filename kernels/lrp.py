@@ -15,7 +15,9 @@ the canonical weights (Llama-style models and Gemma-3), rewritten with these rul
   0.5 * (a * b.detach() + a.detach() * b).
 - **softmax**: AttnLRP's rule R_j = x_j (R_j' - s_j sum_i R_i') is exactly gradient x input
   of the softmax, so the softmax is differentiated as it is (mode "attnlrp"); mode "cp" treats
-  the attention weights as constants (CP-LRP: no relevance into queries and keys at all).
+  the gates as constants (CP-LRP, as LXT writes it: the attention weights, so no relevance into
+  queries and keys at all, and the MLP's gate act(g), so all of the MLP's relevance goes to the
+  up projection).
 - **positions** (the seed "Revisiting LRP: Positional Attribution as the Missing Ingredient"):
   rotary embeddings multiply queries and keys by cos / sin of the position; under the uniform
   rule half of each product's relevance goes to that positional factor. The cos / sin tables
@@ -57,13 +59,16 @@ def identity_rule(act, g: torch.Tensor) -> torch.Tensor:
 class LRPModel(DenseModel):
     """DenseModel (float32) whose backward is the LRP rules of the module docstring."""
 
-    def __init__(self, weights, mode: str = "attnlrp"):
+    def __init__(self, weights, mode: str = "attnlrp", positions: bool = True):
+        """positions=False: the rotary rotation passes all relevance to the queries and keys (no
+        positional share), as LXT's AttnLRP does (its attention patch sees rotated q and k)."""
         if mode not in MODES:
             raise ValueError(f"LRP mode {mode!r}: one of {MODES}")
         super().__init__(weights)
         if self.attn_softcap or self.final_softcap:
             raise NotImplementedError("LRP rules for softcapped logits are not written")
         self.mode = mode
+        self.positions = positions
         self.pos_leaves: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- rules ---------------------------------------------------------------------------
@@ -83,6 +88,8 @@ class LRPModel(DenseModel):
     def _rot_lrp(self, t, cos, sin):                      # t [B heads T d_head]
         half = t.shape[-1] // 2
         rot = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+        if not self.positions:
+            return t * cos.detach() + rot * sin.detach()
         return uniform(t, cos) + uniform(rot, sin)
 
     def attention(self, j, x, hooks, keep, want, cache=None, start=0):
@@ -118,8 +125,11 @@ class LRPModel(DenseModel):
     def mlp_dense(self, j, x, hooks, keep, want):
         L = self.layers[j]
         h = self._rms(x, L["ln2"])
-        g = identity_rule(self.act, self._lin(h, L["wg"]))
-        post = uniform(g, self._lin(h, L["wu"], L["bu"]))
+        if self.mode == "cp":                      # the gate is a constant: all relevance to the up projection
+            post = self.act(self._lin(h, L["wg"])).detach() * self._lin(h, L["wu"], L["bu"])
+        else:
+            g = identity_rule(self.act, self._lin(h, L["wg"]))
+            post = uniform(g, self._lin(h, L["wu"], L["bu"]))
         out = self._lin(post, L["wd"], L["bd"])
         if L["ln2_post"] is not None:
             out = self._rms(out, L["ln2_post"])

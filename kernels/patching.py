@@ -288,10 +288,12 @@ class RunStates:
     V: torch.Tensor        # [L kv_head T d_head]
 
 
-def run_states(fm: FastModel, ids: Sequence[int]) -> RunStates:
+def run_states(fm: FastModel, ids: Sequence[int], emb: torch.Tensor | None = None) -> RunStates:
+    """Every activation of one run; `emb` [T d_model] replaces the token embeddings (a run whose
+    embeddings were corrupted with noise, Gaussian corruption)."""
     T = len(ids)
     dev = fm.W_U.device
-    x = fm.embed(torch.as_tensor([list(ids)], device=dev))[0]
+    x = fm.embed(torch.as_tensor([list(ids)], device=dev))[0] if emb is None else emb.to(dev, fm.W_U.dtype)
     rb = torch.zeros(T, dtype=torch.long, device=dev)
     rt = torch.arange(T, device=dev)
     pre, mid, attn, mlp, zs, Ks, Vs = [x], [], [], [], [], [], []
@@ -438,7 +440,7 @@ def make_seed(fm: FastModel, base: RunStates, src: RunStates, site: str, cell: t
 
 def propagate(fm: FastModel, base: RunStates, seeds: list[Seed]) -> torch.Tensor:
     """Run every seeded patch to the end in one pass; final residual at the last position [S d_model]."""
-    T, L = len(base.ids), fm.n_layers
+    T, L = base.pre.shape[1], fm.n_layers
     dev = base.pre.device
     order = sorted(range(len(seeds)), key=lambda i: seeds[i].stage)   # run ids in order of entry
     seeds = [seeds[i] for i in order]
@@ -486,9 +488,16 @@ def sweep(fm: FastModel, base_ids: Sequence[int], source_ids: Sequence[int], sit
     [cells]), fast (see the module docstring). Patches run in chunks of about max_rows rows."""
     if len(base_ids) != len(source_ids):
         raise ValueError("base and source runs must have the same length")
-    T = len(base_ids)
     with torch.inference_mode():
-        base, src = states(fm, base_ids), states(fm, source_ids)
+        return sweep_states(fm, states(fm, base_ids), states(fm, source_ids), site, metric, cell_list,
+                            max_rows, skip_identity)
+
+
+def sweep_states(fm: FastModel, base: RunStates, src: RunStates, site: str, metric: Metric, cell_list=None,
+                 max_rows: int = 6144, skip_identity: bool = True) -> SweepOut:
+    """`sweep` between two runs given by their states (e.g. a run with noised embeddings)."""
+    T = base.pre.shape[1]
+    with torch.inference_mode():
         base_val = metric.from_resid(fm, base.pre[-1, -1:])
         src_val = metric.from_resid(fm, src.pre[-1, -1:])
         sizes = dict(layer=fm.n_layers, pos=T, head=fm.n_heads, kv_head=fm.n_kv)
@@ -522,8 +531,12 @@ def sweep(fm: FastModel, base_ids: Sequence[int], source_ids: Sequence[int], sit
 
 def patch_logits(fm: FastModel, base_ids, source_ids, site: str, cell: tuple[int, ...]) -> torch.Tensor:
     """Final logits [d_vocab] at the last position of one patched run (click-to-patch)."""
+    return patch_logits_states(fm, states(fm, base_ids), states(fm, source_ids), site, cell)
+
+
+def patch_logits_states(fm: FastModel, base: RunStates, src: RunStates, site: str, cell: tuple[int, ...]) -> torch.Tensor:
+    """patch_logits between two runs given by their states."""
     with torch.inference_mode():
-        base, src = states(fm, base_ids), states(fm, source_ids)
         seed = make_seed(fm, base, src, site, cell)
         final = base.pre[-1, -1:] if seed is None else propagate(fm, base, [seed])
         return fm.logits(final)[0]

@@ -73,8 +73,11 @@ def _reference_one_block(lm: LRPModel, x: torch.Tensor, target: int, mode: str):
     R_h = hmid * R_y / y
     R_mlp = mlp * R_y / y
     R_post = _lin(post, L["wd"], R_mlp, mlp)
-    R_a, R_u = 0.5 * R_post, 0.5 * R_post                      # uniform rule; identity rule through SiLU
-    R_h2 = _lin(h2, L["wg"], R_a, g) + _lin(h2, L["wu"], R_u, u)
+    if mode == "cp":                                            # the gate is a constant
+        R_h2 = _lin(h2, L["wu"], R_post, u)
+    else:
+        R_a, R_u = 0.5 * R_post, 0.5 * R_post                  # uniform rule; identity rule through SiLU
+        R_h2 = _lin(h2, L["wg"], R_a, g) + _lin(h2, L["wu"], R_u, u)
     R_h = R_h + R_h2                                            # the norm passes relevance through
     R_x = x * R_h / hmid
     R_attn = attn * R_h / hmid
@@ -151,3 +154,47 @@ def test_attnlrp_reports_positions_and_its_gap(model):
     assert abs(p["completeness_gap"] - want) < 1e-9 and p["engine"] == "lrp"
     with pytest.raises(InvalidSpec):
         TokenAttributionSpec(model="smollm2-135m", text=FRANCE, method="lrp-foo")
+
+
+def _lxt_python():
+    import os
+    from pathlib import Path
+
+    p = os.environ.get("LXT_PYTHON", "")
+    return p if p and Path(p).exists() else None
+
+
+@pytest.mark.parametrize("mode", ["cp", "attnlrp"])
+def test_equals_lxt(model, mode, tmp_path):
+    """LXT 2.1 (the AttnLRP reference, in its own venv: transformers 4.57 beside torch 2.13; see
+    benchmarks/lxt_reference.py) on the same SmolLM2 checkpoint: per-token relevance within 1e-3
+    relative. LXT's attention patch sees queries and keys after the rotation, so it gives no
+    positional share: compared with positions=False (positions=True only moves relevance from
+    content to position)."""
+    import json
+    import subprocess
+
+    from backend.model.loading import OFFLINE_MODELS, converted_dir
+
+    from .browser import ROOT
+
+    py = _lxt_python()
+    if py is None:
+        pytest.skip("set LXT_PYTHON to a venv made as benchmarks/lxt_reference.py says")
+    src = converted_dir(OFFLINE_MODELS["smollm2-135m"])
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["rope_theta"] = cfg.pop("rope_parameters", {}).get("rope_theta", cfg.get("rope_theta"))  # as transformers 4.x reads it
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").symlink_to(src / "model.safetensors")
+    ids = model.encode(FRANCE)
+    target = model.encode(" Paris")[0]
+    r = subprocess.run([py, str(ROOT / "benchmarks" / "lxt_reference.py"), "--model-dir", str(tmp_path),
+                        "--ids", json.dumps(ids), "--target", str(target), "--mode", mode],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref = json.loads(r.stdout.strip().splitlines()[-1])
+    lm = LRPModel(model.weights(), mode, positions=False)
+    got = relevance(lm, lm.embed(torch.tensor(ids)).float(), Readout(target))
+    scale = max(abs(v) for v in ref["tokens"])
+    np.testing.assert_allclose(got["tokens"].numpy(), ref["tokens"], rtol=1e-3, atol=1e-3 * scale)
+    assert abs(got["f"] - ref["f"]) < 1e-3 * abs(ref["f"])

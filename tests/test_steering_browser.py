@@ -68,3 +68,37 @@ def test_make_direction_steer_and_reopen(tmp_path):
         page.wait_for_function("document.body.innerText.includes('blocks.20.hook_resid_pre')", timeout=120_000)
         assert parse_qs(urlparse(page.url).query)["dkey"][0].startswith("direction-")
         fresh.close()
+
+
+def test_a_grains_direction_steers_and_its_link_reopens(tmp_path, model):
+    """GrAInS (attribution-guided) made from the shipped sentence starts on the page, steers, and
+    the steered view's link reopens from the store in a fresh context."""
+    from playwright.sync_api import sync_playwright
+
+    with dashboard({"DASHBOARD_STORE": str(tmp_path / "grains.duckdb")}) as base, sync_playwright() as p:
+        ctx = browser_context(p, str(tmp_path / "ann"))
+        page = ctx.new_page()
+        page.goto(f"{base}/?page=steering&model={DEFAULT_MODEL}&strength=8")
+        page.get_by_text("Directions & steering", exact=True).first.wait_for(timeout=60_000)
+        page.get_by_text("GrAInS (IG picks the tokens)", exact=True).click()
+        page.wait_for_function("document.body.innerText.includes('Tokens per prompt on each side')", timeout=60_000)
+        page.get_by_role("button", name="Make direction").click()
+        page.wait_for_function("window.location.search.includes('dkey=direction-')", timeout=900_000)
+        page.wait_for_function("document.body.innerText.includes('GrAInS')", timeout=120_000)
+        page.get_by_role("button", name="Steer").click()
+        page.wait_for_function("document.querySelectorAll('.generation').length == 2", timeout=400_000)
+        page.wait_for_timeout(1000)
+        first = _generations(page)
+        page.screenshot(path=str(tmp_path / "grains.png"), full_page=True)
+        url = page.url
+        ctx.close()
+
+        fresh = browser_context(p, str(tmp_path / "bob"))
+        page = fresh.new_page()
+        page.goto(url)
+        page.wait_for_function("document.querySelectorAll('.generation').length == 2", timeout=120_000)
+        page.wait_for_timeout(1000)
+        assert _generations(page) == first
+        assert page.get_by_text("steered generation: read from the store").count() == 1
+        assert page.get_by_text("GrAInS (IG picks the tokens) at blocks.10.hook_resid_pre").count() == 1
+        fresh.close()

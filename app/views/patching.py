@@ -31,13 +31,19 @@ def _form(view: View) -> View:
                                  help="denoising: clean activation into the corrupted run; "
                                       "noising: corrupted activation into the clean run")
         pair = pair_inputs(view)
+        corruption = st.radio("Corruption", ["", "gaussian"], horizontal=True, index=int(view.corruption == "gaussian"),
+                              format_func={"": "symmetric token replacement (the pair)",
+                                           "gaussian": "Gaussian noise on the clean prompt's differing tokens' "
+                                                       "embeddings (3× std, 4 seeded samples)"}.get)
         if st.form_submit_button("Run sweep", type="primary"):
-            return view.replace(task=task, site=site, metric=metric, direction=direction, **pair, cell="", key="")
+            return view.replace(task=task, site=site, metric=metric, direction=direction, **pair, cell="", key="",
+                                corruption=corruption)
     return view
 
 
 def _spec(view: View) -> PatchSpec:
-    kw = dict(site=view.site, metric=view.metric, direction=view.direction)
+    kw = dict(site=view.site, metric=view.metric, direction=view.direction,
+              corruption="gaussian" if view.corruption == "gaussian" else "tokens")
     if view.task == "custom":
         return PatchSpec(model=view.model, clean=view.clean, corrupt=view.corrupt, answer=view.answer,
                          wrong=view.wrong, **kw)
@@ -55,6 +61,8 @@ def render(view: View) -> View:
     st.header("Activation patching")
     st.caption("Patch one activation from one run into the other and measure how much of the clean "
                "behaviour comes back. Click a cell of the heatmap to run that patch live.")
+    from .patching_das import render_section as das_section   # DAS and the illusion check
+    view = das_section(view)
     view, out = form_result(view, _form, _spec, f"{view.site} patching sweep")
     if out is None:
         return view

@@ -24,7 +24,8 @@ from ..figures_steering import behaviour_curve, layer_curve, probe_scores, proje
 from ..state import View
 
 METHOD_LABELS = {"diff-means": "difference of means", "caa": "CAA (A/B contrast pairs)",
-                 "actadd": "ActAdd (one prompt pair)", "probe": "linear probe (labelled prompts)"}
+                 "actadd": "ActAdd (one prompt pair)", "probe": "linear probe (labelled prompts)",
+                 "grains": "GrAInS (IG picks the tokens)"}
 POSITION_LABELS = {"all": "every position", "from-instruction": "from the end of the instruction on",
                    "prefix": "prompt prefix (ActAdd: its first k positions)"}
 
@@ -48,8 +49,10 @@ def _set_fields(method: str, source: str) -> dict | None:
         name = st.selectbox("Shipped set", names, format_func=lambda n: D.SHIPPED[n]["label"], key="w_shipped")
         return {"shipped": name}
     if source == "type":
-        if method == "caa":
-            text = st.text_area("Pairs, JSON Lines {\"question\", \"positive\", \"negative\"}", key="w_pairs_text")
+        if method in ("caa", "grains"):
+            what = ("{\"question\", \"positive\", \"negative\"}" if method == "caa" else
+                    "{\"question\": prompt, \"positive\": preferred next token, \"negative\": dispreferred one}")
+            text = st.text_area(f"Pairs, JSON Lines {what}", key=f"w_pairs_text_{method}")
             return {"pairs": tuple(D.parse_pairs(text, "typed pairs")), "source": "typed"}
         c1, c2 = st.columns(2)
         a = c1.text_area("Positive set (label 1), one prompt per line" if method == "probe"
@@ -59,7 +62,7 @@ def _set_fields(method: str, source: str) -> dict | None:
             pa, pb = _lines(a), _lines(b)
             return {"texts": pa + pb, "labels": (1,) * len(pa) + (0,) * len(pb), "source": "typed"}
         return {"positive": _lines(a), "negative": _lines(b), "source": "typed"}
-    if method == "caa":
+    if method in ("caa", "grains"):
         f = st.file_uploader("Pairs file (JSON Lines)", type=["jsonl", "json"], key="w_up_pairs")
         return {"pairs": tuple(D.parse_pairs(_uploaded(f), "uploaded pairs")), "source": f"upload:{f.name if f else ''}"}
     if method == "probe":
@@ -94,9 +97,14 @@ def _make_direction(view: View) -> None:
             position = c3.selectbox("Read at", D.POSITIONS, key="w_dposition",
                                     help="last token, or the chat template's post-instruction tokens (averaged)")
             chat = c4.checkbox("Chat template", value=bool(fields and fields.get("shipped") == "refusal"), key="w_dchat")
+            top_k = (st.number_input("Tokens per prompt on each side (GrAInS: the top-k positively and negatively "
+                                     "attributed by integrated gradients)", 1, 16, 3, key="w_dtopk")
+                     if method == "grains" else None)
             if st.form_submit_button("Make direction", type="primary") and fields is not None:
                 kw = dict(site=site, layer=int(layer), position=position,
                           chat=bool(chat or position == "post-instruction"))
+                if top_k is not None:
+                    kw["top_k"] = int(top_k)
                 try:
                     if "shipped" in fields:
                         spec = D.shipped_spec(view.model, fields["shipped"], **kw)

@@ -35,7 +35,11 @@ from ..tasks import PairTaskSpec, encode_pairs
 from .patching import METRICS, _check_choice
 
 METHODS = ("eap", "eap-ig")
+CIRCUIT_METHODS = METHODS + ("acdc",)   # ACDC (backend/analyses/acdc.py) prunes by runs, not scores
 CIRCUIT_METRICS = METRICS
+# Circuit methods that are not edge scores register here ({"validate", "circuit", "cli"} functions):
+# ACDC does, from backend/analyses/acdc.py, which imports this module (never the reverse).
+EXTRA_METHODS: dict[str, dict] = {}
 
 
 @dataclass(frozen=True)
@@ -43,13 +47,14 @@ class EdgeScoresSpec(PairTaskSpec):
     """Scores of every edge for a task (the pair fields of every task spec) by EAP or EAP-IG."""
 
     KIND = "edge_scores"
+    ALLOWED_METHODS: ClassVar[tuple[str, ...]] = METHODS
     metric: str = "logit_diff_norm"
     method: str = "eap"
     ig_steps: int = 5
 
     def validate(self):
         _check_choice(self.metric, CIRCUIT_METRICS, "metric")
-        _check_choice(self.method, METHODS, "circuit method")
+        _check_choice(self.method, self.ALLOWED_METHODS, "circuit method")
         if self.method == "eap" and self.metric == "kl":
             raise InvalidSpec("EAP takes the gradient at the clean run, where KL to the clean run has "
                               "gradient 0: use EAP-IG (method eap-ig) or another metric for KL.")
@@ -112,6 +117,12 @@ def _ids(encoded):
     return [e.clean_ids for e in encoded], [e.corrupt_ids for e in encoded]
 
 
+def _task(spec, model: LoadedModel):
+    """A task's encoded pairs, the fast model, and the clean and corrupted ids of every pair."""
+    encoded = encode_pairs(model, spec.pairs())
+    return (encoded, _fast(model), *_ids(encoded))
+
+
 def _gap(clean: float, corrupt: float) -> float:
     if abs(clean - corrupt) < 1e-6:
         raise InvalidSpec(f"The clean and corrupted prompts give the same metric ({clean:.4f}), so "
@@ -125,9 +136,8 @@ def compute_scores(spec: EdgeScoresSpec, model: LoadedModel, progress=None) -> E
     from kernels import circuits as kc
     from kernels import patching as kp
 
-    encoded = encode_pairs(model, spec.pairs())
-    fm, graph = _fast(model), _graph(model)
-    clean, corrupt = _ids(encoded)
+    encoded, fm, clean, corrupt = _task(spec, model)
+    graph = _graph(model)
     with model.lock:
         if progress:
             progress(f"{spec.method.upper()} scores of {graph.n_edges} edges…")
@@ -154,9 +164,12 @@ def compute_scores(spec: EdgeScoresSpec, model: LoadedModel, progress=None) -> E
 class CircuitSpec(EdgeScoresSpec):
     """A circuit: the top_n edges by |score| (or those with |score| >= threshold when top_n is 0),
     minus the `removed` nodes ("A23.3", "M5", "input") and edges ("A23.3->logits"), pruned to
-    the nodes on a path from input to logits."""
+    the nodes on a path from input to logits. With method "acdc", `threshold` is ACDC's τ (the
+    metric change below which an edge is removed, backend/analyses/acdc.py); top_n and
+    ig_steps do not apply and are fixed to 0 and 5 so that one question has one key."""
 
     KIND = "circuit"
+    ALLOWED_METHODS: ClassVar[tuple[str, ...]] = CIRCUIT_METHODS
     top_n: int = 50
     threshold: float = 0.0
     removed: tuple = ()
@@ -164,13 +177,22 @@ class CircuitSpec(EdgeScoresSpec):
     MAX_TOP_N: ClassVar[int] = 5000
 
     def validate(self):
+        if self.method in EXTRA_METHODS:
+            EXTRA_METHODS[self.method]["validate"](self)
+            return
         super().validate()
+        self._validate_selection()
+
+    def _validate_selection(self):
         if not isinstance(self.top_n, int) or not 0 <= self.top_n <= self.MAX_TOP_N:
             raise InvalidSpec(f"top_n must be 0–{self.MAX_TOP_N} edges, got {self.top_n!r}.")
         if not isinstance(self.threshold, (int, float)) or self.threshold < 0:
             raise InvalidSpec(f"threshold must be ≥ 0, got {self.threshold!r}.")
         if self.top_n == 0 and self.threshold <= 0:
             raise InvalidSpec("Give top_n > 0 (the number of edges kept) or a threshold > 0 on |score|.")
+        self._validate_removed()
+
+    def _validate_removed(self):
         if isinstance(self.removed, str) or not isinstance(self.removed, tuple) \
                 or not all(isinstance(r, str) for r in self.removed):
             raise InvalidSpec("removed must be a list of node names ('A23.3', 'M5') or edges ('A23.3->logits').")
@@ -204,9 +226,11 @@ class CircuitResult(Result):
     clean_logit_diff: float
     corrupt_logit_diff: float
     n_pairs: int
-    scores_run_key: str
+    scores_run_key: str          # the run the edges came from: edge scores, or the ACDC search
     clean_tokens: list[str]
     corrupt_tokens: list[str]
+    forward_passes: int = 0      # ACDC: the runs its search needed (0 for EAP / EAP-IG)
+    overlaps: list | None = None  # ACDC: [{method, metric, top_n, edges, jaccard, faithfulness, run_key}]
 
 
 def select_edges(scores: np.ndarray, valid: np.ndarray, top_n: int, threshold: float) -> np.ndarray:
@@ -266,46 +290,53 @@ def prune(mask: np.ndarray, up: list[str], down: list[str]) -> np.ndarray:
 
 @analysis(CircuitSpec, CircuitResult)
 def compute_circuit(spec: CircuitSpec, model: LoadedModel, progress=None, store=None) -> CircuitResult:
-    import torch
-
-    from kernels import circuits as kc
-
     from ..runner import run
 
+    if spec.method in EXTRA_METHODS:
+        return EXTRA_METHODS[spec.method]["circuit"](spec, model, progress, store)
     sc_out = run(spec.scores_spec(), store=store, progress=progress)
     sc = sc_out.result
     graph = _graph(model)
     valid = graph.valid.numpy()
     sel = select_edges(sc.scores, valid, spec.top_n, spec.threshold)
     mask = prune(apply_removed(sel, sc.up, sc.down, spec.removed), sc.up, sc.down)
-    encoded = encode_pairs(model, spec.pairs())
-    fm = _fast(model)
-    clean, corrupt = _ids(encoded)
+    return circuit_result(spec, model, graph, mask, sc.scores, int(sel.sum()), sc, sc_out.run_key, progress)
+
+
+def circuit_result(spec, model: LoadedModel, graph, mask: np.ndarray, scores: np.ndarray, n_selected: int, src,
+                   run_key: str, progress=None, **extra) -> CircuitResult:
+    """Run the circuit `mask` [U D] (pruned) for its faithfulness and report it, edges sorted by
+    |scores| [U D]; `src` (edge scores or an ACDC search) gives the baselines and tokens."""
+    import torch
+
+    from kernels import circuits as kc
+
+    encoded, fm, clean, corrupt = _task(spec, model)
     with model.lock:
         if progress:
             progress(f"Running the circuit ({int(mask.sum())} edges)…")
         metric = _kernel_metric(model, fm, encoded, spec.metric)
         cr = kc.corrupt_run(fm, corrupt, metric, graph)
         m_circ = float(kc.run_circuits(fm, clean, cr, torch.as_tensor(mask)[None], metric, graph).mean())
-    clean_raw, corrupt_raw = sc.clean_raw, sc.corrupt_raw
-    gap = _gap(clean_raw, corrupt_raw)
-    faith = (m_circ - corrupt_raw) / gap
+    clean_raw, corrupt_raw = src.clean_raw, src.corrupt_raw
+    faith = (m_circ - corrupt_raw) / _gap(clean_raw, corrupt_raw)
     norm = spec.metric == "logit_diff_norm"
+    up, down = src.up, src.down
     u_idx, d_idx = np.nonzero(mask)
-    vals = sc.scores[u_idx, d_idx]
+    vals = scores[u_idx, d_idx]
     order = np.argsort(-np.abs(vals), kind="stable")
     u_idx, d_idx, vals = u_idx[order], d_idx[order], vals[order]
-    nodes = sorted({sc.up[i] for i in u_idx} | {sc.down[i] for i in d_idx}, key=_node_order(graph))
+    nodes = sorted({up[i] for i in u_idx} | {down[i] for i in d_idx}, key=_node_order(graph))
     return CircuitResult(
         method=spec.method, metric=spec.metric, top_n=spec.top_n, threshold=float(spec.threshold),
         removed=list(spec.removed), nodes=nodes,
-        edge_from=np.array([sc.up[i] for i in u_idx], dtype=str),
-        edge_to=np.array([sc.down[i] for i in d_idx], dtype=str),
-        edge_score=vals.astype(np.float32), n_selected=int(sel.sum()), n_edges_total=graph.n_edges,
+        edge_from=np.array([up[i] for i in u_idx], dtype=str),
+        edge_to=np.array([down[i] for i in d_idx], dtype=str),
+        edge_score=vals.astype(np.float32), n_selected=n_selected, n_edges_total=graph.n_edges,
         faithfulness=float(faith), clean_metric=1.0 if norm else clean_raw, corrupt_metric=0.0 if norm else corrupt_raw,
         circuit_metric=float(faith) if norm else m_circ,
-        clean_logit_diff=sc.clean_logit_diff, corrupt_logit_diff=sc.corrupt_logit_diff, n_pairs=sc.n_pairs,
-        scores_run_key=sc_out.run_key, clean_tokens=sc.clean_tokens, corrupt_tokens=sc.corrupt_tokens)
+        clean_logit_diff=src.clean_logit_diff, corrupt_logit_diff=src.corrupt_logit_diff, n_pairs=src.n_pairs,
+        scores_run_key=run_key, clean_tokens=src.clean_tokens, corrupt_tokens=src.corrupt_tokens, **extra)
 
 
 def _node_order(graph):
@@ -333,9 +364,7 @@ def faithfulness_curve(spec: EdgeScoresSpec, top_ns: list[int], model: LoadedMod
     graph = _graph(model)
     valid = graph.valid.numpy()
     masks = [prune(select_edges(sc.scores, valid, n, 0.0), sc.up, sc.down) for n in top_ns]
-    encoded = encode_pairs(model, spec.pairs())
-    fm = _fast(model)
-    clean, corrupt = _ids(encoded)
+    encoded, fm, clean, corrupt = _task(spec, model)
     with model.lock:
         metric = _kernel_metric(model, fm, encoded, spec.metric)
         cr = kc.corrupt_run(fm, corrupt, metric, graph)
@@ -343,6 +372,92 @@ def faithfulness_curve(spec: EdgeScoresSpec, top_ns: list[int], model: LoadedMod
     gap = _gap(sc.clean_raw, sc.corrupt_raw)
     return {"top_n": list(top_ns), "edges_after_prune": [int(m.sum()) for m in masks],
             "faithfulness": [float((v - sc.corrupt_raw) / gap) for v in vals.tolist()]}
+
+
+# ---------------------------------------------------------------------------------------
+# Faithfulness every way: ablation x metric x direction (Miller et al. 2024)
+# ---------------------------------------------------------------------------------------
+ABLATIONS = ("resample", "mean", "zero")
+TABLE_METRICS = ("logit_diff", "prob", "kl")
+
+
+@dataclass(frozen=True)
+class CircuitAblationsSpec(CircuitSpec):
+    """The faithfulness of a circuit (any CircuitSpec: EAP, EAP-IG, ACDC, saved) under every
+    ablation of the edges outside it x metric x direction:
+    - ablation: resample (each pair's corrupted run, as the circuit itself is measured), mean
+      (every node's output averaged over the task's corrupted prompts), zero;
+    - metric (raw, mean over pairs): logit difference, probability of the answer, KL(clean || run);
+    - denoising: only the circuit's edges carry the clean run,
+      F = (M(circuit) - M(ablated)) / (M(clean) - M(ablated)) (what the circuit suffices for);
+      noising: only the circuit's edges are ablated,
+      F = (M(clean) - M(without circuit)) / (M(clean) - M(ablated)) (how much of the effect needs it).
+    resample / denoising / logit difference is the circuit's own faithfulness."""
+
+    KIND = "circuit_ablations"
+
+    def circuit_spec(self) -> CircuitSpec:
+        return CircuitSpec(**self.fields())
+
+
+@dataclass(frozen=True)
+class CircuitAblationsResult(Result):
+    rows: list[dict]             # 18 x {ablation, metric, direction, faithfulness (None if undefined)}
+    values: list[dict]           # per ablation x metric: M(clean), M(ablated), M(circuit), M(without circuit)
+    n_edges: int
+    n_reference: int             # corrupted prompts the mean ablation averages over
+    circuit_run_key: str
+
+
+def _edge_mask(r: CircuitResult, graph) -> np.ndarray:
+    mask = np.zeros((len(graph.up), len(graph.down)), bool)
+    for u, d in zip(r.edge_from.tolist(), r.edge_to.tolist()):
+        mask[graph.up_index[u], graph.down_index[d]] = True
+    return mask
+
+
+@analysis(CircuitAblationsSpec, CircuitAblationsResult)
+def compute_ablations(spec: CircuitAblationsSpec, model: LoadedModel, progress=None, store=None) -> CircuitAblationsResult:
+    import torch
+
+    from kernels import circuits as kc
+
+    from ..runner import run
+
+    c_out = run(spec.circuit_spec(), store=store, progress=progress)
+    graph = _graph(model)
+    mask = torch.as_tensor(_edge_mask(c_out.result, graph))
+    valid = graph.valid
+    masks = torch.stack([mask, valid & ~mask, valid, torch.zeros_like(mask)])    # circuit, complement, all, none
+    encoded, fm, clean, corrupt = _task(spec, model)
+    B = len(encoded)
+    rows, values = [], []
+    with model.lock:
+        if progress:
+            progress("Faithfulness under 3 ablations x 3 metrics x 2 directions…")
+        metrics = {m: _kernel_metric(model, fm, encoded, m) for m in TABLE_METRICS}
+        cr = kc.corrupt_run(fm, corrupt, metrics["logit_diff"], graph)
+        with torch.inference_mode():
+            clean_final = kc.run_full(fm, fm.embed(torch.as_tensor(clean, device=fm.W_U.device)), metrics["kl"],
+                                      graph).inputs[-1][:, -1]
+        for ablation in ABLATIONS:
+            ab = kc.ablated_run(cr, ablation, B)
+            finals = kc.circuit_finals(fm, clean, ab, masks, graph)                     # [4 B d]
+            for name, metric in metrics.items():
+                with torch.inference_mode():
+                    m = metric.repeat(4)(fm, finals.reshape(4 * B, -1)).view(4, B).double().mean(1).tolist()
+                    m_clean = float(metric(fm, clean_final).double().mean())
+                    m_abl = (float(metric(fm, cr.final[:, -1]).double().mean()) if ablation == "resample" else m[3])
+                gap = m_clean - m_abl
+                ok = abs(gap) > 1e-9
+                values.append({"ablation": ablation, "metric": name, "clean": m_clean, "ablated": m_abl,
+                               "circuit": m[0], "without_circuit": m[1]})
+                rows.append({"ablation": ablation, "metric": name, "direction": "denoising",
+                             "faithfulness": (m[0] - m_abl) / gap if ok else None})
+                rows.append({"ablation": ablation, "metric": name, "direction": "noising",
+                             "faithfulness": (m_clean - m[1]) / gap if ok else None})
+    return CircuitAblationsResult(rows=rows, values=values, n_edges=int(mask.sum()), n_reference=B,
+                                  circuit_run_key=c_out.run_key)
 
 
 # ---------------------------------------------------------------------------------------
@@ -396,11 +511,15 @@ def add_cli_args(p) -> None:
     from .patching import add_task_args
 
     add_task_args(p)
-    p.add_argument("--metric", default="logit_diff_norm", help="one of " + ", ".join(CIRCUIT_METRICS))
-    p.add_argument("--method", default="eap", help="eap or eap-ig")
+    p.add_argument("--metric", default=None, help="one of " + ", ".join(CIRCUIT_METRICS)
+                   + " (default logit_diff_norm; kl for acdc)")
+    p.add_argument("--method", default="eap", help="eap, eap-ig or acdc")
     p.add_argument("--ig-steps", type=int, default=5)
     p.add_argument("--top-n", type=int, default=50, help="edges kept (0: use --threshold)")
-    p.add_argument("--threshold", type=float, default=0.0, help="keep edges with |score| >= this")
+    p.add_argument("--threshold", type=float, default=0.0,
+                   help="keep edges with |score| >= this; for acdc: τ, remove an edge when the metric changes by less")
+    p.add_argument("--ablations", action="store_true",
+                   help="also the faithfulness table: resample/mean/zero x logit diff/prob/KL x noising/denoising")
     p.add_argument("--remove", action="append", default=[],
                    help="a node ('A23.3', 'M5') or edge ('A23.3->logits') to remove; repeatable")
 
@@ -408,7 +527,8 @@ def add_cli_args(p) -> None:
 def spec_from_args(a) -> CircuitSpec:
     from .patching import spec_from_args as task_spec
 
-    return task_spec(CircuitSpec, a, metric=a.metric, method=a.method, ig_steps=a.ig_steps, top_n=a.top_n,
+    metric = a.metric or ("kl" if a.method == "acdc" else "logit_diff_norm")
+    return task_spec(CircuitSpec, a, metric=metric, method=a.method, ig_steps=a.ig_steps, top_n=a.top_n,
                      threshold=a.threshold, removed=tuple(a.remove))
 
 
@@ -420,12 +540,18 @@ def run_cli(a) -> dict:
     spec = spec_from_args(a)
     out = run(spec, progress=lambda m: print(m, file=sys.stderr))
     r = out.result
-    return {"run_key": out.run_key, "from_store": out.from_store,
-            "compute_seconds": round(out.compute_seconds, 4), "read_seconds": round(out.read_seconds, 4),
-            "model": spec.model, "method": r.method, "metric": r.metric, "top_n": r.top_n,
-            "threshold": r.threshold, "removed": r.removed, "nodes": r.nodes, "edges": edge_list(r),
-            "n_selected": r.n_selected, "n_edges_total": r.n_edges_total,
-            "faithfulness": round(r.faithfulness, 6), "clean_metric": r.clean_metric,
-            "corrupt_metric": r.corrupt_metric, "circuit_metric": r.circuit_metric,
-            "clean_logit_diff": r.clean_logit_diff, "corrupt_logit_diff": r.corrupt_logit_diff,
-            "n_pairs": r.n_pairs, "scores_run_key": r.scores_run_key}
+    payload = {"run_key": out.run_key, "from_store": out.from_store,
+               "compute_seconds": round(out.compute_seconds, 4), "read_seconds": round(out.read_seconds, 4),
+               "model": spec.model, "method": r.method, "metric": r.metric, "top_n": r.top_n,
+               "threshold": r.threshold, "removed": r.removed, "nodes": r.nodes, "edges": edge_list(r),
+               "n_selected": r.n_selected, "n_edges_total": r.n_edges_total,
+               "faithfulness": round(r.faithfulness, 6), "clean_metric": r.clean_metric,
+               "corrupt_metric": r.corrupt_metric, "circuit_metric": r.circuit_metric,
+               "clean_logit_diff": r.clean_logit_diff, "corrupt_logit_diff": r.corrupt_logit_diff,
+               "n_pairs": r.n_pairs, "scores_run_key": r.scores_run_key}
+    if r.method in EXTRA_METHODS:
+        payload.update(EXTRA_METHODS[r.method]["cli"](r))
+    if a.ablations:
+        ab = run(spec.as_task(CircuitAblationsSpec), progress=lambda m: print(m, file=sys.stderr)).result
+        payload["ablations"] = ab.rows
+    return payload

@@ -37,6 +37,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,13 @@ from ..runner import analysis
 from ..sites import _BLOCK, _GLOBAL, Component, Site, hook_name, hook_names
 from ..spec import Result, Spec
 
-METHODS = ("diff-means", "caa", "actadd", "probe", "sae")
+METHODS = ("diff-means", "caa", "actadd", "probe", "sae", "derived", "grains")
+GRAINS_STEPS = 32       # IG steps per prompt (Gauss-Legendre; the gaps are reported in `made`)
+# derived: the vector was made by another stored run (a DAS subspace, a probe study's layer probe,
+# a harmfulness direction …). spec.source = "<kind>:<run_key>:<part>"; the producing module
+# registers DERIVERS[kind](run_key, part, store) -> Derived and stores the direction with
+# `derive(...)`. Reopening the direction reads the producing run from the store.
+DERIVERS: dict = {}
 POSITIONS = ("last", "post-instruction")
 RESID_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")   # [batch pos d_model]
 DEFAULT_SITE = {"caa": "resid_post"}   # the others: resid_pre
@@ -101,10 +108,18 @@ class DirectionSpec(Spec):
     test_fraction: float = 0.25
     seed: int = 0
     source: str = ""                         # where the sets came from (shown, part of the key)
+    top_k: int = 3                           # grains: tokens taken per prompt on each side
+
+    KEY_NEUTRAL: ClassVar[dict] = {"top_k": 3}
 
     def validate(self):
         if self.method not in METHODS:
             raise InvalidSpec(f"Unknown direction method {self.method!r}; known: {', '.join(METHODS)}.")
+        if self.method == "derived":
+            parts = self.source.split(":") if isinstance(self.source, str) else []
+            if len(parts) != 3 or not all(parts):
+                raise InvalidSpec(f"A derived direction's source is '<kind>:<run_key>:<part>', not {self.source!r}.")
+            return
         if self.method == "sae":
             if not isinstance(self.sae, str) or not self.sae.strip():
                 raise InvalidSpec("An SAE direction needs an SAE id (python -m backend saes lists them).")
@@ -124,7 +139,7 @@ class DirectionSpec(Spec):
         if not 0.0 < self.test_fraction < 0.9:
             raise InvalidSpec("test_fraction must be in (0, 0.9).")
         sets = {"diff-means": (self.positive, self.negative), "actadd": (self.positive, self.negative),
-                "caa": (self.pairs,), "probe": (self.texts,)}[self.method]
+                "caa": (self.pairs,), "probe": (self.texts,), "grains": (self.pairs,)}[self.method]
         for s in sets:
             if not s:
                 raise EmptySet(f"A {self.method} direction needs both sets: one of them is empty.")
@@ -135,10 +150,13 @@ class DirectionSpec(Spec):
             raise EmptySet("A prompt (or a pair's question or answer) is empty.")
         if self.method == "actadd" and (len(self.positive) != 1 or len(self.negative) != 1):
             raise InvalidSpec("ActAdd takes one positive and one negative prompt.")
-        if self.method == "caa":
+        if self.method in ("caa", "grains"):
             for q, a, b in self.pairs:
                 if a.strip() == b.strip():
                     raise InvalidSpec(f"A pair's two answers are the same ({a!r}).")
+        if self.method == "grains" and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
+                                        or not 1 <= self.top_k <= 16):
+            raise OutOfRange(f"top_k must be 1–16 tokens per side, got {self.top_k!r}.")
         if self.method == "probe":
             if len(self.labels) != len(self.texts) or any(v not in (0, 1) for v in self.labels):
                 raise InvalidSpec("A probe needs one label (0 or 1) per text.")
@@ -147,7 +165,7 @@ class DirectionSpec(Spec):
 
     @property
     def needs_layers(self) -> bool:
-        return self.method in ("diff-means", "caa", "probe")
+        return self.method in ("diff-means", "caa", "probe", "grains")
 
 
 @dataclass(frozen=True)
@@ -254,6 +272,8 @@ SHIPPED = {
                 "label": "harmful- vs harmless-style instructions (mild), chat template"},
     "truefalse": {"method": "probe", "data": "truefalse.jsonl", "label": "true vs false statements"},
     "optimism": {"method": "caa", "pairs": "behaviour_ab.jsonl", "label": "A/B questions: optimistic answer"},
+    "sentiment-tokens": {"method": "grains", "pairs": "grains_sentiment.jsonl",
+                         "label": "sentence starts with a positive vs a negative next word (GrAInS)"},
 }
 
 
@@ -489,10 +509,12 @@ def _contrast(spec, model, pos_rows, pos_read, neg_rows, neg_read, made) -> Dire
 
 
 @analysis(DirectionSpec, DirectionResult)
-def compute(spec: DirectionSpec, model: LoadedModel, progress=None) -> DirectionResult:
+def compute(spec: DirectionSpec, model: LoadedModel, progress=None, store=None) -> DirectionResult:
     info = model.info
     if spec.method == "sae":
         return _sae_direction(spec, model)
+    if spec.method == "derived":
+        return _derived_direction(spec, model, store)
     Site(Component(spec.site), spec.layer).check(info.n_layers, info.n_heads)
     if spec.method == "diff-means":
         pr, pp = prompt_rows(model, spec.positive, spec.chat, spec.position)
@@ -509,6 +531,8 @@ def compute(spec: DirectionSpec, model: LoadedModel, progress=None) -> Direction
                 letters.add(model.str_tokens([ids[j]])[0])
         return _contrast(spec, model, pr, pp, nr, npos, {"position": "answer letter", "chat": True,
                                                           "letter_tokens": sorted(letters)})
+    if spec.method == "grains":
+        return _grains(spec, model, progress)
     if spec.method == "actadd":
         p, n = model.encode(spec.positive[0]), model.encode(spec.negative[0])
         space = model.tokenize(" ", prepend_bos=False)[-1]
@@ -531,6 +555,46 @@ def compute(spec: DirectionSpec, model: LoadedModel, progress=None) -> Direction
                          "bias": float(B[spec.layer])})
 
 
+def grains_tokens(scores: np.ndarray, k: int) -> tuple[list[int], list[int]]:
+    """GrAInS's choice on one prompt: the k most positively and the k most negatively
+    attributed positions (a side keeps only scores of its sign; ties by position)."""
+    order = np.argsort(-scores, kind="stable")
+    pos = [int(i) for i in order if scores[i] > 0][:k]
+    neg = [int(i) for i in order[::-1] if scores[i] < 0][:k]
+    return pos, neg
+
+
+def _grains(spec: DirectionSpec, model: LoadedModel, progress=None) -> DirectionResult:
+    """Attribution-guided steering (GrAInS): for each (prompt, preferred, dispreferred), integrated
+    gradients of logit(preferred) - logit(dispreferred) over the prompt's tokens picks the top-k
+    positive and negative tokens; the direction at every layer is the mean over prompts of the
+    mean activation at their positive tokens minus the same over prompts at their negative tokens
+    (a prompt whose scores are all of one sign adds to that side only)."""
+    from .token_attribution import TokenAttributionSpec, attribute
+
+    pos_rows, pos_read, neg_rows, neg_read, picked, gaps = [], [], [], [], [], []
+    for i, (prompt, a, b) in enumerate(spec.pairs):
+        r = attribute(TokenAttributionSpec(model=spec.model, text=prompt, method="integrated-gradients",
+                                           contrast=(a, b), steps=GRAINS_STEPS), model)
+        pos, neg = grains_tokens(r.scores, spec.top_k)
+        if pos:
+            pos_rows.append(list(r.token_ids))
+            pos_read.append(pos)
+        if neg:
+            neg_rows.append(list(r.token_ids))
+            neg_read.append(neg)
+        picked.append({"positive": [r.tokens[j] for j in pos], "negative": [r.tokens[j] for j in neg]})
+        gaps.append(round(float(r.completeness_gap_rel), 5))
+        if progress:
+            progress(f"GrAInS: attributed prompt {i + 1} of {len(spec.pairs)}")
+    if not pos_rows or not neg_rows:
+        raise EmptySet(f"No prompt has a {'positively' if not pos_rows else 'negatively'} attributed token: "
+                       "GrAInS needs tokens on both sides.")
+    return _contrast(spec, model, pos_rows, pos_read, neg_rows, neg_read,
+                     {"top_k": spec.top_k, "ig_steps": GRAINS_STEPS, "ig_gap_rel": gaps, "tokens": picked,
+                      "prompts_with_positive": len(pos_rows), "prompts_with_negative": len(neg_rows)})
+
+
 def _sae_direction(spec: DirectionSpec, model: LoadedModel) -> DirectionResult:
     from ..saes import load_sae
 
@@ -547,6 +611,48 @@ def _sae_direction(spec: DirectionSpec, model: LoadedModel) -> DirectionResult:
     row = sae.W_dec[spec.feature].detach().float().cpu().numpy()
     return _result(spec, model, row, site=site.component.value, layer=site.layer, shape=shape,
                    made={"sae": spec.sae, "feature": spec.feature, "d_sae": int(sae.cfg.d_sae)})
+
+
+@dataclass(frozen=True)
+class Derived:
+    """What a producing run gives for one of its directions."""
+    vector: np.ndarray          # raw values at the hook, flattened
+    site: str                   # a Component value (resid_pre, mlp_post, z, …)
+    layer: int
+    shape: tuple[int, ...]      # the vector's shape at its hook
+    made: dict                  # how it was made (shown; the producing run's key is added)
+
+
+def derived_spec(model: str, kind: str, run_key: str, part: str) -> DirectionSpec:
+    """The spec of direction `part` of the stored run `run_key` of analysis `kind`."""
+    return DirectionSpec(model=model, method="derived", source=f"{kind}:{run_key}:{part}")
+
+
+def derive(model: str, kind: str, run_key: str, part: str, store=None):
+    """Put direction `part` of a stored run into the directions table (idempotent: the
+    producing module's deriver builds it; a second call reads it back). Returns the Outcome;
+    its run_key is the direction_key that steer / read / ablate take."""
+    from ..runner import run
+
+    return run(derived_spec(model, kind, run_key, part), store=store)
+
+
+def _derived_direction(spec: DirectionSpec, model: LoadedModel, store) -> DirectionResult:
+    from ..store import default_store
+
+    kind, run_key, part = spec.source.split(":")
+    if kind not in DERIVERS:
+        import importlib
+
+        from ..runner import ANALYSES
+
+        if kind in ANALYSES:   # registered analyses register their derivers at import
+            importlib.import_module(ANALYSES[kind].compute.__module__)
+    if kind not in DERIVERS:
+        raise UnknownDirection(f"No analysis {kind!r} makes directions (source {spec.source!r}).")
+    d = DERIVERS[kind](run_key, part, store or default_store())
+    return _result(spec, model, d.vector, site=d.site, layer=d.layer, shape=list(d.shape),
+                   made={**d.made, "from_run": run_key, "from_kind": kind, "part": part})
 
 
 def sae_spec(model: str, sae: str, feature: int) -> DirectionSpec:
@@ -605,7 +711,9 @@ def add_cli_args(p) -> None:
     p.add_argument("--negative-file")
     p.add_argument("--positive", action="append", help="a prompt (repeatable; actadd: exactly one)")
     p.add_argument("--negative", action="append")
-    p.add_argument("--pairs-file", help="caa: JSON Lines {\"question\", \"positive\", \"negative\"}")
+    p.add_argument("--pairs-file", help="caa: JSON Lines {\"question\", \"positive\", \"negative\"}; grains: the "
+                   "same with the prompt as question and the preferred / dispreferred next token")
+    p.add_argument("--top-k", type=int, default=3, help="grains: tokens per prompt on each side")
     p.add_argument("--data-file", help="probe: CSV or JSON Lines {\"text\", \"label\"}")
     p.add_argument("--shipped", choices=list(SHIPPED), help="use a shipped set (data/directions)")
     p.add_argument("--sae")
@@ -622,6 +730,9 @@ def spec_from_args(a) -> DirectionSpec:
     common = dict(model=a.model, method=a.method, site=a.site or DEFAULT_SITE.get(a.method, "resid_pre"),
                   position=a.position, chat=bool(a.chat or a.position == "post-instruction"),
                   test_fraction=a.test_fraction, seed=a.seed)
+    if a.method == "derived":
+        raise InvalidSpec("Derived directions are made by the runs that own them (das, probe-study); "
+                          "they print the direction_key.")
     if a.method == "sae":
         if not a.sae:
             raise InvalidSpec("--method sae needs --sae and --feature.")
@@ -639,10 +750,11 @@ def spec_from_args(a) -> DirectionSpec:
         neg = (read_prompts(a.negative_file) if a.negative_file else []) + list(a.negative or [])
         src = f"files:{a.positive_file},{a.negative_file}" if a.positive_file or a.negative_file else "arguments"
         return DirectionSpec(**common, positive=tuple(pos), negative=tuple(neg), source=src)
-    if a.method == "caa":
+    if a.method in ("caa", "grains"):
         if not a.pairs_file:
-            raise InvalidSpec("--method caa needs --pairs-file.")
-        return DirectionSpec(**common, pairs=tuple(read_pairs(a.pairs_file)), source=f"file:{a.pairs_file}")
+            raise InvalidSpec(f"--method {a.method} needs --pairs-file.")
+        extra = {"top_k": a.top_k} if a.method == "grains" else {}
+        return DirectionSpec(**common, pairs=tuple(read_pairs(a.pairs_file)), source=f"file:{a.pairs_file}", **extra)
     if not a.data_file:
         raise InvalidSpec("--method probe needs --data-file.")
     texts, labels = read_labelled(a.data_file)

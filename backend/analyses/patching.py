@@ -35,6 +35,8 @@ from ..tasks import EncodedPair, PairTaskSpec, encode_pairs
 
 METRICS = ("logit_diff_norm", "logit_diff", "prob", "kl")
 DIRECTIONS = ("denoising", "noising")
+CORRUPTIONS = ("tokens", "gaussian")
+MAX_NOISE_SAMPLES = 64
 
 
 def _check_choice(value, allowed, what, err=InvalidSpec):
@@ -49,12 +51,51 @@ class PatchSpec(PairTaskSpec):
     site: str = "resid_pre"
     metric: str = "logit_diff_norm"
     direction: str = "denoising"
+    # Corruption (Zhang & Nanda 2023): "tokens" = symmetric token replacement, the corrupted prompt
+    # of the pair; "gaussian" = the clean prompt with Gaussian noise (noise_scale x the std of the
+    # embedding matrix's entries, seeded) added to the token embeddings at noise_positions (none
+    # given: where the pair's prompts differ), values averaged over noise_samples draws.
+    corruption: str = "tokens"
+    noise_positions: tuple = ()
+    noise_scale: float = 3.0
+    noise_samples: int = 4
+    noise_seed: int = 0
+
+    # Fields added after results were stored: left out of the key (and the JSON) at their
+    # defaults, so every key of a token-replacement run is what it was before they existed.
+    KEY_NEUTRAL: ClassVar[dict] = {"corruption": "tokens", "noise_positions": (), "noise_scale": 3.0,
+                                   "noise_samples": 4, "noise_seed": 0}
+
+    def to_dict(self):
+        d = super().to_dict()
+        for name, default in self.KEY_NEUTRAL.items():
+            if name in d and d[name] == default:
+                del d[name]
+        return d
 
     def validate(self):
         _check_choice(self.site, self.ALLOWED_SITES, "patching site", InvalidSite)
         _check_choice(self.metric, METRICS, "metric")
         _check_choice(self.direction, DIRECTIONS, "direction")
+        self.validate_corruption()
         self.validate_pairs()
+
+    def validate_corruption(self):
+        _check_choice(self.corruption, CORRUPTIONS, "corruption")
+        if self.corruption != "tokens" and self.KIND not in ("patch", "intervention"):
+            raise InvalidSpec(f"{self.KIND} takes the pair's token replacement only (corruption 'tokens').")
+        if isinstance(self.noise_positions, str) or not isinstance(self.noise_positions, tuple) or not all(
+                isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in self.noise_positions):
+            raise InvalidSpec("noise_positions must be a list of token positions (whole numbers ≥ 0).")
+        object.__setattr__(self, "noise_positions", tuple(sorted(set(self.noise_positions))))
+        if isinstance(self.noise_scale, bool) or not isinstance(self.noise_scale, (int, float)) \
+                or not 0 < self.noise_scale <= 100:
+            raise InvalidSpec(f"noise_scale must be in (0, 100] (times the embedding std), got {self.noise_scale!r}.")
+        object.__setattr__(self, "noise_scale", float(self.noise_scale))
+        if not isinstance(self.noise_samples, int) or not 1 <= self.noise_samples <= MAX_NOISE_SAMPLES:
+            raise InvalidSpec(f"noise_samples must be 1–{MAX_NOISE_SAMPLES}, got {self.noise_samples!r}.")
+        if not isinstance(self.noise_seed, int) or isinstance(self.noise_seed, bool):
+            raise InvalidSpec(f"noise_seed must be a whole number, got {self.noise_seed!r}.")
 
 
 @dataclass(frozen=True)
@@ -94,9 +135,68 @@ def _metrics(model: LoadedModel, fm, e: EncodedPair, metric: str):
     return kp.KLFromClean(clean_logits.float().log_softmax(-1))
 
 
+def noise_positions(spec: PatchSpec, e: EncodedPair) -> list[int]:
+    """The positions whose embeddings Gaussian corruption noises: the spec's, or where the pair differs."""
+    T = len(e.clean_ids)
+    pos = list(spec.noise_positions) or [i for i, (a, b) in enumerate(zip(e.clean_ids, e.corrupt_ids)) if a != b]
+    if not pos:
+        raise InvalidSpec("Gaussian corruption needs token positions to noise: the clean and corrupted prompts "
+                          "are identical, so give noise_positions.")
+    if max(pos) >= T:
+        raise InvalidSpec(f"noise position {max(pos)} is past the prompt's {T} tokens (positions 0–{T - 1}).")
+    return pos
+
+
+def embedding_noise(fm, T: int, positions: list[int], scale: float, seed: int, sample: int):
+    """[T d_model] noise for sample `sample`: N(0, (scale * std)^2) at `positions`, 0 elsewhere, with
+    std the standard deviation of the embeddings' entries (as the model adds them, Gemma's scale
+    included); drawn on the CPU from a generator seeded by (seed, sample), so any device agrees."""
+    import torch
+
+    std = float(fm.W_E.detach().float().std()) * (1.0 if fm.embed_scale is None else float(fm.embed_scale))
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(sample))
+    noise = torch.zeros(T, fm.W_E.shape[1])
+    noise[positions] = torch.randn(len(positions), fm.W_E.shape[1], generator=g) * (scale * std)
+    return noise
+
+
+def _run_pair_gaussian(model: LoadedModel, fm, e: EncodedPair, spec: PatchSpec):
+    """_run_pair with the corrupted run = the clean prompt with noised embeddings, averaged over samples."""
+    import torch
+    from kernels import patching as kp
+
+    if fm is None:
+        raise InvalidSpec(f"Gaussian corruption runs on the fast patching path; {model.info.model_id} "
+                          "has no canonical weights: use token replacement.")
+    pos = noise_positions(spec, e)
+    metric = _metrics(model, fm, e, spec.metric)
+    ld = kp.LogitDiff(e.answer_id, e.wrong_id)
+    T = len(e.clean_ids)
+    clean = kp.states(fm, e.clean_ids)
+    total, cm, km, cl, kl = 0.0, 0.0, 0.0, 0.0, 0.0
+    with torch.inference_mode():
+        emb = fm.embed(torch.as_tensor([e.clean_ids], device=fm.W_U.device))[0]
+        for s in range(spec.noise_samples):
+            noise = embedding_noise(fm, T, pos, spec.noise_scale, spec.noise_seed, s).to(emb.device, emb.dtype)
+            noised = kp.run_states(fm, e.clean_ids, emb + noise)
+            base, src = (noised, clean) if spec.direction == "denoising" else (clean, noised)
+            out = kp.sweep_states(fm, base, src, spec.site, metric)
+            b_ld, s_ld = (float(ld.from_resid(fm, x.pre[-1, -1:])[0]) for x in (base, src))
+            total = total + out.values.double()
+            if spec.direction == "denoising":
+                cm, km, cl, kl = cm + out.source, km + out.base, cl + s_ld, kl + b_ld
+            else:
+                cm, km, cl, kl = cm + out.base, km + out.source, cl + b_ld, kl + s_ld
+    n = spec.noise_samples
+    return total / n, cm / n, km / n, cl / n, kl / n
+
+
 def _run_pair(model: LoadedModel, fm, e: EncodedPair, spec: PatchSpec):
     """(values tensor, clean metric, corrupt metric, clean LD, corrupt LD) of one pair."""
     from kernels import patching as kp
+
+    if spec.corruption == "gaussian":
+        return _run_pair_gaussian(model, fm, e, spec)
 
     base, src = ((e.corrupt_ids, e.clean_ids) if spec.direction == "denoising"
                  else (e.clean_ids, e.corrupt_ids))
@@ -214,7 +314,19 @@ def intervene(spec: PatchSpec, layer: int, pos: int | None = None, head: int | N
     with model.lock:
         fm = kp.fast_model(model)
         metric = _metrics(model, fm, e, spec.metric)
-        if fm is not None:
+        if spec.corruption == "gaussian":          # the first noise sample's corrupted run
+            if fm is None:
+                raise InvalidSpec("Gaussian corruption runs on the fast patching path; use token replacement.")
+            with torch.inference_mode():
+                emb = fm.embed(torch.as_tensor([e.clean_ids], device=fm.W_U.device))[0]
+                noise = embedding_noise(fm, T, noise_positions(spec, e), spec.noise_scale, spec.noise_seed, 0)
+                noised = kp.run_states(fm, e.clean_ids, emb + noise.to(emb.device, emb.dtype))
+            clean = kp.states(fm, e.clean_ids)
+            b_st, s_st = (noised, clean) if spec.direction == "denoising" else (clean, noised)
+            after_logits = kp.patch_logits_states(fm, b_st, s_st, spec.site, cell)
+            with torch.inference_mode():
+                base_l, src_l = fm.logits(b_st.pre[-1, -1:])[0], fm.logits(s_st.pre[-1, -1:])[0]
+        elif fm is not None:
             after_logits = kp.patch_logits(fm, base, src, spec.site, cell)
             base_l, src_l = kp.base_logits(fm, base), kp.base_logits(fm, src)
         else:
@@ -286,6 +398,22 @@ def add_cli_args(p, sites=SITES, default_metric: str = "logit_diff_norm") -> Non
     p.add_argument("--direction", default="denoising", help="one of " + ", ".join(DIRECTIONS))
 
 
+def add_corruption_args(p) -> None:
+    """`patch` only: how the corrupted run is made."""
+    p.add_argument("--corruption", default="tokens", help="tokens (the pair's corrupted prompt) or gaussian "
+                   "(noise on the clean prompt's token embeddings)")
+    p.add_argument("--noise-positions", type=int, nargs="*", default=[],
+                   help="token positions to noise (default: where the pair's prompts differ)")
+    p.add_argument("--noise-scale", type=float, default=3.0, help="noise std in units of the embedding std")
+    p.add_argument("--noise-samples", type=int, default=4, help="noise draws averaged")
+    p.add_argument("--noise-seed", type=int, default=0)
+
+
+def add_patch_args(p) -> None:
+    add_cli_args(p)
+    add_corruption_args(p)
+
+
 def spec_from_args(cls, a, **kw):
     """A spec with PatchSpec's task fields (PatchSpec, AtPSpec, CircuitSpec...) from the options
     of add_task_args; `kw` are its other fields (default: the sweep options of add_cli_args)."""
@@ -316,5 +444,11 @@ def run_cli(a) -> dict:
 
     from ..runner import run
 
-    spec = spec_from_args(PatchSpec, a)
-    return sweep_payload(spec, run(spec, progress=lambda m: print(m, file=sys.stderr)))
+    spec = spec_from_args(PatchSpec, a, site=a.site, metric=a.metric, direction=a.direction,
+                          corruption=a.corruption, noise_positions=tuple(a.noise_positions),
+                          noise_scale=a.noise_scale, noise_samples=a.noise_samples, noise_seed=a.noise_seed)
+    out = sweep_payload(spec, run(spec, progress=lambda m: print(m, file=sys.stderr)))
+    if spec.corruption != "tokens":
+        out.update(corruption=spec.corruption, noise_positions=list(spec.noise_positions),
+                   noise_scale=spec.noise_scale, noise_samples=spec.noise_samples, noise_seed=spec.noise_seed)
+    return out
