@@ -25,7 +25,8 @@ _SHOWN = """() => {
         const l = e.querySelector("[data-testid='stMetricLabel']"), v = e.querySelector("[data-testid='stMetricValue']");
         if (l && v) m[l.innerText.trim()] = v.innerText.trim(); });
     const c = by('DAS training'), i = by('Illusion check at');
-    return JSON.stringify({curve: c && c.data[0].y, illusion: i && i.data.map(d => d.y), metrics: m}); }"""
+    return JSON.stringify({curve: c && Array.from(c._fullData[0].y),        // decoded (data.y may be base64)
+                           illusion: i && i._fullData.map(d => Array.from(d.y)), metrics: m}); }"""
 
 
 def _click_cell(page, col: int, row: int) -> None:

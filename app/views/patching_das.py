@@ -27,6 +27,15 @@ def _ints(text: str) -> tuple:
 
 
 def run_spec(view: View) -> DASSpec:
+    """The run the view shows: a sweep's cell (K = 1, not boundless, a layer and position of the sweep)
+    is the sweep's own stored run (its lr and batch), so a click opens it without training again."""
+    if view.das_sweep and view.das_dim == 1 and not view.das_bl:
+        try:
+            sweep = sweep_spec(view)
+        except DashboardError:
+            sweep = None
+        if sweep and view.das_layer in sweep.layers and view.das_pos in sweep.positions:
+            return sweep.cell(view.das_layer, view.das_pos)
     return DASSpec(model=view.model, task=view.das_task, n=view.das_n, site=view.das_site, layer=view.das_layer,
                    pos=view.das_pos, dim=view.das_dim, boundless=bool(view.das_bl), steps=view.das_steps)
 
