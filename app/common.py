@@ -44,16 +44,23 @@ def main_result(view: View, spec, what: str) -> tuple[View, object | None]:
     return view.replace(key=out.run_key), out
 
 
-def form_result(view: View, form, spec_of, what: str) -> tuple[View, object | None]:
-    """A form page's main result: the form (navigating to the view it returns if that differs),
-    the spec built from the view (a bad one said in the page), then main_result."""
+def form_spec(view: View, form, spec_of):
+    """A form (navigating to the view it returns if that differs), then the spec built from the
+    view; None when the view makes a bad spec (said in the page)."""
     new = form(view)
     if new != view:
         navigate(new)
     try:
-        spec = spec_of(view)
+        return spec_of(view)
     except DashboardError as e:
         st.error(str(e), icon=":material/warning:")
+        return None
+
+
+def form_result(view: View, form, spec_of, what: str) -> tuple[View, object | None]:
+    """A form page's main result: form_spec, then main_result."""
+    spec = form_spec(view, form, spec_of)
+    if spec is None:
         return view, None
     return main_result(view, spec, what)
 

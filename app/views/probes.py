@@ -32,19 +32,10 @@ def study_outcome(view: View, form, spec_of, what: str, cost: str, button: str):
     (a bad one said in the page), the link's key checked, then the stored outcome, or, on a miss,
     `cost` said and a "Run the study" button that computes it. (view with the run key, outcome) or
     (view, None)."""
-    from backend.errors import DashboardError
+    from ..common import check_link_key, fetch, form_spec, show_status
 
-    from ..common import check_link_key, fetch, navigate, show_status
-
-    new = form(view)
-    if new != view:
-        navigate(new)
-    try:
-        spec = spec_of(view)
-    except DashboardError as e:
-        st.error(str(e), icon=":material/warning:")
-        return view, None
-    if not check_link_key(view, spec):
+    spec = form_spec(view, form, spec_of)
+    if spec is None or not check_link_key(view, spec):
         return view, None
     import backend
 

@@ -11,7 +11,7 @@ import backend
 from backend.analyses.probes import harm_refusal as H
 from backend.errors import DashboardError
 
-from ..common import check_link_key, metrics_row, navigate, show_status, synced
+from ..common import check_link_key, form_spec, metrics_row, navigate, show_status, synced
 from ..figures_probe_studies import harm_cosine, harm_scatter, harm_steering
 from ..state import View
 
@@ -47,15 +47,8 @@ def render(view: View) -> View:
                "the refusal direction at the last template token before the answer (t_post-inst), at every "
                "layer's block output. If the model keeps the two apart, their cosine stays well below 1 and "
                "adding one does not do what adding the other does.")
-    new = _form(view)
-    if new != view:
-        navigate(new)
-    try:
-        spec = spec_of(view)
-    except DashboardError as e:
-        st.error(str(e), icon=":material/warning:")
-        return view
-    if not check_link_key(view, spec):
+    spec = form_spec(view, _form, spec_of)
+    if spec is None or not check_link_key(view, spec):
         return view
     try:
         study = _stored(spec)
