@@ -231,14 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = _parser(argv).parse_args(argv)
     _stop_signals()
-    store_mod.on_open.append(_serve_opened)
+    if _serve_opened not in store_mod.on_open:
+        store_mod.on_open.append(_serve_opened)
+    ours = not store_mod.default_is_open()   # called in a process that holds the store already: leave it open
     try:
         return _main(a, argv)
     except KeyboardInterrupt as e:
         _log("Stopped." + (" (SIGTERM)" if isinstance(e, _Terminated) else ""))
         return 143 if isinstance(e, _Terminated) else 130
     finally:
-        _release()
+        if ours:
+            _release()
 
 
 def _main(a, argv: list[str]) -> int:

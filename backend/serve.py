@@ -110,11 +110,12 @@ def start(store_path: Path, run: Callable[[list[str]], tuple[int, dict]]) -> Pat
     """Serve the store this process holds (once per process) to CLI calls, answering each with
     `run(argv) -> (exit code, payload)` (backend.cli.execute: passed in, so this module does not
     import the CLI that imports it); returns the server file."""
-    global _server
+    global _server, _closing
     store_path = Path(store_path).resolve()
     info_path = server_file(store_path)
     with _guard:
         if _server is None:
+            _closing = False
             token = secrets.token_hex(16)
             handler = type("Handler", (_Handler,), {"token": token, "run": staticmethod(run)})
             _server = ThreadingHTTPServer(("127.0.0.1", 0), handler)

@@ -285,6 +285,10 @@ def default_store() -> Store:
         return _default
 
 
+def default_is_open() -> bool:
+    return _default is not None
+
+
 def close_default() -> None:
     """Close the process's default store (a CLI hands the file to the next command)."""
     global _default
