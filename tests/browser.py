@@ -74,6 +74,17 @@ def wait_for_plots(page, n: int = 1, timeout: float = 400_000) -> None:
     page.wait_for_timeout(800)  # let Plotly finish drawing
 
 
+def click_plot_point(page, title_part: str, x, y) -> None:
+    """Click the data point (x, y) of the Plotly figure whose title contains `title_part`, at
+    its pixel position (a real mouse click, scrolled into view first)."""
+    find = f"[...document.querySelectorAll('.js-plotly-plot')].find(p => (p.layout.title.text || '').includes('{title_part}'))"
+    page.evaluate(f"() => {find}.scrollIntoView({{block: 'center'}})")
+    page.wait_for_timeout(400)
+    px = page.evaluate(f"""([x, y]) => {{ const gd = {find}; const fl = gd._fullLayout, r = gd.getBoundingClientRect();
+        return [r.left + fl._size.l + fl.xaxis.l2p(x), r.top + fl._size.t + fl.yaxis.l2p(y)]; }}""", [x, y])
+    page.mouse.click(*px)
+
+
 def wait_idle(page, timeout: float = 120_000) -> None:
     """Until the script run is over: no element Streamlit marks stale (a rerun keeps the old
     elements beside the new ones until it ends), then a moment for Plotly to draw."""

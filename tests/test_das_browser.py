@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.browser import browser_context, dashboard, wait_idle
+from tests.browser import browser_context, click_plot_point, dashboard, wait_idle
 
 pytestmark = [pytest.mark.browser, pytest.mark.model]
 # country -> capital, 16 examples, 8 steps per cell: this test is about the page, not the search
@@ -30,12 +30,7 @@ _SHOWN = """() => {
 
 
 def _click_cell(page, col: int, row: int) -> None:
-    find = f"[...document.querySelectorAll('.js-plotly-plot')].find(p => (p.layout.title.text || '').includes('{SWEEP}'))"
-    page.evaluate(f"() => {find}.scrollIntoView({{block: 'center'}})")
-    page.wait_for_timeout(400)
-    px = page.evaluate(f"""([x, y]) => {{ const gd = {find}; const fl = gd._fullLayout, r = gd.getBoundingClientRect();
-        return [r.left + fl._size.l + fl.xaxis.l2p(x), r.top + fl._size.t + fl.yaxis.l2p(y)]; }}""", [col, row])
-    page.mouse.click(*px)
+    click_plot_point(page, SWEEP, col, row)
 
 
 def test_das_cell_illusion_check_and_its_link(tmp_path):

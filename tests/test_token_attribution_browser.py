@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, quote, urlparse
 
 import pytest
 
-from tests.browser import browser_context, dashboard, wait_idle
+from tests.browser import browser_context, click_plot_point, dashboard, wait_idle
 
 pytestmark = [pytest.mark.browser, pytest.mark.model]
 PROMPT = "The capital of France is"
@@ -42,12 +42,7 @@ def _shown(page) -> dict:
 def _click_layer_cell(page, pos: int, layer: int) -> None:
     """Click the cell (position, layer) of the layer view: its square marker (the heatmap
     itself reports no single-cell clicks in select mode)."""
-    find = "[...document.querySelectorAll('.js-plotly-plot')].find(p => (p.layout.title.text || '').includes('Layer view'))"
-    page.evaluate(f"() => {find}.scrollIntoView({{block: 'center'}})")
-    page.wait_for_timeout(400)
-    px = page.evaluate(f"""([x, y]) => {{ const gd = {find}; const fl = gd._fullLayout, r = gd.getBoundingClientRect();
-        return [r.left + fl._size.l + fl.xaxis.l2p(x), r.top + fl._size.t + fl.yaxis.l2p(y)]; }}""", [pos, layer])
-    page.mouse.click(*px)
+    click_plot_point(page, "Layer view", pos, layer)
 
 
 def test_attribution_link_reopens_from_the_store_and_a_cell_opens_the_lens(tmp_path):
