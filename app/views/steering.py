@@ -331,7 +331,7 @@ def _evaluations(view: View, t: dict) -> None:
 def render(view: View) -> View:
     st.header("Directions & steering")
     st.caption("A direction is a vector at a site: made from two sets (difference of means), contrast pairs "
-               "(CAA), a prompt pair (ActAdd), a probe, or an SAE feature. Read it (projection per layer and "
+               "(CAA), a prompt pair (ActAdd), a probe, the tokens integrated gradients picks (GrAInS), or an SAE feature. Read it (projection per layer and "
                "token), add it (steered generation beside the default one, same seed) or ablate it.")
     _make_direction(view)
     t = _target(view)
