@@ -62,11 +62,14 @@ class TCConfig:
     corpus: str = corpus.DEFAULT_NAME
     precision: str | None = None            # dense-kernel precision; None: kernels.forward.bulk_precision()
     threads: int | None = None
+    init_from: str | None = None            # warm start: a trained set's folder (its weights, fresh Adam,
+                                            # a new warm-up; the corpus continues where that run stopped)
 
     def key(self) -> str:
         import hashlib
 
-        d = {k: v for k, v in asdict(self).items() if k not in ("tokens", "threads", "precision", "k_aux", "bf16_skip")}
+        d = {k: v for k, v in asdict(self).items()
+             if k not in ("tokens", "threads", "precision", "k_aux", "bf16_skip") and not (k == "init_from" and v is None)}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -139,6 +142,30 @@ def _new_layer(cfg: TCConfig, layer: int, x, y, device) -> _LayerState:
         tc.b_dec.copy_((y * s_out).mean(0))
     opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
     return _LayerState(tc, opt, s_in, s_out, -1.0, torch.zeros(cfg.width, dtype=torch.long, device=device))
+
+
+def _warm_layer(cfg: TCConfig, layer: int, x, y, device, folder: Path) -> _LayerState:
+    """A layer state whose weights come from a trained set (circuit-tracer format, scales folded
+    in): the same normalisation scales are measured on this batch and unfolded again."""
+    from safetensors.torch import load_file
+
+    st = _new_layer(cfg, layer, x, y, device)
+    t = {k: v.float().to(device) for k, v in load_file(str(folder / f"layer_{layer}.safetensors")).items()}
+    if t["W_enc"].shape != st.tc.W_enc.shape or ("W_skip" in t) != (st.tc.W_skip is not None):
+        raise InvalidSpec(f"--init-from {folder}: layer {layer} has W_enc {tuple(t['W_enc'].shape)}"
+                          f"{' with' if 'W_skip' in t else ' without'} a skip; this run wants "
+                          f"{tuple(st.tc.W_enc.shape)}{' with' if cfg.skip else ' without'}")
+    tc = st.tc
+    with torch.no_grad():
+        tc.W_enc.copy_(t["W_enc"] / st.s_in)
+        tc.b_enc.copy_(t["b_enc"])
+        tc.W_dec.copy_(t["W_dec"] * st.s_out)
+        tc.b_dec.copy_(t["b_dec"] * st.s_out)
+        if tc.W_skip is not None:
+            tc.W_skip.copy_(t["W_skip"] * (st.s_out / st.s_in))
+    st.opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+    st.threshold = float(t["activation_function.threshold"].max())
+    return st
 
 
 def _step_layer(cfg: TCConfig, st: _LayerState, x, y, lr: float) -> dict:
@@ -278,11 +305,20 @@ def train(cfg: TCConfig, out: Path, work: Path, export_every: float = 900.0, log
             opt.load_state_dict(s["opt"])
             states[layer] = _LayerState(tc, opt, s["s_in"], s["s_out"], s["threshold"], s["since_fired"].to(device))
         log(f"resumed at step {step} ({tokens} tokens)")
+    init, before = None, int(saved.get("before", 0)) if ckpt.exists() else 0
+    if cfg.init_from and not ckpt.exists():
+        from . import transcoders as tcs
+
+        init = tcs.resolve(cfg.init_from)
+        before = int(tcs._read_config(init).get("training_tokens") or 0)
+        # continue on windows the warm set has not seen (one epoch of the split is ~10 M tokens)
+        window = before // (cfg.context - 1)
+        log(f"warm start from {init} ({before} tokens); corpus from window {window}")
     t0, last_export, rate_t, rate_n = time.time(), time.time(), time.time(), 0
     stats: dict[int, dict] = {}
 
     def save():
-        torch.save({"step": step, "window": window, "tokens": tokens,
+        torch.save({"step": step, "window": window, "tokens": tokens, "before": before,
                     "layers": {l: {"tc": s.tc.state_dict(), "opt": s.opt.state_dict(), "s_in": s.s_in,
                                    "s_out": s.s_out, "threshold": s.threshold, "since_fired": s.since_fired.cpu(),
                                    "d_in": s.tc.W_enc.shape[1], "d_out": s.tc.W_dec.shape[1]}
@@ -297,7 +333,8 @@ def train(cfg: TCConfig, out: Path, work: Path, export_every: float = 900.0, log
         for layer in layers:
             x, y = (t.to(device) for t in io[layer])
             if layer not in states:
-                states[layer] = _new_layer(cfg, layer, x, y, device)
+                states[layer] = (_warm_layer(cfg, layer, x, y, device, init) if init is not None
+                                 else _new_layer(cfg, layer, x, y, device))
             stats[layer] = _step_layer(cfg, states[layer], x, y, lr)
         step += 1
         n = int(mask.sum())
@@ -316,11 +353,11 @@ def train(cfg: TCConfig, out: Path, work: Path, export_every: float = 900.0, log
             rate_t, rate_n = time.time(), 0
         if time.time() - last_export > export_every:
             save()
-            export(cfg, states, out, max(layers) + 1, tokens)
+            export(cfg, states, out, max(layers) + 1, before + tokens)
             last_export = time.time()
             log(f"checkpoint and export at step {step}")
     save()
-    export(cfg, states, out, max(layers) + 1, tokens)
+    export(cfg, states, out, max(layers) + 1, before + tokens)
     return {"path": str(out), "steps": step, "tokens": tokens, "seconds": round(time.time() - t0, 1),
             "layers": layers, "train_fvu": {l: round(stats[l]["fvu"], 4) for l in stats}}
 
@@ -447,6 +484,9 @@ def add_cli_args(p) -> None:
     p.add_argument("--export-every", type=float, default=900.0, help="seconds between exports")
     p.add_argument("--hours", type=float, default=None,
                    help="finish (learning-rate decay included) within this many hours, at most --tokens")
+    p.add_argument("--init-from", default=None, metavar="SET",
+                   help="warm start from a trained set (its id or folder): its weights, a fresh optimiser and "
+                        "warm-up, the corpus continuing after the windows it trained on")
     p.add_argument("--no-quality", action="store_true", help="skip the quality measurement at the end")
     p.add_argument("--measure-only", default=None, metavar="SET",
                    help="train nothing: measure (and write quality.json of) this set")
@@ -459,7 +499,7 @@ def run_cli(a) -> dict:
         return measure_quality(transcoders.resolve(a.measure_only), log=lambda m: print(m, file=sys.stderr))
     layers = tuple(int(x) for x in a.layers.split(",")) if a.layers else None
     cfg = TCConfig(model=a.model, layers=layers, width=a.width, k=a.k, skip=not a.no_skip, tokens=a.tokens,
-                   lr=a.lr, threads=a.threads)
+                   lr=a.lr, threads=a.threads, init_from=a.init_from)
     out = Path(a.out) if a.out else transcoders.TRANSCODER_DIR / transcoders.default_set_id(a.model)
     work = Path(a.work) if a.work else settings.cache_dir() / "transcoders"
     summary = train(cfg, out, work, a.export_every,

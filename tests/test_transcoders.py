@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from backend import transcoders as tc
+from backend.errors import InvalidSpec
 from kernels.transcoder_train import Transcoder, choose, reference_loss, sparse_step
 
 
@@ -165,3 +166,26 @@ def test_training_run_writes_a_loadable_set(tmp_path, model, session_corpus):
     assert float(s.threshold[0][0]) > 0
     again = train(cfg, tmp_path / "set", tmp_path / "work", log=lambda m: None)
     assert again["steps"] == 3 and again["tokens"] == out["tokens"]     # nothing left to do
+
+
+@pytest.mark.model
+def test_warm_start_continues_from_a_trained_set(tmp_path, model, session_corpus):
+    """--init-from: the first step of a warm run starts at the trained set's error (not a new
+    set's), the corpus continues after the windows the set saw, and the token count adds up."""
+    from backend.train_transcoders import TCConfig, train
+
+    cold = TCConfig(layers=(0,), width=64, k=4, tokens=8 * 2048, warmup=2, dead_window=2048, lr=5e-3)
+    first = train(cold, tmp_path / "a", tmp_path / "work", log=lambda m: None)
+    lines: list[str] = []
+    one = dict(tokens=2048, warmup=1000, lr=1e-9)           # ~no update: the step measures the start
+    warm = train(TCConfig(layers=(0,), width=64, k=4, init_from=str(tmp_path / "a"), **one),
+                 tmp_path / "b", tmp_path / "work", log=lines.append)
+    fresh = train(TCConfig(layers=(0,), width=64, k=4, seed=5, **one), tmp_path / "c", tmp_path / "work",
+                  log=lambda m: None)
+    assert any("warm start" in m for m in lines)
+    assert abs(warm["train_fvu"][0] - first["train_fvu"][0]) < 0.1      # where the set left off
+    assert warm["train_fvu"][0] < fresh["train_fvu"][0] - 0.15
+    assert tc._read_config(tmp_path / "b")["training_tokens"] == first["tokens"] + warm["tokens"]
+    with pytest.raises(InvalidSpec):
+        train(TCConfig(layers=(0,), width=32, k=4, init_from=str(tmp_path / "a"), **one),
+              tmp_path / "d", tmp_path / "work2", log=lambda m: None)
