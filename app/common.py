@@ -125,8 +125,8 @@ def metrics_row(items: list[tuple[str, str]]) -> None:
 def downloads(run_key: str, kind: str) -> None:
     """Download buttons for a stored result: its JSON and, where the kind has figures, the main
     figure as HTML (the files are made only when a button is pressed)."""
-    from app.exports import BUILDERS
     from backend import export
+    from backend.figures.exports import BUILDERS
 
     def result_json() -> bytes:
         return json.dumps(export.result_record(run_key), ensure_ascii=False).encode()
@@ -225,7 +225,7 @@ def synced(key: str, value):
 def token_chips(tokens: list[str]) -> None:
     from html import escape
 
-    from .figures import fmt_token
+    from backend.figures import fmt_token
 
     chips = "".join(
         f"<span title='position {i}' style='display:inline-block;margin:2px;padding:1px 5px;"

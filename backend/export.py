@@ -9,9 +9,10 @@ A result's JSON is self-describing: {"run_key", "kind", "model", "spec", "meta",
 {name: {"dtype", "shape", "data" (nested lists)}}, "compute_seconds"}; `spec` rebuilds it
 (`backend.Spec.from_dict`). Tables go out through DuckDB's own COPY ... (FORMAT parquet),
 so they read back with `duckdb.read_parquet`, pandas or pyarrow. Figures are built by the
-same Plotly builders as the pages (app/exports.py maps a result kind to its figures); HTML
-is Plotly's own export (self-contained, plotly.js inlined), PNG is rendered by Kaleido when
-it is installed, else by the headless Chromium the browser tests use.
+same Plotly builders as the pages (backend/figures/, below both app and backend;
+figures/exports.py maps a result kind to its figures); HTML is Plotly's own export
+(self-contained, plotly.js inlined), PNG is rendered by Kaleido when it is installed, else by
+the headless Chromium the browser tests use.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def _sql_path(p: Path) -> str:
 # -- figures ------------------------------------------------------------------------------
 def figures_of(run_key: str, store: Store | None = None) -> dict:
     """{name: plotly Figure} for a stored result, built by the pages' own figure builders."""
-    from app.exports import figures_for  # plotly only: no streamlit, no torch
+    from .figures.exports import figures_for  # plotly only: no streamlit, no torch
 
     from .runner import ANALYSES
 

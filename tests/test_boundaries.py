@@ -3,7 +3,9 @@
 - The model is reached only through backend/model's LoadedModel: no `.bridge` and no
   TransformerBridge internal anywhere else (analyses, jobs, kernels, tests, benchmarks).
 - app/ never imports torch, not even through the backend modules it imports.
-- backend/ and kernels/ never import streamlit.
+- backend/ and kernels/ never import streamlit, and never import app (figures live in backend/figures,
+  below both, so an export never climbs back into the app).
+- backend/figures imports neither torch nor streamlit.
 """
 
 from __future__ import annotations
@@ -92,6 +94,51 @@ def test_backend_and_kernels_never_import_streamlit():
             f"for m in {mods!r}:\n"
             "    importlib.import_module(m)\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] == 'streamlit'))\n")
+    assert _run(code) == "[]"
+
+
+def _app_imports(text: str) -> list[str]:
+    """Where a source imports the `app` package: `import app...`, `from app... import`, at the top or
+    inside a function, or by name through importlib.import_module / __import__."""
+    import ast
+
+    hits = []
+    for node in ast.walk(ast.parse(text)):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:   # relative ones stay in their package
+            names = [node.module or ""]
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")):
+            names = [str(node.args[0].value)]
+        hits += [f"{node.lineno}: {n}" for n in names if n == "app" or n.startswith("app.")]
+    return hits
+
+
+def test_backend_and_kernels_never_import_app():
+    bad = [f"{p.relative_to(ROOT).as_posix()}:{h}" for top in ("backend", "kernels")
+           for p in sorted((ROOT / top).rglob("*.py")) for h in _app_imports(p.read_text())]
+    assert not bad, "the backend climbs up into the app:\n" + "\n".join(bad)
+
+
+def test_the_app_import_scan_sees_what_it_forbids():
+    assert _app_imports("from app.exports import x")
+    assert _app_imports("import app.figures")
+    assert _app_imports("import numpy as np, app")
+    assert _app_imports("def f():\n    from app import state\n    return state")
+    assert _app_imports("import importlib\nm = importlib.import_module('app.views')")
+    assert not _app_imports("from backend.figures import exports\nimport apply\nfrom .app import y\nimport appdirs")
+
+
+def test_figures_import_neither_torch_nor_streamlit():
+    """backend/figures (and what it pulls in: backend/__init__ and the rest) stays plain Plotly."""
+    mods = _modules("backend/figures")
+    assert "backend.figures" in mods and "backend.figures.exports" in mods
+    code = ("import importlib, sys\n"
+            f"for m in {mods!r}:\n"
+            "    importlib.import_module(m)\n"
+            "print(sorted({k.split('.')[0] for k in sys.modules} & {'torch', 'streamlit'}))\n")
     assert _run(code) == "[]"
 
 

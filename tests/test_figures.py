@@ -8,7 +8,7 @@ import re
 import numpy as np
 import plotly.graph_objects as go
 
-from app import figures
+from backend import figures
 
 # Streamlit's Plotly theme uses these as placeholders that the browser replaces with theme colours
 PLACEHOLDER = re.compile(r"#0000[0-9a-fA-F]{2}\b")
@@ -36,7 +36,7 @@ def test_massive_figures_use_no_streamlit_placeholder_colour():
 
 
 def test_token_attribution_figures_centre_signed_scores_at_zero_and_never_round_a_gap_to_1_percent():
-    from app.figures_attribution import layer_heatmap, pct, token_scores
+    from backend.figures.attribution import layer_heatmap, pct, token_scores
 
     tokens = ["The", " capital", " of", " France", " is"]
     scores = np.array([0.0, 0.85, 4.92, 3.79, -3.15])

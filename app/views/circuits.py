@@ -12,10 +12,10 @@ import streamlit as st
 from backend.analyses.circuits import (CIRCUIT_METHODS, CIRCUIT_METRICS, CircuitAblationsSpec, CircuitSpec,
                                        save_circuit, saved_circuits)
 from backend.errors import DashboardError
+from backend import figures
+from backend.figures.circuits import ablation_heatmap, circuit_graph, clicked_item, method_curves_figure
 
-from .. import figures
 from ..common import fetch, form_result, model_dims, navigate, pair_inputs, synced
-from ..figures_circuits import ablation_heatmap, circuit_graph, clicked_item, method_curves_figure
 from ..state import View, view_params
 from .patching import TASKS
 

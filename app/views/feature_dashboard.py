@@ -15,10 +15,10 @@ from backend.jobs.features.query import check_feature, feature_dashboard
 from backend.jobs.features.scores import feature_scores, score_table
 from backend.saes import list_saes, sae_info
 from backend.store import default_store
+from backend import figures
+from backend.figures.features import activation_histogram, diverging_tokens, example_html, score_scatter, token_chips
 
-from .. import figures
 from ..common import first_start_building, first_start_running, metrics_row, navigate, run_job_button, synced
-from ..figures_features import activation_histogram, diverging_tokens, example_html, score_scatter, token_chips
 from ..state import View
 
 LABEL_NOTE = ("Label: the tokens at its top corpus examples (fires on) and its top VocabProj tokens (promotes), "

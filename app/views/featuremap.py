@@ -10,9 +10,9 @@ from backend.errors import DashboardError, FeatureIndexMissing
 from backend.jobs.features.fmap import build_map, map_data
 from backend.jobs.features.scores import score_table
 from backend.store import default_store
+from backend.figures.features import MAP_COLOURS, feature_map
 
 from ..common import first_start_building, navigate
-from ..figures_features import MAP_COLOURS, feature_map
 from ..state import View
 from .feature_dashboard import build_index_button, choose_sae
 

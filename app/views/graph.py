@@ -10,9 +10,9 @@ import streamlit as st
 
 from backend.analyses.graph import GraphSpec
 from backend.analyses.graph_intervention import GraphInterventionSpec
+from backend.figures.graph import clicked_node, graph_figure, intervention_figure
 
 from ..common import fetch, main_result, make_spec, model_dims, navigate
-from ..figures_graph import clicked_node, graph_figure, intervention_figure
 from ..state import View
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from backend import HeadScoresSpec
+from backend import HeadScoresSpec, figures
 
-from .. import figures
 from ..common import main_result, make_spec, navigate
 from ..state import View
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from backend import MassiveSpec
+from backend import MassiveSpec, figures
 
-from .. import figures
 from ..common import fetch, main_result, make_spec, navigate, run_job_button, synced
 from ..state import View
 
@@ -72,7 +71,7 @@ def _across_corpus(view: View) -> None:
     from backend.jobs import massive_corpus as mc
     from backend.store import default_store
 
-    from .. import figures_neuron
+    from backend.figures import neuron as figures_neuron
 
     st.subheader("Across the corpus")
     store = default_store()

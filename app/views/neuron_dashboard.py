@@ -7,12 +7,12 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from backend import NeuronLogitSpec
+from backend import NeuronLogitSpec, figures
 from backend.jobs import neuron_stats as ns
 from backend.errors import DashboardError
 from backend.store import default_store
+from backend.figures import neuron as figures_neuron
 
-from .. import figures, figures_neuron
 from ..common import fetch, first_start_building, make_spec, metrics_row, model_dims, navigate, run_job_button, synced
 from ..state import View
 

@@ -7,8 +7,8 @@ import streamlit as st
 from backend.analyses.patching import DIRECTIONS, METRICS, InterventionSpec, PatchSpec
 from backend.patch_sites import ATP_SITES, SITE_AXES, SITE_LABELS, SITES, STAR_SITES
 from backend.errors import DashboardError
+from backend import figures
 
-from .. import figures
 from ..common import fetch, form_result, navigate, pair_inputs, synced
 from ..state import View
 

@@ -12,9 +12,9 @@ import streamlit as st
 from backend.analyses.das import SITES, DASSpec, DASSweepSpec
 from backend.analyses.illusion import IllusionSpec
 from backend.errors import DashboardError
+from backend.figures.das import iia_heatmap, illusion_figure, training_curve
 
 from ..common import fetch, link_of, metrics_row, navigate
-from ..figures_das import iia_heatmap, illusion_figure, training_curve
 from ..state import View
 
 TASKS = {"ioi": "IOI: the indirect object's name", "country-capital": "country → capital"}

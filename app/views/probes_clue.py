@@ -9,9 +9,9 @@ import numpy as np
 import streamlit as st
 
 from backend.analyses.probes import clue as C
+from backend.figures.probe_studies import BASELINE_LABELS, clue_layers, clue_rerank, clue_scores
 
 from ..common import metrics_row, synced
-from ..figures_probe_studies import BASELINE_LABELS, clue_layers, clue_rerank, clue_scores
 from ..state import View
 from .probes import study_outcome
 

@@ -10,9 +10,9 @@ import streamlit as st
 import backend
 from backend.analyses.probes import harm_refusal as H
 from backend.errors import DashboardError
+from backend.figures.probe_studies import harm_cosine, harm_scatter, harm_steering
 
 from ..common import check_link_key, form_spec, metrics_row, navigate, show_status, synced
-from ..figures_probe_studies import harm_cosine, harm_scatter, harm_steering
 from ..state import View
 
 

@@ -11,9 +11,9 @@ import streamlit as st
 import backend
 from backend.analyses.probes import saplma as S
 from backend.errors import DashboardError
+from backend.figures.probes import saplma_curve, topic_heatmap
 
 from ..common import link_of, metrics_row
-from ..figures_probes import saplma_curve, topic_heatmap
 from ..state import View
 from .probes import study_outcome
 

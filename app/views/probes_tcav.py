@@ -9,10 +9,10 @@ import streamlit as st
 
 from backend.analyses.probes import tcav as T
 from backend.errors import InvalidSpec
+from backend.figures import fmt_token
+from backend.figures.probes import tcav_bars
 
 from ..common import metrics_row
-from ..figures import fmt_token
-from ..figures_probes import tcav_bars
 from ..state import View
 from .probes import study_outcome
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from backend import PromptSpec, TokenLensSpec
+from backend import PromptSpec, TokenLensSpec, figures
 
-from .. import figures
 from ..common import navigate, fetch, main_result, make_spec, synced, token_chips
 from ..state import LENS_MODES, View
 

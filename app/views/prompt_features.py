@@ -11,10 +11,10 @@ from backend.errors import DashboardError
 from backend.jobs.features.scores import labels as feature_labels
 from backend.saes import list_saes
 from backend.store import default_store
+from backend import figures
+from backend.figures.features import feature_click_overlay
 
-from .. import figures
 from ..common import main_result, make_spec, navigate
-from ..figures_features import feature_click_overlay
 from ..state import View
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from backend import NeuronLogitSpec, NeuronsSpec
+from backend import NeuronLogitSpec, NeuronsSpec, figures
 
-from .. import figures
 from ..common import fetch, main_result, make_spec, model_dims, navigate, synced
 from ..state import View
 

@@ -13,9 +13,9 @@ import streamlit as st
 from backend.errors import DashboardError
 from backend.jobs.features.search import SORTS, search
 from backend.store import default_store
+from backend.figures import fmt_token
 
 from ..common import navigate, synced
-from ..figures import fmt_token
 from ..state import View, view_params
 from .feature_dashboard import choose_sae
 

@@ -18,9 +18,9 @@ from backend.analyses import steering as S
 from backend.analyses import steering_eval as E
 from backend.errors import DashboardError
 from backend.store import default_store
+from backend.figures.steering import behaviour_curve, layer_curve, probe_scores, projection_heatmap, refusal_bars
 
 from ..common import fetch, main_result, make_spec, navigate, show_status, synced
-from ..figures_steering import behaviour_curve, layer_curve, probe_scores, projection_heatmap, refusal_bars
 from ..state import View
 
 METHOD_LABELS = {"diff-means": "difference of means", "caa": "CAA (A/B contrast pairs)",

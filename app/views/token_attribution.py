@@ -10,11 +10,11 @@ import streamlit as st
 from backend.analyses.token_attribution import (BASELINES, MAX_STEPS, METHODS, TOLERANCE,
                                                 TokenAttributionSpec)
 from backend.errors import InvalidSpec, OutOfRange
+from backend.figures import fmt_token
+from backend.figures.attribution import (LRP, METHOD_LABELS, UNSIGNED, content_and_position, explained_of,
+                                         layer_heatmap, pct, token_scores)
 
 from ..common import form_result, metrics_row, navigate, synced
-from ..figures import fmt_token
-from ..figures_attribution import (LRP, METHOD_LABELS, UNSIGNED, content_and_position, explained_of, layer_heatmap,
-                                   pct, token_scores)
 from ..state import View
 
 BASELINE_LABELS = {"zero": "zero vectors", "pad": "the pad token's embedding", "mask": "the mean embedding"}

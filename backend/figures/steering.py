@@ -7,7 +7,7 @@ import html
 import numpy as np
 import plotly.graph_objects as go
 
-from .figures import DIVERGING, _layout, fmt_token, token_ticks
+from . import DIVERGING, _layout, fmt_token, token_ticks
 
 
 def layer_curve(accuracy: np.ndarray, separation: np.ndarray, chosen: int, method: str) -> go.Figure:

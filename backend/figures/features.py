@@ -7,7 +7,7 @@ import html
 import numpy as np
 import plotly.graph_objects as go
 
-from .figures import _layout, fmt_token
+from . import _layout, fmt_token
 
 
 def example_html(ex: dict, scale: float) -> str:

@@ -1,4 +1,11 @@
-"""Plotly figure builders: plain arrays in, figures out. No Streamlit, no torch."""
+"""Plotly figure builders: plain arrays in, figures out. No Streamlit, no torch.
+
+Below both the app (the pages draw with them) and the backend (`backend.export` and the pages'
+download buttons build a stored result's figures through `exports.figures_for`). This module holds
+the shared builders and helpers; one submodule per page family (`attribution`, `circuits`, `das`,
+`features`, `graph`, `neuron`, `probe_studies`, `probes`, `steering`) and `exports` (kind ->
+figures). Importing it never imports torch or streamlit (tests/test_boundaries.py checks).
+"""
 
 from __future__ import annotations
 

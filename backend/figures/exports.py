@@ -6,7 +6,7 @@ download buttons. Plotly only (no Streamlit, no torch): the same builders the pa
 
 from __future__ import annotations
 
-from . import figures
+from .. import figures
 
 
 def _prompt(r, spec) -> dict:
@@ -44,7 +44,7 @@ def _patch(r, spec) -> dict:
 
 
 def _token_attribution(r, spec) -> dict:
-    from .figures_attribution import explained_of, layer_heatmap, token_scores
+    from .attribution import explained_of, layer_heatmap, token_scores
 
     explained = explained_of(r.target, r.against)
     figs = {"scores": token_scores(r.tokens, r.scores, r.method, explained, r.held_positions)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from .figures import _layout
+from . import _layout
 
 
 def saplma_curve(layers: list[int], mlp: np.ndarray, logreg: np.ndarray, few_shot: float) -> go.Figure:

@@ -7,7 +7,7 @@ import html
 import numpy as np
 import plotly.graph_objects as go
 
-from .figures import _layout
+from . import _layout
 
 BASELINE_LABELS = {"mean_logprob": "mean token log-prob", "answer_prob": "final-answer probability"}
 RERANK_LABELS = {"centroid": "nearest success centroid", "majority": "majority vote",

@@ -12,7 +12,7 @@ import html
 import numpy as np
 import plotly.graph_objects as go
 
-from .figures import DIVERGING, _layout, click_layer, fmt_token, token_ticks
+from . import DIVERGING, _layout, click_layer, fmt_token, token_ticks
 
 METHOD_LABELS = {"saliency": "saliency ‖∂f/∂e‖", "input-x-gradient": "input × gradient",
                  "integrated-gradients": "integrated gradients", "lrp": "LRP (AttnLRP, with positions)",

@@ -8,7 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .figures import fmt_token
+from . import fmt_token
 
 
 def layer_summary(rows: list[dict]) -> go.Figure:

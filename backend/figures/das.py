@@ -10,7 +10,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .figures import _layout, click_layer, fmt_token
+from . import _layout, click_layer, fmt_token
 
 EFFECT_LABELS = {"full_activation": "whole activation", "v": "v", "v_row": "v_row (rowspace part)",
                  "v_null": "v_null (nullspace part)"}
