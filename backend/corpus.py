@@ -54,6 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
+
 from . import settings
 from .errors import DashboardError
 
@@ -887,6 +889,38 @@ def windows(model_id: str, split: str = "train", length: int = 128, name: str = 
             if len(ids) - s >= 2:
                 out.append((doc, s, ids[s:s + length]))
     return out
+
+
+def pick_windows(model_id: str, split: str, length: int, n: int | None = None, *, order: str = "even",
+                 seed: int = 0, full: bool = False, name: str = DEFAULT_NAME, root: Path | None = None,
+                 sort: bool = True, strict: bool = True, error=None) -> list[tuple[int, int, list[int]]]:
+    """The one window picker of the corpus jobs: n of the split's windows of `length` tokens.
+
+    order "even": evenly spaced over the split (neuron statistics, the massive-activation scan);
+    order "seeded": the first n of a permutation seeded by `seed` (feature index, TokenChange,
+    SAE and transcoder training), in corpus order when `sort`, in the permutation's order
+    otherwise (a training stream). full: only windows of exactly `length` tokens (batches
+    without padding). n None: every window. Asking for more than there are raises `error`
+    (InvalidSpec by default) when `strict`, else gives them all."""
+    every = windows(model_id, split, length, name, root)
+    if full:
+        every = [w for w in every if len(w[2]) == length]
+    n = len(every) if n is None else n
+    if n > len(every) and strict:
+        from .errors import InvalidSpec
+
+        raise (error or InvalidSpec)(
+            f"The corpus split {split!r} has {len(every)} {'full ' if full else ''}windows of {length} tokens; "
+            f"asked for {n}.")
+    if order == "even":
+        idx = np.unique(np.linspace(0, len(every) - 1, n).round().astype(np.int64)).tolist()
+    elif order == "seeded":
+        idx = np.random.default_rng(seed).permutation(len(every))[:n].tolist()
+        if sort:
+            idx = sorted(idx, key=lambda i: (every[i][0], every[i][1]))
+    else:
+        raise ValueError(f"order must be 'even' or 'seeded', not {order!r}")
+    return [every[i] for i in idx]
 
 
 def info(name: str = DEFAULT_NAME, root: Path | None = None) -> dict:

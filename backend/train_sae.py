@@ -138,12 +138,12 @@ def _chunks(cfg: TrainConfig, split: str, n_tokens: int, root=None,
     `chunk_tokens` (default CHUNK_TOKENS) positions (>= 1), as many as cover n_tokens. The
     order does not depend on n_tokens, so a larger run reuses every chunk a smaller one cached."""
     chunk_tokens = chunk_tokens or CHUNK_TOKENS
-    wins = corpus.windows(cfg.model, split, cfg.context, cfg.corpus, root)
-    order = np.random.default_rng(cfg.seed + (split == "heldout")).permutation(len(wins))
+    wins = corpus.pick_windows(cfg.model, split, cfg.context, order="seeded", seed=cfg.seed + (split == "heldout"),
+                               name=cfg.corpus, root=root, sort=False)
     chunks, cur, n, total = [], [], 0, 0
-    for i in order:
-        cur.append(wins[i])
-        n += len(wins[i][2]) - 1
+    for w in wins:
+        cur.append(w)
+        n += len(w[2]) - 1
         if n >= chunk_tokens:
             chunks.append(cur)
             total += n

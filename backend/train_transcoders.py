@@ -75,9 +75,8 @@ class TCConfig:
 
 def _windows(cfg: TCConfig, split: str, root=None):
     """The split's windows in a seeded order (never crossing a document)."""
-    wins = corpus.windows(cfg.model, split, cfg.context, cfg.corpus, root)
-    order = np.random.default_rng(cfg.seed + (split == "heldout")).permutation(len(wins))
-    return [wins[i] for i in order]
+    return corpus.pick_windows(cfg.model, split, cfg.context, order="seeded", seed=cfg.seed + (split == "heldout"),
+                               name=cfg.corpus, root=root, sort=False)
 
 
 def batches(cfg: TCConfig, split: str = "train", root=None, start_window: int = 0):

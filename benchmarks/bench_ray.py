@@ -20,7 +20,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,6 +37,7 @@ def main() -> None:
     import torch
 
     from backend import corpus, jobs
+    from backend.jobs import driver
     from backend.jobs import neuron_stats as ns
     from backend.jobs import ray_engine
     from backend.model import DEFAULT_MODEL, load_model
@@ -49,7 +49,7 @@ def main() -> None:
     torch.set_num_threads(2)
     model = load_model(DEFAULT_MODEL)
     job = ns.NeuronStatsJob(model=DEFAULT_MODEL, n_windows=a.windows, chunk=a.chunk, length=a.length)
-    wins = ns.select_windows(job)
+    wins = job.windows()
     chunks = [wins[i:i + job.chunk] for i in range(0, len(wins), job.chunk)]
     thresholds = ns.measure_thresholds(model, chunks[0][:ns.THRESHOLD_WINDOWS])
     key = job.key()
@@ -65,7 +65,7 @@ def main() -> None:
     jobs._register(ray_store, key, ns.KIND, job.model, {}, len(chunks))
     stats: dict = {}
     ray_engine.run_chunks(ray_store, key, ns.KIND, len(chunks), set(),
-                          jobs.Remote("backend.jobs.neuron_stats:chunk_worker", (asdict(job), thresholds, key)),
+                          driver.remote(job, {"thresholds": thresholds}, {}),
                           workers=2, stats=stats)
     ray_s = stats["wall_seconds"]
     n = stats["chunks"]

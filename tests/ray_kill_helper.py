@@ -9,11 +9,11 @@ import os
 import time
 
 
-def slow_chunk_worker(job_fields: dict, thresholds: list[float], key: str, pid_file: str, chunk_to_kill: int,
-                      wait: float):
-    from backend.jobs import neuron_stats as ns
+def slow_chunk_worker(job_class: str, job_fields: dict, spec: dict, inputs: dict, pid_file: str,
+                      chunk_to_kill: int, wait: float):
+    from backend.jobs.driver import rebuild
 
-    work = ns.chunk_worker(job_fields, thresholds, key)
+    work = rebuild(job_class, job_fields, spec, inputs)
 
     def run(chunk: int):
         if chunk == chunk_to_kill:

@@ -34,7 +34,7 @@ def finished(model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(model):
     """Every window alone (no padding), all its neurons from run_with_cache."""
-    wins = ns.select_windows(JOB)
+    wins = JOB.windows()
     names = [hook_name(Site(Component.MLP_POST, layer)) for layer in LAYERS]
     acts = {layer: [] for layer in LAYERS}
     where = []

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pytest
 
 from backend import jobs
+from backend.jobs import driver
 from backend.jobs import massive_corpus as mc
 from backend.jobs import neuron_stats as ns
 from backend.jobs import ray_engine
@@ -103,7 +104,7 @@ def test_killed_driver_resumes_from_shards_without_lost_or_doubled_rows(local_ru
 
     # A previous driver died after its workers finished chunk 0 (a complete shard) and while a
     # worker was writing chunk 2 (a shard without its DONE mark).
-    work = ns.chunk_worker(asdict(JOB), thresholds, key)
+    work = driver.rebuild("backend.jobs.neuron_stats:NeuronStatsJob", asdict(JOB), spec, {})
     import pyarrow.parquet as pq
 
     with threads(1):
@@ -118,7 +119,7 @@ def test_killed_driver_resumes_from_shards_without_lost_or_doubled_rows(local_ru
 
     # This run merges the complete shard without recomputing and reruns the incomplete one.
     store = Store(tmp_path / "resume.duckdb")
-    remote = jobs.Remote("backend.jobs.neuron_stats:chunk_worker", (asdict(JOB), thresholds, key))
+    remote = driver.remote(JOB, spec, {})
     st = jobs.run_job(store, key, ns.KIND, JOB.model, spec, n_chunks, None, engine="ray", remote=remote)
     assert st.done == n_chunks
     assert _rows(store, "neuron_part", key) == _rows(local, "neuron_part", key)
@@ -194,7 +195,7 @@ def test_a_worker_killed_mid_chunk_loses_and_doubles_no_row(local_run, model, tm
     monkeypatch.setenv("DASHBOARD_SHARDS", str(tmp_path / "shards"))
     pid_file = tmp_path / "worker.pid"
     remote = jobs.Remote("tests.ray_kill_helper:slow_chunk_worker",
-                         (asdict(JOB), spec["thresholds"], key, str(pid_file), 1, 20.0))
+                         ("backend.jobs.neuron_stats:NeuronStatsJob", asdict(JOB), spec, {}, str(pid_file), 1, 20.0))
     seen: dict = {}
     stop = threading.Event()
     watcher = threading.Thread(target=_kill_when_published, args=(pid_file, seen, stop), daemon=True)
@@ -276,3 +277,28 @@ def test_sae_activation_cache_on_ray_equals_local(model, tmp_path, monkeypatch):
     import json
 
     assert json.loads((tmp_path / "ray" / "collect-train.json").read_text())["engine"] == "ray"
+
+
+def test_a_stop_ends_the_ray_loop_between_chunks():
+    """jobs.STOP set while a Ray job runs: map_chunks hands out no further chunk and raises
+    Stopped after the result in hand (run_job turns it into JobStopped): six chunks of a trivial
+    work function on the local Ray, the event set by the first result."""
+    import threading
+
+    from backend.jobs.ray_engine import Stopped, map_chunks
+
+    stop = threading.Event()
+    seen = []
+
+    def on_result(chunk, result):
+        seen.append(chunk)
+        stop.set()
+
+    with pytest.raises(Stopped):
+        map_chunks(jobs.Remote("tests.test_ray_engine:_echo_worker"), [0, 1, 2, 3, 4, 5], on_result, workers=1,
+                   stop=stop)
+    assert len(seen) == 1
+
+
+def _echo_worker():
+    return lambda chunk: chunk

@@ -18,13 +18,11 @@ Tables (store.py migration 2):
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import threading
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, ClassVar
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import pyarrow as pa
 
@@ -129,10 +127,13 @@ def run_job(store, job_key: str, kind: str, model: str, spec: dict, n_chunks: in
     if engine == "ray":
         if remote is None:
             raise StoreError(f"The {kind} job cannot run on Ray: it gives no remote work factory.")
-        from .ray_engine import run_chunks
+        from .ray_engine import Stopped, run_chunks
 
-        run_chunks(store, job_key, kind, n_chunks, done, remote, progress=progress, stop_after=stop_after,
-                   workers=workers)
+        try:
+            run_chunks(store, job_key, kind, n_chunks, done, remote, progress=progress, stop_after=stop_after,
+                       workers=workers, stop=STOP)
+        except Stopped as e:
+            raise JobStopped(f"{kind} {e}") from None
         return state(store, job_key)
     new = 0
     for chunk in range(n_chunks):
@@ -165,31 +166,6 @@ def check_windows(cfg) -> None:
         raise InvalidSpec(f"split must be 'train' or 'heldout', got {cfg.split!r}.")
 
 
-@dataclass(frozen=True)
-class WindowJob:
-    """Base of a corpus-job config over n_windows windows of `length` tokens of a corpus split,
-    `chunk` windows per chunk. Subclasses add fields and set KIND and VERSION; the job key
-    hashes them all, so a job with other settings is another job."""
-
-    KIND: ClassVar[str] = "job"
-    VERSION: ClassVar[int] = 1
-
-    def __post_init__(self):
-        if isinstance(getattr(self, "model", None), str):   # a local folder: its path and fingerprint
-            from ..model.local import canonical_id
-
-            object.__setattr__(self, "model", canonical_id(self.model))
-        check_windows(self)
-
-    def key(self) -> str:
-        payload = json.dumps({"v": self.VERSION, **asdict(self)}, sort_keys=True)
-        return f"{self.KIND}-" + hashlib.sha256(payload.encode()).hexdigest()[:20]
-
-    @property
-    def n_chunks(self) -> int:
-        return math.ceil(self.n_windows / self.chunk)
-
-
 def add_engine_args(p) -> None:
     """--engine local|ray for a corpus job's subcommand (Ray: RAY_ADDRESS, else a local instance)."""
     p.add_argument("--engine", choices=ENGINES, default="local",
@@ -213,5 +189,5 @@ def tqdm_progress(desc: str):
     return update
 
 
-__all__ = ["JobState", "Remote", "ENGINES", "run_job", "state", "write_chunk", "finish", "done_chunks", "tqdm_progress", "add_engine_args", "check_windows", "WindowJob",
+__all__ = ["JobState", "Remote", "ENGINES", "run_job", "state", "write_chunk", "finish", "done_chunks", "tqdm_progress", "add_engine_args", "check_windows",
 ]

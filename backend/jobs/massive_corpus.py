@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import jobs
+from .driver import Finished, WindowJob, drive
 
 # This job's tables (store migration 3): per-chunk partial rows, then the merged tables.
 SCHEMA = [
@@ -62,7 +63,7 @@ class JobNotRun(DashboardError):
 
 
 @dataclass(frozen=True)
-class MassiveCorpusJob(jobs.WindowJob):
+class MassiveCorpusJob(WindowJob):
     KIND = KIND
     VERSION = VERSION
     model: str
@@ -81,18 +82,27 @@ class MassiveCorpusJob(jobs.WindowJob):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
                 raise InvalidSpec(f"{name} must be a positive number, got {v!r}.")
 
+    def windows(self):
+        return full_windows(self.model, self.split, self.length, self.n_windows, self.corpus)
+
+    def work(self, spec, inputs, model, store=None):
+        chunks, m, key = self.chunks(), model(), self.key()
+        return lambda c: chunk_rows(m, chunks[c], self, key, c)
+
+    def finish(self, store, spec, run) -> Finished:
+        return Finished({"seconds_last_run": round(run.seconds, 2), "windows": self.n_windows,
+                         "tokens": self.n_windows * self.length})
+
+    def result(self, store, run) -> dict:
+        return summary(store, self)
+
 
 def full_windows(model_id: str, split: str, length: int, n: int, corpus: str = "default"):
     """n windows of exactly `length` tokens, evenly spaced over the split (equal lengths: the
     scan batches without padding)."""
     from .. import corpus as corpus_mod
 
-    every = [w for w in corpus_mod.windows(model_id, split, length, name=corpus) if len(w[2]) == length]
-    if n > len(every):
-        raise InvalidSpec(f"The corpus split {split!r} has {len(every)} full windows of {length} tokens; "
-                          f"asked for {n}.")
-    idx = np.unique(np.linspace(0, len(every) - 1, n).round().astype(np.int64))
-    return [every[i] for i in idx]
+    return corpus_mod.pick_windows(model_id, split, length, n, full=True, name=corpus)
 
 
 def token_kind(text: str, pos: int) -> str:
@@ -164,41 +174,9 @@ def _tensor(ids: np.ndarray):
     return torch.as_tensor(ids, dtype=torch.long)
 
 
-def chunk_worker(job_fields: dict, key: str):
-    """The job's work function rebuilt in another process (a Ray worker)."""
-    from ..model import load_model
-
-    job = MassiveCorpusJob(**job_fields)
-    model = load_model(job.model)
-    wins = full_windows(job.model, job.split, job.length, job.n_windows, job.corpus)
-    chunks = [wins[i:i + job.chunk] for i in range(0, len(wins), job.chunk)]
-    return lambda c: chunk_rows(model, chunks[c], job, key, c)
-
-
 def run(job: MassiveCorpusJob, store=None, progress=None, stop_after: int | None = None, model=None,
         engine: str = "local") -> dict:
-    from ..model import load_model
-    from ..store import default_store
-
-    store = store or default_store()
-    key = job.key()
-    st = jobs.state(store, key)
-    if st is not None and st.finished:
-        return summary(store, job)
-    model = model or (None if engine == "ray" else load_model(job.model))   # Ray workers load their own
-    wins = full_windows(job.model, job.split, job.length, job.n_windows, job.corpus)
-    chunks = [wins[i:i + job.chunk] for i in range(0, len(wins), job.chunk)]
-    t0 = time.perf_counter()
-    st = jobs.run_job(store, key, KIND, job.model, asdict(job), len(chunks),
-                      lambda c: chunk_rows(model, chunks[c], job, key, c), progress=progress,
-                      stop_after=stop_after, engine=engine,
-                      remote=jobs.Remote("backend.jobs.massive_corpus:chunk_worker", (asdict(job), key)))
-    if st.done < st.n_chunks:
-        return {"job_key": key, "finished": False, "done": st.done, "n_chunks": st.n_chunks}
-    seconds = time.perf_counter() - t0
-    jobs.finish(store, key, {"seconds_last_run": round(seconds, 2), "windows": len(wins),
-                             "tokens": len(wins) * job.length})
-    return summary(store, job)
+    return drive(job, store, engine, progress, stop_after, model)
 
 
 # ----------------------------------------------------------------------------------------

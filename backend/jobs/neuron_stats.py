@@ -23,7 +23,7 @@ its done-mark (backend/jobs/__init__.py), so an interrupted job resumes with no 
     the chunk's top-20 (value, doc, pos) per neuron; the chunk's TOKEN_K token ids of largest
     activation mass per neuron, with that mass and count.
 
-`finish_job` merges the chunks into neuron_stats (one row per neuron), neuron_top (the
+`finish_rows` merges the chunks into neuron_stats (one row per neuron), neuron_top (the
 top-20 contexts), neuron_hist, and drops the big partial rows (histograms, candidates).
 
 Definitions of the final statistics:
@@ -52,6 +52,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import jobs
+from .driver import Finished, WindowJob, drive, stored_spec
 
 # This job's tables (store migration 3): per-chunk partial rows, then the merged tables.
 SCHEMA = [
@@ -96,7 +97,7 @@ DEFINITION = (f"active ⇔ value > {ACTIVE_FRACTION:g} × the layer's {ACTIVE_QU
 
 
 @dataclass(frozen=True)
-class NeuronStatsJob(jobs.WindowJob):
+class NeuronStatsJob(WindowJob):
     """What a neuron-statistics job reads: N windows of `length` tokens, evenly spaced over the
     corpus split, processed `chunk` windows at a time."""
 
@@ -109,18 +110,28 @@ class NeuronStatsJob(jobs.WindowJob):
     chunk: int = DEFAULT_CHUNK
     corpus: str = "default"
 
+    def windows(self) -> list[tuple[int, int, list[int]]]:
+        from .. import corpus
 
+        return corpus.pick_windows(self.model, self.split, self.length, self.n_windows, name=self.corpus)
 
-def select_windows(job: NeuronStatsJob) -> list[tuple[int, int, list[int]]]:
-    """The job's windows: n_windows evenly spaced over corpus.windows(model, split, length)."""
-    from .. import corpus
+    def prepare(self, store, model, progress) -> dict:
+        if progress:
+            progress(0, self.n_chunks, "measuring the activity thresholds on the first windows")
+        return {**asdict(self), "thresholds": measure_thresholds(model(), self.chunks()[0][:THRESHOLD_WINDOWS]),
+                "definition": DEFINITION, "hist_edges": HIST_EDGES.tolist()}
 
-    every = corpus.windows(job.model, job.split, job.length, name=job.corpus)
-    if job.n_windows > len(every):
-        raise InvalidSpec(f"The corpus split {job.split!r} has {len(every)} windows of {job.length} tokens; "
-                          f"asked for {job.n_windows}.")
-    idx = np.unique(np.linspace(0, len(every) - 1, job.n_windows).round().astype(np.int64))
-    return [every[i] for i in idx]
+    def work(self, spec, inputs, model, store=None):
+        chunks, m, key, thresholds = self.chunks(), model(), self.key(), spec["thresholds"]
+        return lambda c: chunk_rows(m, chunks[c], thresholds, key, c)
+
+    def finish(self, store, spec, run) -> Finished:
+        n_tok = sum(len(ids) for _, _, ids in self.windows())
+        return finish_rows(store, self, {"seconds_last_run": round(run.seconds, 2), "tokens": n_tok})
+
+    def result(self, store, run) -> dict:
+        return summary(store, self)
+
 
 
 class _Stop(Exception):
@@ -287,56 +298,13 @@ def chunk_rows(model, wins, thresholds: list[float], job_key: str, chunk: int) -
 
 def job_spec(store, job: NeuronStatsJob) -> dict | None:
     """The stored spec of a job (with its thresholds), or None if it never started."""
-    rows = store.cursor().execute("SELECT spec FROM jobs WHERE job_key = ?", [job.key()]).fetchall()
-    return json.loads(rows[0][0]) if rows else None
-
-
-def chunk_worker(job_fields: dict, thresholds: list[float], key: str):
-    """The job's work function rebuilt in another process (a Ray worker): same windows, same
-    chunks, the model loaded there once."""
-    from ..model import load_model
-
-    job = NeuronStatsJob(**job_fields)
-    model = load_model(job.model)
-    wins = select_windows(job)
-    chunks = [wins[i:i + job.chunk] for i in range(0, len(wins), job.chunk)]
-    return lambda c: chunk_rows(model, chunks[c], thresholds, key, c)
+    return stored_spec(store, job.key())
 
 
 def run(job: NeuronStatsJob, store=None, progress=None, stop_after: int | None = None,
         model=None, engine: str = "local") -> dict:
     """Run (or resume) a neuron-statistics job and finish it; returns its summary (or state)."""
-    from ..model import load_model
-    from ..store import default_store
-
-    store = store or default_store()
-    key = job.key()
-    st = jobs.state(store, key)
-    if st is not None and st.finished:
-        return summary(store, job)
-    model = model or load_model(job.model)
-    if model.info.model_id != job.model:
-        raise InvalidSpec(f"The job is for {job.model!r}, not {model.info.model_id!r}.")
-    wins = select_windows(job)
-    chunks = [wins[i:i + job.chunk] for i in range(0, len(wins), job.chunk)]
-    spec = job_spec(store, job)
-    if spec is None:
-        if progress:
-            progress(0, len(chunks), "measuring the activity thresholds on the first windows")
-        spec = {**asdict(job), "thresholds": measure_thresholds(model, chunks[0][:THRESHOLD_WINDOWS]),
-                "definition": DEFINITION, "hist_edges": HIST_EDGES.tolist()}
-    thresholds = spec["thresholds"]
-    t0 = time.perf_counter()
-    st = jobs.run_job(store, key, KIND, job.model, spec, len(chunks),
-                      lambda c: chunk_rows(model, chunks[c], thresholds, key, c),
-                      progress=progress, stop_after=stop_after, engine=engine,
-                      remote=jobs.Remote("backend.jobs.neuron_stats:chunk_worker", (asdict(job), thresholds, key)))
-    seconds = time.perf_counter() - t0
-    if st.done < st.n_chunks:
-        return {"job_key": key, "finished": False, "done": st.done, "n_chunks": st.n_chunks}
-    n_tok = sum(len(ids) for _, _, ids in wins)
-    finish_job(store, job, {"seconds_last_run": round(seconds, 2), "tokens": n_tok})
-    return summary(store, job)
+    return drive(job, store, engine, progress, stop_after, model)
 
 
 def _eta_adj(ss_tot, ssb, df_within, df_total):
@@ -351,9 +319,9 @@ def _eta_adj(ss_tot, ssb, df_within, df_total):
     return np.where(ss_tot > 0, v, 0.0)
 
 
-def finish_job(store, job: NeuronStatsJob, extra: dict | None = None) -> None:
-    """Merge the chunks into neuron_stats / neuron_top / neuron_hist (one transaction) and drop
-    the big per-chunk rows."""
+def finish_rows(store, job: NeuronStatsJob, extra: dict | None = None) -> Finished:
+    """Merge the chunks into neuron_stats / neuron_top / neuron_hist (SQL run in the finishing
+    transaction) and drop the big per-chunk rows."""
     key = job.key()
     cur = store.cursor()
     stats, tops, hists = [], [], []
@@ -430,22 +398,16 @@ def finish_job(store, job: NeuronStatsJob, extra: dict | None = None) -> None:
         "mean_freq": [round(float(np.mean(t["freq"].to_numpy())), 5) for t in stats]}
     summ = {"job_key": key, "layers": len(layers), "chunks": n_chunks_total, **(extra or {}),
             "per_layer": per_layer}
-    cur.register("_ns_stats", all_stats)
-    cur.register("_ns_top", all_tops)
-    cur.register("_ns_hist", all_hists)
-    try:
-        cols = lambda t: ", ".join(t.column_names)  # noqa: E731
-        jobs.finish(store, key, summ, sql=[
-            "DELETE FROM neuron_stats WHERE job_key = ?", "DELETE FROM neuron_top WHERE job_key = ?",
-            "DELETE FROM neuron_hist WHERE job_key = ?",
-            f"INSERT INTO neuron_stats({cols(all_stats)}) SELECT {cols(all_stats)} FROM _ns_stats",
-            f"INSERT INTO neuron_top({cols(all_tops)}) SELECT {cols(all_tops)} FROM _ns_top ORDER BY layer, neuron, rank",
-            f"INSERT INTO neuron_hist({cols(all_hists)}) SELECT {cols(all_hists)} FROM _ns_hist",
-            "DELETE FROM neuron_part_big WHERE job_key = ?"],
-            params=[[key], [key], [key], [], [], [], [key]])
-    finally:
-        for name in ("_ns_stats", "_ns_top", "_ns_hist"):
-            cur.unregister(name)
+    cols = lambda t: ", ".join(t.column_names)  # noqa: E731
+    return Finished(summ, sql=[
+        "DELETE FROM neuron_stats WHERE job_key = ?", "DELETE FROM neuron_top WHERE job_key = ?",
+        "DELETE FROM neuron_hist WHERE job_key = ?",
+        f"INSERT INTO neuron_stats({cols(all_stats)}) SELECT {cols(all_stats)} FROM _ns_stats",
+        f"INSERT INTO neuron_top({cols(all_tops)}) SELECT {cols(all_tops)} FROM _ns_top ORDER BY layer, neuron, rank",
+        f"INSERT INTO neuron_hist({cols(all_hists)}) SELECT {cols(all_hists)} FROM _ns_hist",
+        "DELETE FROM neuron_part_big WHERE job_key = ?"],
+        params=[[key], [key], [key], [], [], [], [key]],
+        tables={"_ns_stats": all_stats, "_ns_top": all_tops, "_ns_hist": all_hists})
 
 
 def _top_order(tv, td, tp):

@@ -44,6 +44,10 @@ class RayUnavailable(DashboardError):
     code = "ray_unavailable"
 
 
+class Stopped(DashboardError):
+    code = "job_stopped"
+
+
 def shard_root() -> Path:
     return Path(os.environ.get("DASHBOARD_SHARDS", settings.store_path().parent / "shards"))
 
@@ -145,14 +149,18 @@ def _dead_errors():
     return tuple(getattr(ray.exceptions, n) for n in names if hasattr(ray.exceptions, n))
 
 
-def map_chunks(remote, chunks, on_result, workers: int | None = None, stats: dict | None = None) -> dict:
+def map_chunks(remote, chunks, on_result, workers: int | None = None, stats: dict | None = None,
+               stop=None) -> dict:
     """Run `remote`'s work function on each of `chunks` on Ray actors (one per worker, each
     builds the function once) and call `on_result(chunk, result)` here, in this process, as
     each one finishes (in completion order). A chunk whose actor died (a killed or crashed
     worker) runs again on a fresh actor, up to MAX_RETRIES times; so the work function must be
     safe to run twice on a chunk (write to a temporary name, then rename). Returns timing
     statistics (also filled into `stats` if given): start_seconds (actors built), dispatch_seconds
-    (one task start on a loaded actor), wall_seconds, retries."""
+    (one task start on a loaded actor), wall_seconds, retries. `stop` (a threading.Event, the
+    process's jobs.STOP): once set, no chunk is handed out and the call raises `stopped` after
+    the result in hand is handled; the chunks in flight are dropped with their actors (a chunk
+    is whole or not there), and run again at the next run."""
     workers = max(1, int(workers or os.environ.get("DASHBOARD_RAY_WORKERS", 2)))
     stats = stats if stats is not None else {}
     todo = deque(chunks)
@@ -209,6 +217,8 @@ def map_chunks(remote, chunks, on_result, workers: int | None = None, stats: dic
                     submit(replaced[aid])
                 continue
             on_result(chunk, result)
+            if stop is not None and stop.is_set():
+                raise Stopped(f"stopped after chunk {chunk} (the process is stopping); the rest runs at the next run")
             submit(actor)
     finally:
         for a in actors:
@@ -218,7 +228,8 @@ def map_chunks(remote, chunks, on_result, workers: int | None = None, stats: dic
 
 
 def run_chunks(store, job_key: str, kind: str, n_chunks: int, done: set[int], remote, progress=None,
-               stop_after: int | None = None, workers: int | None = None, stats: dict | None = None) -> dict:
+               stop_after: int | None = None, workers: int | None = None, stats: dict | None = None,
+               stop=None) -> dict:
     """Run the chunks not in `done` on Ray actors (map_chunks) and merge their shards into the
     store. Returns timing statistics (also filled into `stats` if given)."""
     from .chunks import Remote
@@ -252,4 +263,4 @@ def run_chunks(store, job_key: str, kind: str, n_chunks: int, done: set[int], re
             progress(len(done), n_chunks, f"{kind}: chunk {chunk + 1}/{n_chunks} (ray)")
 
     return map_chunks(Remote("backend.jobs.ray_engine:shard_worker", (remote, str(root), job_key)), todo, merge,
-                      workers=workers, stats=stats)
+                      workers=workers, stats=stats, stop=stop)

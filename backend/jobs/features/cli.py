@@ -15,7 +15,8 @@ from .index import DEFAULT_WINDOWS
 
 def add_index_args(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--sae", default="all", help="an SAE id, or 'all' (every shipped SAE of the model)")
+    p.add_argument("--sae", default="all", help="an SAE id, a transcoder set id (all its layers, '<set>.L<layer>' each), "
+                        "or 'all' (every shipped SAE of the model)")
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
                    help=f"corpus windows of 128 tokens to encode (default {DEFAULT_WINDOWS})")
     p.add_argument("--corpus", default="default")
@@ -99,7 +100,8 @@ def run_feature(a) -> dict:
 
 def add_scores_args(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--sae", default="all", help="an SAE id, or 'all' (every shipped SAE of the model)")
+    p.add_argument("--sae", default="all", help="an SAE id, a transcoder set id (all its layers, '<set>.L<layer>' each), "
+                        "or 'all' (every shipped SAE of the model)")
     p.add_argument("--corpus", default="default", help="corpus of the TokenChange held-out windows")
     p.add_argument("--parts", default="vocab,output,input,token_change",
                    help="comma-separated subset of vocab,output,input,token_change")

@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-from functools import lru_cache
+from typing import ClassVar
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from ... import corpus, jobs
+from ..driver import CorpusJob, Finished, drive
 
 # The feature index's tables (store migration 4), read by query.py, search.py and fmap.py beside it.
 SCHEMA = [
@@ -101,6 +103,11 @@ def weights_hash(sae_id: str) -> str:
     from ...saes import resolve
 
     kind, ref = resolve(sae_id)
+    if kind == "transcoder":
+        folder, layer = ref.rsplit("#", 1)
+        f = Path(folder) / f"layer_{layer}.safetensors"
+        st = f.stat()
+        return _file_hash(str(f), st.st_size, st.st_mtime_ns)
     if kind == "folder":
         files = sorted(Path(ref).glob("*.safetensors"))
         if not files:
@@ -132,9 +139,8 @@ def index_job_key(model: str, saes: list[tuple[str, str]], n_windows: int, corpu
 def select_windows(model: str, n_windows: int, corpus_name: str = corpus.DEFAULT_NAME, root=None,
                    split: str = SPLIT, context: int = CONTEXT) -> list[tuple[int, int, list[int]]]:
     """The first n_windows of a seeded permutation of the corpus windows, in (doc, start) order."""
-    wins = corpus.windows(model, split, context, corpus_name, root)
-    order = np.random.default_rng(SEED).permutation(len(wins))[:n_windows]
-    return [wins[i] for i in sorted(order.tolist(), key=lambda i: (wins[i][0], wins[i][1]))]
+    return corpus.pick_windows(model, split, context, n_windows, order="seeded", seed=SEED, name=corpus_name,
+                               root=root, strict=False)
 
 
 def _batches(wins, max_tokens: int = BATCH_TOKENS):
@@ -278,15 +284,18 @@ def drop_index(store, ix: int) -> None:
 
 # -- the job ------------------------------------------------------------------------------
 def resolve_saes(model_id: str, sae: str | list[str]) -> list[str]:
-    """'all' → every shipped SAE of the model; an id or a list of ids otherwise."""
-    from ...saes import list_saes, sae_info
+    """'all' → every shipped SAE of the model; a transcoder set's id → every layer of it
+    ("<set>.L<layer>"); an id or a list of ids otherwise."""
+    from ...saes import list_saes, sae_info, transcoder_features
 
     if sae == "all":
         ids = [s["sae_id"] for s in list_saes(model_id)]
         if not ids:
             raise UnknownSAE(f"No shipped SAE for {model_id}.")
         return ids
-    ids = [sae] if isinstance(sae, str) else list(sae)
+    ids = []
+    for one in ([sae] if isinstance(sae, str) else list(sae)):
+        ids += transcoder_features(one) if _is_transcoder_set(one) else [one]
     for s in ids:
         info = sae_info(s)
         if info["model"] and not same_weights(info["model"], model_id):
@@ -294,17 +303,105 @@ def resolve_saes(model_id: str, sae: str | list[str]) -> list[str]:
     return ids
 
 
-def chunk_worker(model_id: str, sae_ixs: list[tuple[str, int]], n_windows: int, corpus_name: str,
-                 root, chunk_windows: int):
-    """The index job's work function rebuilt in another process (a Ray worker): same windows,
-    same SAEs (with the index numbers the driver assigned), the model loaded there once."""
-    from ...model import load_model
-    from ...saes import load_sae
+def _is_transcoder_set(name: str) -> bool:
+    from ... import transcoders
 
-    wins = select_windows(model_id, n_windows, corpus_name, root)
-    model = load_model(model_id)
-    saes = [(ix, load_sae(s)) for s, ix in sae_ixs]
-    return lambda chunk: encode_windows(model, saes, wins[chunk * chunk_windows:(chunk + 1) * chunk_windows])
+    try:
+        transcoders.resolve(name)
+        return True
+    except transcoders.UnknownTranscoders:
+        return False
+
+
+@dataclass(frozen=True)
+class FeatureIndexJob(CorpusJob):
+    """Encode the corpus windows with every given SAE (one forward for all); a chunk's rows are
+    the SAEs' sparse activations of chunk_windows windows."""
+
+    KIND: ClassVar[str] = "feature_index"
+    model: str
+    saes: tuple[tuple[str, str], ...]        # (sae id, weights hash)
+    n_windows: int
+    corpus_name: str = corpus.DEFAULT_NAME
+    root: str | None = None                  # the corpus root (tests); None: the default one
+    chunk_windows: int = CHUNK_WINDOWS
+
+    def key(self) -> str:
+        return index_job_key(self.model, [tuple(x) for x in self.saes], self.n_windows, self.corpus_name,
+                             chunk_windows=self.chunk_windows)
+
+    def windows(self):
+        return select_windows(self.model, self.n_windows, self.corpus_name, self.root)
+
+    @cached_property
+    def n_chunks(self) -> int:
+        return (len(self.windows()) + self.chunk_windows - 1) // self.chunk_windows
+
+    def _chunk(self, wins, c: int):
+        return wins[c * self.chunk_windows:(c + 1) * self.chunk_windows]
+
+    def _ixs(self, store) -> dict[str, int]:
+        from ...saes import sae_info
+
+        infos = [{**sae_info(s), "sae_id": s, "hash": h} for s, h in self.saes]
+        return _ensure_index_rows(store, self.key(), self.model, infos, len(self.windows()), self.corpus_name)
+
+    def prepare(self, store, model, progress) -> dict:
+        return {"saes": [s for s, _ in self.saes], "n_windows": self.n_windows, "corpus": self.corpus_name}
+
+    def inputs(self, store, spec, model) -> dict:
+        ixs = self._ixs(store)
+        ensure_vocab(store, model())
+        return {"ixs": [[s, ixs[s]] for s, _ in self.saes]}
+
+    def work(self, spec, inputs, model, store=None):
+        from ...saes import load_sae
+
+        wins, m = self.windows(), model()
+        saes = [(ix, load_sae(s)) for s, ix in inputs["ixs"]]
+        return lambda c: encode_windows(m, saes, self._chunk(wins, c))
+
+    def _progress(self, done: int, run) -> dict:
+        wins = self.windows()
+        new_tokens = sum(len(w[2]) - 1 for c in run.new_chunks for w in self._chunk(wins, c))
+        return {"job_key": self.key(), "model": self.model, "n_windows": len(wins), "chunks_done": done,
+                "n_chunks": self.n_chunks, "encode_seconds": round(run.seconds, 2), "new_tokens": new_tokens,
+                "tok_per_s": round(new_tokens / run.seconds, 1) if new_tokens else None, "finished": False}
+
+    def partial(self, store, done, run) -> dict:
+        return self._progress(done, run)
+
+    def finish(self, store, spec, run) -> Finished:
+        ixs = self._ixs(store)
+        model = run.model()
+        ensure_vocab(store, model)
+        for s, _ in self.saes:
+            ensure_weight_tables(store, s, model)
+        n_tokens = sum(len(w[2]) - 1 for w in self.windows())
+        cur = store.cursor()
+        per_sae, sql, params = {}, [], []
+        for s, h in self.saes:
+            ix = ixs[s]
+            rows = cur.execute("SELECT count(*), count(DISTINCT feature) FROM feature_acts WHERE ix = ?",
+                               [ix]).fetchall()[0]
+            per_sae[s] = {"ix": ix, "rows": rows[0], "alive_features": rows[1], "weights_hash": h}
+            q, p = _finish_sql(ix, n_tokens)
+            sql += q
+            params += p
+            for (old,) in cur.execute("SELECT ix FROM feature_indexes WHERE sae_id = ? AND ix <> ? "
+                                      "AND built IS NOT NULL", [s, ix]).fetchall():
+                q, p = _drop_sql(old)
+                sql += q
+                params += p
+        summary = {**self._progress(self.n_chunks, run), "finished": True, "n_tokens": n_tokens,
+                   "rows": sum(v["rows"] for v in per_sae.values()), "per_sae": per_sae}
+        return Finished(summary, sql, params)
+
+    def result(self, store, run) -> dict:
+        summary = jobs.state(store, self.key()).summary
+        if run is None:
+            return {**summary, "already_built": True}
+        return {**summary, "finish_seconds": round(run.finish_seconds, 2), "seconds": round(run.seconds, 2)}
 
 
 def build_index(model_id: str, sae: str | list[str], n_windows: int = DEFAULT_WINDOWS, store=None,
@@ -312,74 +409,12 @@ def build_index(model_id: str, sae: str | list[str], n_windows: int = DEFAULT_WI
                 stop_after: int | None = None, chunk_windows: int = CHUNK_WINDOWS, engine: str = "local") -> dict:
     """Encode n_windows corpus windows with every given SAE (one forward for all); resumable.
     Returns a summary: job key, rows, seconds, tokens per second, per-SAE counts."""
-    from ...saes import load_sae, sae_info
-    from ...store import default_store
-
     if not isinstance(n_windows, int) or not 1 <= n_windows <= 1_000_000:
         raise InvalidSpec("The number of windows must be in 1–1,000,000.")
-    store = store or default_store()
     ids = resolve_saes(model_id, sae)
-    infos = [{**sae_info(s), "sae_id": s, "hash": weights_hash(s)} for s in ids]
-    job_key = index_job_key(model_id, [(i["sae_id"], i["hash"]) for i in infos], n_windows, corpus_name,
-                            chunk_windows=chunk_windows)
-    st = jobs.state(store, job_key)
-    if st is not None and st.finished:
-        return {**st.summary, "already_built": True}
-    wins = select_windows(model_id, n_windows, corpus_name, root)
-    n_chunks = (len(wins) + chunk_windows - 1) // chunk_windows
-    ixs = _ensure_index_rows(store, job_key, model_id, infos, len(wins), corpus_name)
-    from ...model import load_model
-
-    model = load_model(model_id)
-    ensure_vocab(store, model)
-    saes = [(ixs[s], load_sae(s)) for s in ids]
-    t0, new_tokens = time.perf_counter(), 0
-
-    def work(chunk: int) -> dict[str, pa.Table]:
-        nonlocal new_tokens
-        part = wins[chunk * chunk_windows:(chunk + 1) * chunk_windows]
-        new_tokens += sum(len(w[2]) - 1 for w in part)
-        return encode_windows(model, saes, part)
-
-    remote = jobs.Remote("backend.jobs.features.index:chunk_worker",
-                         (model_id, [(s, ixs[s]) for s in ids], n_windows, corpus_name,
-                          None if root is None else str(root), chunk_windows))
-    state = jobs.run_job(store, job_key, "feature_index", model_id,
-                         {"saes": ids, "n_windows": n_windows, "corpus": corpus_name}, n_chunks, work,
-                         progress, stop_after=stop_after, engine=engine, remote=remote)
-    if engine == "ray":   # the workers encoded these windows
-        new_tokens = sum(len(w[2]) - 1 for w in wins)
-    encode_seconds = time.perf_counter() - t0
-    summary = {"job_key": job_key, "model": model_id, "n_windows": len(wins), "chunks_done": state.done,
-               "n_chunks": n_chunks, "encode_seconds": round(encode_seconds, 2), "new_tokens": new_tokens,
-               "tok_per_s": round(new_tokens / encode_seconds, 1) if new_tokens else None, "finished": False}
-    if state.done < n_chunks:
-        return summary
-    for s in ids:
-        ensure_weight_tables(store, s, model)
-    n_tokens = sum(len(w[2]) - 1 for w in wins)
-    cur = store.cursor()
-    per_sae = {}
-    sql, params = [], []
-    for s in ids:
-        ix = ixs[s]
-        rows = cur.execute("SELECT count(*), count(DISTINCT feature) FROM feature_acts WHERE ix = ?",
-                           [ix]).fetchall()[0]
-        per_sae[s] = {"ix": ix, "rows": rows[0], "alive_features": rows[1], "weights_hash": infos[ids.index(s)]["hash"]}
-        q, p = _finish_sql(ix, n_tokens)
-        sql += q
-        params += p
-        for (old,) in cur.execute("SELECT ix FROM feature_indexes WHERE sae_id = ? AND ix <> ? AND built IS NOT NULL",
-                                  [s, ix]).fetchall():
-            q, p = _drop_sql(old)
-            sql += q
-            params += p
-    t1 = time.perf_counter()
-    summary.update(finished=True, n_tokens=n_tokens, rows=sum(v["rows"] for v in per_sae.values()), per_sae=per_sae)
-    jobs.finish(store, job_key, summary, sql=sql, params=params)
-    summary["finish_seconds"] = round(time.perf_counter() - t1, 2)
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
-    return summary
+    job = FeatureIndexJob(model_id, tuple((s, weights_hash(s)) for s in ids), n_windows, corpus_name,
+                          None if root is None else str(root), chunk_windows)
+    return drive(job, store, engine, progress, stop_after)
 
 
 # -- weight-only tables -------------------------------------------------------------------

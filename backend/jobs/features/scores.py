@@ -63,15 +63,17 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 
 from ... import corpus, jobs
+from ..driver import CorpusJob, Finished, drive
 from ...corpus import CorpusUnavailable
 from ...errors import FeatureIndexMissing, SAEMismatch
+from ...saes import write_hook
 from .index import QUANTILES
 
 PROMPT = "From my experience,"
@@ -161,7 +163,7 @@ def residual_directions(model, sae, rows=None):
     from ...sites import Component
 
     rows = decoder_rows(sae) if rows is None else rows
-    site = _hook_site(model, sae.cfg.metadata.hook_name)
+    site = _hook_site(model, write_hook(sae))
     with torch.inference_mode():
         if site.component == Component.Z:
             W_O = model.W_O()[site.layer].float()                                  # [head d_head d_model]
@@ -204,7 +206,7 @@ def prompt_state(model, sae, prompt: str = PROMPT) -> dict:
     pre = hook_name(Site(Component.RESID_PRE, layer))
     cap = model.capture(ids, [pre, hook], flatten_heads=True)
     v, _ = fused_encode(sae, cap[hook][0, -1:].float())                             # [1 k] sorted desc
-    return {"ids": ids, "layer": layer, "resid": cap[pre], "a_max": float(v[0, 0]), "hook": hook}
+    return {"ids": ids, "layer": layer, "resid": cap[pre], "a_max": float(v[0, 0]), "hook": write_hook(sae)}
 
 
 def _adder(rows_delta, positions: slice | int):
@@ -263,12 +265,9 @@ def output_scores(model, sae, features, rows, lens, state: dict | None = None, c
 def heldout_windows(model_id: str, n: int = TC_WINDOWS, length: int = TC_LEN, corpus_name: str = corpus.DEFAULT_NAME,
                     root=None) -> list[list[int]]:
     """n windows of exactly `length` tokens from the held-out split, in a seeded permutation."""
-    wins = [w for w in corpus.windows(model_id, "heldout", length, corpus_name, root) if len(w[2]) == length]
-    if len(wins) < n:
-        raise CorpusUnavailable(f"The held-out corpus has only {len(wins)} windows of {length} tokens; "
-                                f"TokenChange needs {n}.")
-    order = np.random.default_rng(TC_SEED).permutation(len(wins))[:n]
-    return [wins[i][2] for i in sorted(order.tolist())]
+    wins = corpus.pick_windows(model_id, "heldout", length, n, order="seeded", seed=TC_SEED, full=True,
+                               name=corpus_name, root=root, error=CorpusUnavailable)
+    return [w[2] for w in wins]
 
 
 def _rest(model, layer: int, resid, hook: str, add=None, precision: str = "float32"):
@@ -305,7 +304,8 @@ def windows_state(model, sae, windows: list[list[int]], precision: str = "float3
         rest = _rest(model, layer, cap[pre], hook, precision=precision)
         clean = model.final_norm(rest[:, 1:].to(cap[pre].dtype)).float().mean((0, 1))
     v, i = fused_encode(sae, cap[hook][:, 1:].reshape(-1, cap[hook].shape[-1]).float())
-    return {"layer": layer, "hook": hook, "resid": cap[pre], "clean": clean, "codes": (v, i), "precision": precision}
+    return {"layer": layer, "hook": write_hook(sae), "resid": cap[pre], "clean": clean, "codes": (v, i),
+            "precision": precision}
 
 
 def token_change(model, sae, features, rows, c, state: dict, chunk: int = TC_CHUNK, k: int = TC_K) -> dict:
@@ -526,58 +526,83 @@ def _chunk_work(part: str, fn: Callable, size: int, n: int, stored: Callable[[np
     return work
 
 
-def chunk_worker(part: str, model_id: str, sae_id: str, key: str, n: int, size: int, inputs: dict,
-                 skip: list[int] = ()):
-    """A part's work function rebuilt in another process (a Ray worker): the same `part_work`
-    as the local engine, on inputs the driver computed; `skip`: features stored when the job
-    started (on demand, by a dashboard)."""
-    skip = set(int(f) for f in skip)
-    return _chunk_work(part, part_work(part, _Ctx(model_id, sae_id), key, inputs), size, n, lambda f: skip)
+@dataclass(frozen=True)
+class ScoresPartJob(CorpusJob):
+    """One part (vocab, output, token_change) of one SAE's scores as a corpus job over chunks of
+    `size` features. Features already stored (on demand, by a dashboard) are skipped: by the
+    local engine when it reaches their chunk, by Ray as they were when the run started.
+    `make_inputs()` (called only when there is work left) makes what part_work needs from the
+    store, here in the driver; `ctx` shares the model and SAE between the parts of one run."""
+
+    part: str
+    model: str
+    sae_id: str
+    sae_key: str
+    n: int
+    size: int
+    ix: int | None = None
+    params: tuple = ()                     # (name, value) pairs of the job key and spec
+    make_inputs: Callable | None = field(default=None, compare=False, repr=False)
+    ctx: _Ctx | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def kind(self) -> str:
+        return f"feature_scores_{self.part}"
+
+    def key(self) -> str:
+        return _job_key(self.part, self.sae_key, size=self.size, ix=self.ix, n=self.n, **dict(self.params))
+
+    @property
+    def n_chunks(self) -> int:
+        return (self.n + self.size - 1) // self.size
+
+    def fields(self) -> dict:
+        return {k: getattr(self, k) for k in ("part", "model", "sae_id", "sae_key", "n", "size", "ix", "params")}
+
+    def prepare(self, store, model, progress) -> dict:
+        return {"sae_key": self.sae_key, "part": self.part, "ix": self.ix, **dict(self.params)}
+
+    def inputs(self, store, spec, model) -> dict:
+        table = PART_TABLE[self.part]
+        skip = sorted(_present(store, table, self.sae_key, np.arange(self.n, dtype=np.int64), self.ix))
+        return {"inp": self.make_inputs() if self.make_inputs else {}, "skip": skip}
+
+    def work(self, spec, inputs, model, store=None):
+        ctx = self.ctx or _Ctx(self.model, self.sae_id)
+        table, skip = PART_TABLE[self.part], set(inputs["skip"])
+        if store is None:
+            stored = lambda f: skip  # noqa: E731
+        else:
+            stored = lambda f: _present(store, table, self.sae_key, f, self.ix)  # noqa: E731
+        return _chunk_work(self.part, part_work(self.part, ctx, self.sae_key, inputs["inp"]), self.size, self.n,
+                           stored)
+
+    def _summary(self, done: int, run) -> dict:
+        have = set(run.inputs.get("skip", ()))
+        computed = sum(len(_chunk_features(c, self.size, self.n, lambda f: have)) for c in run.new_chunks)
+        return {"part": self.part, "chunks_done": done, "n_chunks": self.n_chunks, "computed": computed,
+                "seconds": round(run.seconds, 2),
+                "features_per_s": round(computed / run.seconds, 2) if computed else None}
+
+    def partial(self, store, done, run) -> dict:
+        return {**self._summary(done, run), "status": "partial"}
+
+    def finish(self, store, spec, run) -> Finished:
+        return Finished({**self._summary(self.n_chunks, run), "status": "done"})
+
+    def result(self, store, run) -> dict:
+        summary = jobs.state(store, self.key()).summary or {}
+        if run is None:
+            return {"part": self.part, "status": "done", "already_done": True, **summary}
+        return summary
 
 
 def _chunked(store, ctx: _Ctx, part: str, key: str, n: int, size: int, inputs: Callable[[], dict], progress,
              ix: int | None = None, stop_after: int | None = None, engine: str = "local", **params) -> dict:
-    """One part of one SAE as a resumable job over chunks of `size` features. Features already
-    stored (on demand, by a dashboard) are skipped: by the local engine when it reaches their
-    chunk, by Ray as they were when the job started. `inputs()` (called only when there is work
-    left) makes what part_work needs from the store, here in the driver."""
-    job_key = _job_key(part, key, size=size, ix=ix, n=n, **params)
-    n_chunks = (n + size - 1) // size
-    st = jobs.state(store, job_key)
-    if st is not None and st.finished:
-        return {"part": part, "status": "done", "already_done": True, **(st.summary or {})}
-    table = PART_TABLE[part]
-    t0, computed = time.perf_counter(), 0
-    before = jobs.done_chunks(store, job_key)
-    inp = inputs()
-    work, remote = None, None
-    if engine == "ray":
-        skip = sorted(_present(store, table, key, np.arange(n, dtype=np.int64), ix))
-        remote = jobs.Remote(f"{__name__}:chunk_worker", (part, ctx.model_id, ctx.sae_id, key, n, size, inp, skip))
-    else:
-        fn = part_work(part, ctx, key, inp)
-
-        def counted(feats):
-            nonlocal computed
-            computed += len(feats)
-            return fn(feats)
-        work = _chunk_work(part, counted, size, n, lambda f: _present(store, table, key, f, ix))
-    state = jobs.run_job(store, job_key, f"feature_scores_{part}", ctx.model_id,
-                         {"sae_key": key, "part": part, "ix": ix, **params}, n_chunks, work, progress,
-                         stop_after=stop_after, engine=engine, remote=remote)
-    if engine == "ray":   # the workers computed the chunks done now, less the features skipped
-        new = jobs.done_chunks(store, job_key) - before
-        have = set(skip)
-        computed = sum(len(_chunk_features(c, size, n, lambda f: have)) for c in new)
-    secs = time.perf_counter() - t0
-    summary = {"part": part, "chunks_done": state.done, "n_chunks": n_chunks, "computed": computed,
-               "seconds": round(secs, 2), "features_per_s": round(computed / secs, 2) if computed else None}
-    if state.done == n_chunks:
-        summary["status"] = "done"
-        jobs.finish(store, job_key, summary)
-    else:
-        summary["status"] = "partial"
-    return summary
+    """One part of one SAE, run (or resumed) by the corpus-job driver (ScoresPartJob)."""
+    job = ScoresPartJob(part, ctx.model_id, ctx.sae_id, key, n, size, ix, tuple(sorted(params.items())),
+                        make_inputs=inputs, ctx=ctx)
+    return drive(job, store, engine, progress, stop_after)
 
 
 def _ensure_strings(store, ctx: _Ctx) -> None:
