@@ -8,8 +8,12 @@ finished store starts nothing. The plan:
 
   1. feature-index --sae all --windows FIRST   (a small slice: the feature dashboards and the
                                                 map colours appear within minutes)
+  1b. feature-index --sae <transcoder set> --windows 32   (every shipped transcoder set of the
+                                                model: its features' dashboards; 30 layers x 2048
+                                                features make ~1 k rows per token, hence fewer windows)
   2. neuron-stats --windows FIRST              (the neuron pages' statistics)
   3. feature-scores --parts vocab,output,input (labels, VocabProj, input and output scores: minutes)
+  3b. feature-scores --sae <transcoder set> --parts vocab   (the transcoder features' labels)
   4. feature-index --sae all --windows FULL    (replaces the small index when it lands)
   5. feature-scores --parts input,token_change (TokenChange of every feature: the long part, about
                                                 an hour for the four shipped SAEs with bfloat16
@@ -34,7 +38,8 @@ finalising the interpreter under a native thread (that aborted: "terminate calle
 active exception").
 
 Settings: DASHBOARD_BOOTSTRAP=0 turns it off (unset: on, except under pytest); DASHBOARD_BOOTSTRAP_FIRST (default 128) and
-DASHBOARD_BOOTSTRAP_WINDOWS (default 1024; 0 skips step 4) set the window counts.
+DASHBOARD_BOOTSTRAP_WINDOWS (default 1024; 0 skips step 4) and DASHBOARD_BOOTSTRAP_TRANSCODER_WINDOWS
+(default 32; 0 skips steps 1b and 3b) set the window counts.
 This module imports neither torch nor streamlit at import time.
 """
 
@@ -100,13 +105,23 @@ def plan(model: str | None = None) -> list[Step]:
     full = int(os.environ.get("DASHBOARD_BOOTSTRAP_WINDOWS", "1024"))
     mid = model or DEFAULT_MODEL
     m = ["--model", model] if model else []
+    tc_windows = int(os.environ.get("DASHBOARD_BOOTSTRAP_TRANSCODER_WINDOWS", "32"))
+    tc_sets = _transcoder_sets(mid) if tc_windows > 0 else []
     steps = [Step("feature-index", [*m, "--sae", "all", "--windows", str(first)],
-                  f"feature index ({first} windows)", done=lambda st: _indexed(st, mid, first)),
-             Step("neuron-stats", [*m, "--windows", str(first)], f"neuron statistics ({first} windows)",
+                  f"feature index ({first} windows)", done=lambda st: _indexed(st, mid, first))]
+    steps += [Step("feature-index", [*m, "--sae", set_id, "--windows", str(tc_windows)],
+                   f"transcoder feature index ({set_id}, {tc_windows} windows)",
+                   done=lambda st, set_id=set_id: _indexed(st, mid, tc_windows, _layers_of(set_id)))
+              for set_id in tc_sets]
+    steps += [Step("neuron-stats", [*m, "--windows", str(first)], f"neuron statistics ({first} windows)",
                   done=lambda st: _neuron_stats(st, mid, first)),
              Step("feature-scores", [*m, "--sae", "all", "--parts", "vocab,output,input"],
                   "feature labels, VocabProj, input and output scores",
                   done=lambda st: _scored(st, mid, ("n_vocab", "n_output", "n_input")))]
+    steps += [Step("feature-scores", [*m, "--sae", set_id, "--parts", "vocab"],
+                   f"transcoder feature labels and VocabProj ({set_id})",
+                   done=lambda st, set_id=set_id: _scored(st, mid, ("n_vocab",), _layers_of(set_id)))
+              for set_id in tc_sets]
     if full > first:
         steps.append(Step("feature-index", [*m, "--sae", "all", "--windows", str(full)],
                           f"feature index ({full} windows)", done=lambda st: _indexed(st, mid, full)))
@@ -125,10 +140,22 @@ def _shipped_saes(model: str) -> list[str]:
     return [s["sae_id"] for s in list_saes(model)]
 
 
-def _indexed(store, model: str, windows: int) -> bool:
+def _transcoder_sets(model: str) -> list[str]:
+    from .transcoders import list_sets
+
+    return [t["id"] for t in list_sets(model)]
+
+
+def _layers_of(set_id: str) -> list[str]:
+    from .saes import transcoder_features
+
+    return transcoder_features(set_id)
+
+
+def _indexed(store, model: str, windows: int, saes: list[str] | None = None) -> bool:
     from .jobs.features.index import current_index
 
-    for sae in _shipped_saes(model):
+    for sae in (_shipped_saes(model) if saes is None else saes):
         ix = current_index(store, sae)
         if ix is None or ix["stale"] or int(ix["n_windows"]) < windows:
             return False
@@ -142,13 +169,13 @@ def _neuron_stats(store, model: str, windows: int) -> bool:
     return job is not None and job.n_windows >= windows
 
 
-def _scored(store, model: str, counts: tuple[str, ...]) -> bool:
+def _scored(store, model: str, counts: tuple[str, ...], saes: list[str] | None = None) -> bool:
     from .jobs.features.index import current_index, sae_key
     from .jobs.features.scores import ensure_tables, score_table
     from .saes import sae_info
 
     ensure_tables(store)
-    for sae in _shipped_saes(model):
+    for sae in (_shipped_saes(model) if saes is None else saes):
         n = int(sae_info(sae)["d_sae"])
         t = score_table(store, sae)
         if "n_token_change" in counts:

@@ -16,15 +16,18 @@ from .conftest import DEFAULT_MODEL
 
 pytestmark = [pytest.mark.browser, pytest.mark.model]
 SAE = "smollm2-135m-L5-resid_pre"
+TRANSCODER = "smollm2-135m-plt.L4"      # one layer of the shipped transcoder set
 WINDOWS = 8
+TC_WINDOWS = 2
 
 
-def _a_feature_in_the_slice(model, root) -> int:
-    """The strongest latent of SAE on the first window the index will encode (so it has examples)."""
+def _a_feature_in_the_slice(model, root, sae_id: str = SAE, windows: int = WINDOWS) -> int:
+    """The strongest latent of an SAE (or transcoder layer) on the first window the index will
+    encode (so it has examples)."""
     import torch
 
-    wins = fidx.select_windows(DEFAULT_MODEL, WINDOWS, corpus.DEFAULT_NAME, root)
-    sae = load_sae(SAE)
+    wins = fidx.select_windows(DEFAULT_MODEL, windows, corpus.DEFAULT_NAME, root)
+    sae = load_sae(sae_id)
     name = sae.cfg.metadata.hook_name
     x = model.capture(model.tensor(wins[0][2]), [name], flatten_heads=True)[name][0, 1:]
     with torch.inference_mode():
@@ -45,9 +48,10 @@ def test_first_start_fills_the_feature_dashboard(model, tmp_path):
     corpus.build(["stdlib"], root=root, max_words=4000)
     corpus.tokenize(DEFAULT_MODEL, root=root)
     f = _a_feature_in_the_slice(model, root)
+    g = _a_feature_in_the_slice(model, root, TRANSCODER, TC_WINDOWS)
     env = {"DASHBOARD_STORE": str(tmp_path / "fresh.duckdb"), "DASHBOARD_CORPUS": str(root),
            "DASHBOARD_BOOTSTRAP": "1", "DASHBOARD_BOOTSTRAP_FIRST": str(WINDOWS),
-           "DASHBOARD_BOOTSTRAP_WINDOWS": "0"}
+           "DASHBOARD_BOOTSTRAP_WINDOWS": "0", "DASHBOARD_BOOTSTRAP_TRANSCODER_WINDOWS": str(TC_WINDOWS)}
     with dashboard(env) as base, sync_playwright() as p:
         ctx = browser_context(p, str(tmp_path / "chrome"))
         page = ctx.new_page()
@@ -68,4 +72,11 @@ def test_first_start_fills_the_feature_dashboard(model, tmp_path):
         text = page.inner_text("body")
         assert f"Feature #{f} of {SAE}" in text and "never fires" not in text
         page.screenshot(path=str(tmp_path / "filled.png"), full_page=True)
+        # the next step of the plan indexes the shipped transcoders: a transcoder feature's
+        # dashboard fills the same way, no button pressed
+        page.goto(f"{base}/?page=feature&model={DEFAULT_MODEL}&sae={TRANSCODER}&feature={g}")
+        page.wait_for_function("document.body.innerText.includes('Top activating examples')", timeout=600_000)
+        text = page.inner_text("body")
+        assert f"Feature #{g} of {TRANSCODER}" in text and "never fires" not in text
+        page.screenshot(path=str(tmp_path / "transcoder.png"), full_page=True)
         ctx.close()

@@ -189,3 +189,46 @@ def test_warm_start_continues_from_a_trained_set(tmp_path, model, session_corpus
     with pytest.raises(InvalidSpec):
         train(TCConfig(layers=(0,), width=32, k=4, init_from=str(tmp_path / "a"), **one),
               tmp_path / "d", tmp_path / "work2", log=lambda m: None)
+
+
+@pytest.mark.model
+def test_a_transcoder_layer_is_a_feature_source_like_an_sae(model):
+    """"<set>.L<layer>" loads as SAELens's JumpReLUSkipTranscoder whose encode and forward equal
+    the set's own (circuit-tracer format) on real MLP inputs; it reads the MLP's input and writes
+    its output; the feature pages list every layer; a missing layer is a typed error."""
+    from backend import saes
+    from backend.errors import UnknownSAE
+    from kernels import forward as kf
+
+    sid = f"{tc.default_set_id(model.info.model_id)}.L7"
+    s = saes.load_sae(sid)
+    info = saes.sae_info(sid)
+    assert type(s).__name__ == "JumpReLUSkipTranscoder" and info["source"] == "transcoder"
+    assert s.cfg.metadata.hook_name == info["hook_name"] == "blocks.7.mlp.hook_in"
+    assert saes.write_hook(s) == info["hook_out"] == "blocks.7.hook_mlp_out"
+    ts = tc.load_set(tc.default_set_id(model.info.model_id))
+    ids = model.tensor([model.tokenize("The capital of France is Paris, and the capital of Spain is")])
+    x = kf.run(kf.dense_model(model), ids, capture=["blocks.7.mlp.hook_in"])["blocks.7.mlp.hook_in"][0].float()
+    with torch.inference_mode():
+        a, out = s.encode(x), s(x)
+    ref = ts.encode(7, x)
+    assert torch.equal(a, ref) and int((a > 0).sum()) > 0
+    assert torch.allclose(out, ts.decode(7, ref, x), atol=1e-5)
+    src = saes.feature_sources(model.info.model_id)
+    assert sid in src and f"{tc.default_set_id(model.info.model_id)}.L29" in src
+    with pytest.raises(UnknownSAE):
+        saes.sae_info(f"{tc.default_set_id(model.info.model_id)}.L99")
+
+
+@pytest.mark.model
+def test_a_transcoder_feature_steers_at_the_mlp_output(model):
+    """A transcoder feature's direction is its decoder row added at the MLP's output (where the
+    transcoder writes), not at its input hook."""
+    from backend.analyses.directions import DirectionSpec, compute
+    from backend.saes import load_sae
+
+    sid = f"{tc.default_set_id(model.info.model_id)}.L7"
+    res = compute(DirectionSpec(model=model.info.model_id, method="sae", sae=sid, feature=11), model)
+    row = load_sae(sid).W_dec[11].detach().float()
+    assert res.site == "mlp_out" and res.layer == 7 and res.hook_name == "blocks.7.hook_mlp_out"
+    assert torch.equal(torch.as_tensor(res.vector), row)

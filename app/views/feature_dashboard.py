@@ -13,7 +13,7 @@ from backend.errors import DashboardError
 from backend.jobs.features import DEFAULT_WINDOWS
 from backend.jobs.features.query import check_feature, feature_dashboard
 from backend.jobs.features.scores import feature_scores, score_table
-from backend.saes import list_saes, sae_info
+from backend.saes import feature_sources, sae_info
 from backend.store import default_store
 from backend import figures
 from backend.figures.features import activation_histogram, diverging_tokens, example_html, score_scatter, token_chips
@@ -106,9 +106,12 @@ def _output_views(view: View, sc: dict, d: dict) -> None:
                         key="tc_minus")
 
 
+TRANSCODER_WINDOWS = 32     # a transcoder set is 30 SAEs' worth of rows per token: fewer windows
+
+
 def choose_sae(view: View, key: str) -> str | None:
     """SAE selector shared by the feature pages; None (after st.error) for an unknown SAE."""
-    ids = [s["sae_id"] for s in list_saes(view.model)]
+    ids = feature_sources(view.model)
     try:
         sae_info(view.sae)
     except DashboardError as e:
@@ -123,12 +126,14 @@ def choose_sae(view: View, key: str) -> str | None:
 
 def build_index_button(view: View, where: str) -> None:
     """Offer to build the corpus index (every SAE of the model, one pass) from the page."""
-    cmd = f"python -m backend feature-index --model {view.model} --sae all --windows {DEFAULT_WINDOWS}"
+    tc_set = (sae_info(view.sae).get("transcoder_set") if view.sae else None)
+    which, n, what = (tc_set, TRANSCODER_WINDOWS, f"every layer of {tc_set}") if tc_set else ("all", DEFAULT_WINDOWS, "all SAEs")
+    cmd = f"python -m backend feature-index --model {view.model} --sae {which} --windows {n}"
     st.caption(f"From a shell: `{cmd}` (resumable; a few minutes on two quiet cores).")
     from backend.jobs.features import build_index
 
-    run_job_button(f"Build the corpus index now ({DEFAULT_WINDOWS} windows, all SAEs)",
-                   lambda progress: build_index(view.model, "all", DEFAULT_WINDOWS, store=default_store(),
+    run_job_button(f"Build the corpus index now ({n} windows, {what})",
+                   lambda progress: build_index(view.model, which, n, store=default_store(),
                                                 progress=progress),
                    f"w_build_{where}",
                    done=lambda s: f"Indexed {s.get('rows', 0):,} rows in {s.get('seconds', 0):.0f} s.")

@@ -161,9 +161,10 @@ def _target(view: View) -> dict | None:
                      icon=":material/warning:")
             return None
         st.subheader(f"SAE feature #{view.feature} of {view.sae}")
-        st.caption(f"Its decoder row is the direction, added at {info['hook_name']}"
-                   + (" (the row reshaped to heads × d_head)." if info["hook_name"].endswith("hook_z") else "."))
-        return {"kind": "sae", "hook": info["hook_name"]}
+        hook = info.get("hook_out") or info["hook_name"]      # a transcoder writes at the MLP's output
+        st.caption(f"Its decoder row is the direction, added at {hook}"
+                   + (" (the row reshaped to heads × d_head)." if hook.endswith("hook_z") else "."))
+        return {"kind": "sae", "hook": hook}
     st.info("Make a direction above, open a stored one, or come from a feature dashboard "
             "(“steer with this feature”).")
     return None

@@ -596,7 +596,7 @@ def _grains(spec: DirectionSpec, model: LoadedModel, progress=None) -> Direction
 
 
 def _sae_direction(spec: DirectionSpec, model: LoadedModel) -> DirectionResult:
-    from ..saes import load_sae
+    from ..saes import load_sae, write_hook
 
     sae = load_sae(spec.sae)
     trained_on = sae.cfg.metadata.model_name
@@ -604,10 +604,11 @@ def _sae_direction(spec: DirectionSpec, model: LoadedModel) -> DirectionResult:
         raise SAEMismatch(f"SAE {spec.sae!r} was trained on {trained_on!r}, not {spec.model!r}.")
     if spec.feature >= sae.cfg.d_sae:
         raise OutOfRange(f"Feature {spec.feature} does not exist: {spec.sae} has features 0–{sae.cfg.d_sae - 1}.")
-    site = site_of_hook(sae.cfg.metadata.hook_name, model.info.n_layers)
+    site = site_of_hook(write_hook(sae), model.info.n_layers)     # a transcoder's row acts at the MLP's output
     shape = ([model.info.n_heads, model.info.d_head] if site.component == Component.Z else [model.info.d_model])
-    if int(np.prod(shape)) != sae.cfg.d_in:
-        raise SAEMismatch(f"SAE {spec.sae!r} has width {sae.cfg.d_in}; its hook has {int(np.prod(shape))}.")
+    width = int(sae.W_dec.shape[1])
+    if int(np.prod(shape)) != width:
+        raise SAEMismatch(f"SAE {spec.sae!r} has width {width}; its hook has {int(np.prod(shape))}.")
     row = sae.W_dec[spec.feature].detach().float().cpu().numpy()
     return _result(spec, model, row, site=site.component.value, layer=site.layer, shape=shape,
                    made={"sae": spec.sae, "feature": spec.feature, "d_sae": int(sae.cfg.d_sae)})
