@@ -1,5 +1,5 @@
 """Token attribution page: which input tokens made the next token (saliency, input × gradient,
-integrated gradients, LRP), the completeness of IG and LRP's conservation said plainly, LRP's
+integrated gradients, LRP, DeepLIFT), the completeness of IG and LRP's conservation said plainly, LRP's
 positional share, and a layer view whose cells open the logit lens at their position."""
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from backend.figures.attribution import (LRP, METHOD_LABELS, UNSIGNED, content_a
 from ..common import form_result, metrics_row, navigate, synced
 from ..state import View
 
+LABELS = {**METHOD_LABELS, "deeplift": "DeepLIFT (reference differences)"}
+METHOD_LINES = {"deeplift": "DeepLIFT: gradient × (input − reference) where every nonlinearity passes its average "
+                            "slope between reference and input (SiLU/GELU: (f(x) − f(x_ref)) / (x − x_ref)), so the "
+                            "scores add up to f(input) − f(reference); the reference is the baseline below."}
 BASELINE_LABELS = {"zero": "zero vectors", "pad": "the pad token's embedding", "mask": "the mean embedding"}
 HELD_REASON = ("Held by default: its massive activation switches on abruptly along the path, and the scores "
                "stop adding up.")
@@ -29,9 +33,9 @@ HELD_DETAIL = ("On SmolLM2 the first position carries a massive activation; inte
 def _form(view: View) -> View:
     with st.form("attribution_form"):
         c1, c2, c3, c4 = st.columns([3, 2, 2, 3])
-        method = c1.selectbox("Method", METHODS, format_func=METHOD_LABELS.get,
+        method = c1.selectbox("Method", METHODS, format_func=lambda m: LABELS.get(m, m),
                               index=METHODS.index(view.amethod) if view.amethod in METHODS else 0)
-        base = c2.selectbox("Baseline (IG)", BASELINES, format_func=BASELINE_LABELS.get,
+        base = c2.selectbox("Baseline (IG, DeepLIFT)", BASELINES, format_func=BASELINE_LABELS.get,
                             index=BASELINES.index(view.abase) if view.abase in BASELINES else 0)
         auto = view.asteps.strip().lower() == "auto"
         mode = c3.radio("Steps (IG)", ["auto", "fixed"], index=0 if auto else 1, horizontal=True,
@@ -39,8 +43,9 @@ def _form(view: View) -> View:
                              f"is ≤ {TOLERANCE * 100:g} %")
         n = c3.number_input("Fixed steps", 1, MAX_STEPS, 16 if auto or not view.asteps.isdigit()
                             else min(max(int(view.asteps), 1), MAX_STEPS), label_visibility="collapsed")
-        first = c4.checkbox("Interpolate position 0 too (IG)", value=bool(view.afirst), help=HELD_DETAIL)
+        first = c4.checkbox("Interpolate position 0 too (IG, DeepLIFT)", value=bool(view.afirst), help=HELD_DETAIL)
         c4.caption(HELD_REASON)
+        c1.caption(METHOD_LINES["deeplift"])
         if st.form_submit_button("Attribute", type="primary"):
             return view.replace(amethod=method, abase=base, asteps="auto" if mode == "auto" else str(int(n)),
                                 afirst=int(first), key="")
@@ -87,7 +92,7 @@ def render(view: View) -> View:
                    "attention weights constant, so position gets nothing and the scores add up exactly.")
     if r.held_positions:
         st.caption("Position 0 is held at its own embedding. " + HELD_DETAIL)
-    elif r.method == "integrated-gradients":
+    elif r.method in ("integrated-gradients", "deeplift"):
         st.caption("Position 0 is interpolated too.")
     return _layer_view(view, r, out.run_key, explained)
 
@@ -134,6 +139,9 @@ def _numbers(r, explained: str) -> None:
                        "conserves exactly, at the price of giving queries, keys and positions nothing.",
                        icon=":material/warning:")
         return
+    if r.method == "deeplift":
+        _deeplift_numbers(r, explained, total)
+        return
     if not ig:
         items = [(explained, f"{r.target_logit:.3f}")]
         if r.method not in UNSIGNED:
@@ -162,11 +170,27 @@ def _numbers(r, explained: str) -> None:
                    f"These attributions do not add up: {why}.{first}", icon=":material/warning:")
 
 
+def _deeplift_numbers(r, explained: str, total: float) -> None:
+    delta = r.target_logit - r.baseline_logit
+    metrics_row([(explained, f"{r.target_logit:.3f}"), ("at the reference", f"{r.baseline_logit:.3f}"),
+                 ("sum of scores", f"{total:+.3f}"), ("completeness gap", f"{r.completeness_gap:+.4g}"),
+                 ("gap, relative", pct(r.completeness_gap_rel))])
+    st.caption(f"DeepLIFT, reference: {BASELINE_LABELS.get(r.baseline, r.baseline)}. Gap = sum of scores − "
+               f"(f(input) − f(reference)) = {total:+.4f} − ({delta:+.4f}). The rescale rule on SiLU/GELU, the "
+               "symmetric split on products of two activations (gate × up, q · k, weights × values, x · 1/rms), "
+               "the softmax's slope averaged between reference and input (kernels/deeplift.py): each adds up, so "
+               "the gap is float rounding.")
+    if r.completeness_gap_rel > TOLERANCE:
+        st.warning(f"Completeness gap {pct(r.completeness_gap_rel)}, above {TOLERANCE * 100:g} %: the scores add up "
+                   f"to {total:+.3f}, but {explained} moved by {delta:+.3f} from the reference to the prompt. "
+                   "These attributions do not add up.", icon=":material/warning:")
+
+
 def _layer_view(view: View, r, run_key: str, explained: str) -> View:
     st.subheader("Layer view")
     cost = (f"one integrated-gradients run per layer ({len(r.tokens)} tokens; with auto steps this can take "
             "minutes on a CPU)" if r.method == "integrated-gradients" else "nothing more (the same backward)"
-            if r.method in LRP else "one more backward pass")
+            if r.method in LRP or r.method == "deeplift" else "one more backward pass")
     on = st.checkbox("Attribute to every layer's residual stream (resid_pre) too", key=synced("w_alayers",
                      bool(view.alayers)), help=f"the same method applied at each layer's input; costs {cost}")
     if on != bool(view.alayers):

@@ -12,6 +12,12 @@ t is, per method:
   Gauss-Legendre quadrature on [0, 1] (numpy.polynomial.legendre.leggauss: nodes (t + 1) / 2,
   weights w / 2, as captum's method="gausslegendre"). All the steps of one round go through
   the model as one batch (kernels.token_attribution, chunked for memory).
+- ``deeplift``: sum_d m_t,d * (e_t - b_t)_d with DeepLIFT's multipliers m from one forward of
+  the input and the reference b (the same baselines as IG, position 0 held the same way) and one
+  modified backward over the canonical weights (kernels/deeplift.py: the rescale rule on the
+  gate's SiLU / GELU; the symmetric split for products of two activations; RMSNorm decomposed;
+  the softmax's Jacobian averaged over the segment between reference and input). The gap
+  sum(scores) - (f(e) - f(b)) is reported as it is (float rounding and the softmax's quadrature).
 
 "The embedding" is the value at `hook_embed`: for Gemma-3 that is after the sqrt(d_model)
 scale (the scaled embedding module's output), so gradient and input are both taken at that
@@ -52,8 +58,9 @@ from ..runner import analysis
 from ..spec import Result, Spec, check_text
 from .token_lens import single_token_id
 
-METHODS = ("saliency", "input-x-gradient", "integrated-gradients", "lrp", "lrp-cp")
+METHODS = ("saliency", "input-x-gradient", "integrated-gradients", "lrp", "lrp-cp", "deeplift")
 LRP_MODES = {"lrp": "attnlrp", "lrp-cp": "cp"}   # kernels/lrp.py
+REFERENCE_METHODS = ("integrated-gradients", "deeplift")   # take a baseline (and the position-0 choice)
 BASELINES = ("zero", "pad", "mask")
 MAX_STEPS = 512          # --steps N must be 1..MAX_STEPS; auto stops there
 AUTO_START = 16          # auto: 16, 32, 64, ... MAX_STEPS
@@ -65,8 +72,9 @@ TOP_NEXT = 10            # top next tokens reported (a target picker)
 class TokenAttributionSpec(Spec):
     """Which input tokens made the output. `target` / `target_id` / `contrast` (at most one):
     the output to explain; none = the model's top next token. steps None = auto.
-    For saliency and input-x-gradient, steps / baseline / interpolate_first do not apply and
-    are reset to their defaults (so they do not split the store key)."""
+    For saliency, input-x-gradient and LRP, steps / baseline / interpolate_first do not apply and
+    are reset to their defaults (so they do not split the store key); DeepLIFT keeps baseline and
+    interpolate_first (its reference) and resets steps."""
 
     KIND = "token_attribution"
     text: str = ""
@@ -111,7 +119,8 @@ class TokenAttributionSpec(Spec):
             raise InvalidSpec("interpolate_first and layers are true or false.")
         if self.method != "integrated-gradients":     # checked above, then not part of the question
             for name, default in (("steps", None), ("baseline", "zero"), ("interpolate_first", False)):
-                object.__setattr__(self, name, default)
+                if name == "steps" or self.method not in REFERENCE_METHODS:
+                    object.__setattr__(self, name, default)
 
 
 @dataclass(frozen=True)
@@ -268,6 +277,8 @@ def attribute(spec: TokenAttributionSpec, model: LoadedModel, progress=None, pre
     T = len(ids)
     if spec.method in LRP_MODES:
         return _lrp(spec, model, ids)
+    if spec.method == "deeplift":
+        return _deeplift(spec, model, ids)
     with model.lock:
         eng = engine(model, ids, prefer)
         x = eng.embed(ids)                                              # [T d] at hook_embed
@@ -363,6 +374,46 @@ def _lrp(spec: TokenAttributionSpec, model: LoadedModel, ids: list[int]) -> Toke
         held_positions=[], top_next=top_next, engine="lrp", scores=np.asarray(scores, dtype=np.float64),
         layer_scores=None if "layers" not in r else r["layers"].cpu().numpy().astype(np.float64),
         position_scores=np.asarray(pos, dtype=np.float64))
+
+
+def _deeplift(spec: TokenAttributionSpec, model: LoadedModel, ids: list[int]) -> TokenAttributionResult:
+    """DeepLIFT (kernels/deeplift.py, rules "exact"): the reference is the baseline at the
+    embeddings (position 0 held unless interpolate_first), one forward of input and reference,
+    one backward of the multipliers; completeness_gap = sum(scores) - (f(x) - f(x_ref)), reported
+    as it is. No steps (steps_used None)."""
+    import torch
+
+    from kernels.deeplift import attribute as deeplift, deeplift_model
+    from kernels.token_attribution import DenseEngine
+
+    T = len(ids)
+    with model.lock:
+        dl = deeplift_model(model)
+        if dl is None:
+            raise InvalidSpec(f"DeepLIFT is written over the canonical-weight block (Llama-style models and "
+                              f"Gemma-3); {model.info.model_id} has another block: use integrated-gradients.")
+        eng = DenseEngine(dl)
+        x = eng.embed(ids)
+        b = baseline_embeddings(eng, model, x, spec.baseline, spec.interpolate_first)
+        logits, _, _ = eng.run(x[None])
+        readout, target, against = readout_of(spec, model, logits[0])
+        r = deeplift(dl, x, b, readout, layers=spec.layers)
+    probs = logits[0].float().softmax(-1)
+    top = probs.topk(min(TOP_NEXT, probs.shape[0]))
+    top_next = [{"token": model.str_tokens([int(i)])[0], "id": int(i), "prob": float(p),
+                 "logit": float(logits[0, int(i)])} for p, i in zip(top.values, top.indices)]
+    f_x, f_b = r["f"], r["f_ref"]
+    if torch.equal(x, b):              # the reference is the input: nothing to explain
+        f_b = f_x
+    scores = r["tokens"].cpu().numpy()
+    gap = float(scores.sum() - (f_x - f_b))
+    return TokenAttributionResult(
+        tokens=model.str_tokens(ids), token_ids=list(ids), method=spec.method, target=target, against=against,
+        target_logit=f_x, baseline_logit=f_b, completeness_gap=gap, completeness_gap_rel=_rel(gap, f_x - f_b),
+        steps_used=None, steps_requested=None, steps_cap=None, converged=None, rounds=[], baseline=spec.baseline,
+        held_positions=[0] if not spec.interpolate_first and T > 0 else [], top_next=top_next, engine="deeplift",
+        scores=np.asarray(scores, dtype=np.float64),
+        layer_scores=None if "layers" not in r else r["layers"].cpu().numpy().astype(np.float64))
 
 
 @analysis(TokenAttributionSpec, TokenAttributionResult)
