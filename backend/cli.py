@@ -113,6 +113,9 @@ SUBCOMMANDS: dict[str, tuple[str, Callable | str, Callable | str]] = {
                  "backend.analyses.atp_star:add_cli_args", "backend.analyses.atp_star:run_cli"),
     "neurons": ("MLP neurons of a prompt: top neurons per token at a layer; --neuron N: logit effect",
                "backend.analyses.neurons:add_cli_args", "backend.analyses.neurons:run_cli"),
+    "graph-corpus": ("attribution graphs of many corpus prompts (resumable job): which prompts each transcoder "
+                     "feature carries an answer in", "backend.jobs.graph_corpus:add_cli_args",
+                     "backend.jobs.graph_corpus:run_cli"),
     "neuron-stats": ("corpus statistics of every MLP neuron (resumable job): frequency, dead, detectors",
                      "backend.jobs.neuron_stats:add_cli_args", "backend.jobs.neuron_stats:run_cli"),
     "massive-corpus": ("massive activations over corpus windows (resumable job) and the zero/mean ablation",

@@ -52,6 +52,8 @@ MIGRATIONS: list[list[str] | str | list[str]] = [
                run_key VARCHAR NOT NULL, spec JSON NOT NULL, faithfulness DOUBLE, link JSON,
                created TIMESTAMP DEFAULT current_timestamp)""",
     ],
+    # 6: graphs over many prompts (backend/jobs/graph_corpus.py): feature nodes per stored graph
+    "backend.jobs.graph_corpus:SCHEMA",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -168,22 +170,7 @@ class Store:
     def put(self, run_key: str, kind: str, model: str, spec_json: str, meta: dict[str, Any],
             arrays: dict[str, np.ndarray], compute_seconds: float) -> None:
         """Store one result atomically; a key already present is left as it is."""
-        rows = {c: [] for c in _ARRAY_SCHEMA.names}
-        for name, arr in arrays.items():
-            arr = np.asarray(arr)
-            col = _column_of(arr)
-            flat = arr.reshape(-1)
-            for c in "fdis":
-                rows[c].append(None)
-            rows["f" if col == "f" else col][-1] = (
-                flat.astype(np.float32) if col == "f" else flat.astype(np.float64) if col == "d"
-                else flat.astype(np.int64) if col == "i" else [str(x) for x in flat])
-            rows["run_key"].append(run_key)
-            rows["name"].append(name)
-            rows["dtype"].append(str(arr.dtype) if col != "s" else "str")
-            rows["shape"].append(list(arr.shape))
-        table = pa.table({c: pa.array(rows[c], type=_ARRAY_SCHEMA.field(c).type)
-                          for c in _ARRAY_SCHEMA.names})
+        table = record_tables(run_key, kind, model, spec_json, meta, arrays, compute_seconds)["arrays"]
         cur = self.cursor()
         with self._write_lock:
             if self.has(run_key):
@@ -259,16 +246,41 @@ _default_lock = threading.Lock()
 on_open: list = []
 
 
-def insert_arrow(cur, table: str, rows: pa.Table, order_by: str | None = None) -> int:
+def record_tables(run_key: str, kind: str, model: str, spec_json: str, meta: dict[str, Any],
+                  arrays: dict[str, np.ndarray], compute_seconds: float) -> dict[str, pa.Table]:
+    """One result as rows of `runs` and `arrays` (what Store.put writes), for a corpus job that
+    stores ordinary results with its chunk (jobs/graph_corpus.py)."""
+    rows = {c: [] for c in _ARRAY_SCHEMA.names}
+    for name, arr in arrays.items():
+        arr = np.asarray(arr)
+        col = _column_of(arr)
+        flat = arr.reshape(-1)
+        for c in "fdis":
+            rows[c].append(None)
+        rows["f" if col == "f" else col][-1] = (
+            flat.astype(np.float32) if col == "f" else flat.astype(np.float64) if col == "d"
+            else flat.astype(np.int64) if col == "i" else [str(x) for x in flat])
+        rows["run_key"].append(run_key)
+        rows["name"].append(name)
+        rows["dtype"].append(str(arr.dtype) if col != "s" else "str")
+        rows["shape"].append(list(arr.shape))
+    table = pa.table({c: pa.array(rows[c], type=_ARRAY_SCHEMA.field(c).type) for c in _ARRAY_SCHEMA.names})
+    run = pa.table({"run_key": [run_key], "kind": [kind], "model": [model], "spec": [spec_json],
+                    "meta": [json.dumps(meta)], "compute_seconds": pa.array([compute_seconds], pa.float64())})
+    return {"runs": run, "arrays": table}
+
+
+def insert_arrow(cur, table: str, rows: pa.Table, order_by: str | None = None, or_ignore: bool = False) -> int:
     """Insert an Arrow table's rows into `table` by column name (in the caller's transaction);
-    the number of rows."""
+    the number of rows. or_ignore: rows whose primary key is there already are skipped."""
     if rows.num_rows == 0:
         return 0
     name = "_arrow_rows"
     cur.register(name, rows)
     try:
         cols = ", ".join(rows.column_names)
-        cur.execute(f"INSERT INTO {table}({cols}) SELECT {cols} FROM {name}" + (f" ORDER BY {order_by}" if order_by else ""))
+        verb = "INSERT OR IGNORE" if or_ignore else "INSERT"
+        cur.execute(f"{verb} INTO {table}({cols}) SELECT {cols} FROM {name}" + (f" ORDER BY {order_by}" if order_by else ""))
     finally:
         cur.unregister(name)
     return rows.num_rows

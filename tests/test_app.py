@@ -86,7 +86,7 @@ def _errors(at: AppTest) -> str:
     ({"page": "neurons", "layer": 31}, "Layer 31 does not exist"),
     ({"page": "attribution_tokens", "asteps": "9999"}, "steps must be"),
     ({"page": "attribution_tokens", "asteps": "many"}, "steps"),
-    ({"page": "attribution_tokens", "amethod": "deeplift"}, "Unknown attribution method"),
+    ({"page": "attribution_tokens", "amethod": "gradcam"}, "Unknown attribution method"),
     ({"page": "attribution_tokens", "acontrast": " London"}, "preferred token"),
 ])
 def test_bad_links_give_clear_messages_and_store_nothing(params, expected, model):

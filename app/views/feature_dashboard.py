@@ -13,6 +13,7 @@ from backend.errors import DashboardError
 from backend.jobs.features import DEFAULT_WINDOWS
 from backend.jobs.features.query import check_feature, feature_dashboard
 from backend.jobs.features.scores import feature_scores, score_table
+from backend.jobs.graph_corpus import graphs_with_feature
 from backend.saes import feature_sources, sae_info
 from backend.store import default_store
 from backend import figures
@@ -139,6 +140,21 @@ def build_index_button(view: View, where: str) -> None:
                    done=lambda s: f"Indexed {s.get('rows', 0):,} rows in {s.get('seconds', 0):.0f} s.")
 
 
+def _graphs_with_feature(view: View, info: dict) -> None:
+    """The stored graphs (graph-corpus jobs) in which this transcoder feature is a node."""
+    found = graphs_with_feature(default_store(), info["transcoder_set"], info["layer"], view.feature)
+    st.markdown("**Graphs this feature appears in** (pruned attribution graphs of stored corpus prompts; "
+                "click to open the graph)")
+    if not found:
+        st.caption(f"None stored. `python -m backend graph-corpus --model {view.model} --windows 16` traces 16 "
+                   "corpus prompts (resumable; about half a minute per prompt on two cores).")
+        return
+    for i, g in enumerate(found):
+        label = f"{g['prompt'][:70]!r} · pos {g['pos']} · influence {g['influence']:.3f} · act {g['activation']:.2f}"
+        if st.button(label, key=f"w_graph_{i}"):
+            navigate(View(page="graph", model=view.model, text=g["prompt"], gnode=f"{info['layer']}_{view.feature}_{g['pos']}"))
+
+
 def render(view: View) -> View:
     st.header("Feature dashboard")
     sae = choose_sae(view, "w_fsae")
@@ -157,6 +173,12 @@ def render(view: View) -> View:
         st.error(str(e), icon=":material/warning:")
         return view
     st.subheader(f"Feature #{view.feature} of {sae}")
+    info = sae_info(sae)
+    if info.get("transcoder_set"):
+        st.caption(f"A transcoder feature: layer {info['layer']} of the set {info['transcoder_set']}. It reads the "
+                   f"MLP's input (`{info['hook_name']}`) and writes into the MLP's output (`{info['hook_out']}`); "
+                   "its decoder row is what one unit of it adds to the residual stream. Its attribution-graph "
+                   "nodes are this feature at a position.")
     try:
         sc = feature_scores(default_store(), sae, view.feature, compute=False)
     except DashboardError as e:
@@ -220,6 +242,8 @@ def render(view: View) -> View:
                                           f"Input vs output score, {sae}", view.feature), key="scatter")
         else:
             st.caption(f"Needs both scores: {t['n_output']:,} output and {t['n_input']:,} input scores stored.")
+    if info.get("transcoder_set"):
+        _graphs_with_feature(view, info)
     st.markdown("**Most similar decoder directions** (cosine); click to open")
     cols = st.columns(5)
     for i, sim in enumerate(d["similar"]):

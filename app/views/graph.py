@@ -10,7 +10,11 @@ import streamlit as st
 
 from backend.analyses.graph import GraphSpec
 from backend.analyses.graph_intervention import GraphInterventionSpec
+from backend.errors import DashboardError
+from backend.figures.features import example_html
 from backend.figures.graph import clicked_node, graph_figure, intervention_figure
+from backend.jobs.features.query import feature_dashboard
+from backend.store import default_store
 
 from ..common import fetch, main_result, make_spec, model_dims, navigate
 from ..state import View
@@ -101,6 +105,24 @@ def render(view: View) -> View:
     return _interventions(view, r, by_id, pinned, supers)
 
 
+def _corpus_examples(view: View, r, n: dict) -> None:
+    """The feature's top corpus examples (the transcoder layer's index) and a link to its dashboard."""
+    set_id = r.transcoders.split("@")[0]
+    sid = f"{set_id}.L{n['layer']}"
+    try:
+        d = feature_dashboard(default_store(), sid, int(n["feature"]), 3)
+    except DashboardError:
+        d = None
+    if d and d["index"] is not None and d["top"]:
+        st.markdown("**Top corpus examples**")
+        st.markdown("".join(example_html(ex, d["stats"]["max"]) for ex in d["top"][:3]), unsafe_allow_html=True)
+    else:
+        st.caption(f"No corpus index of {sid} yet (the first start builds it; or "
+                   f"`python -m backend feature-index --sae {set_id} --windows 32`).")
+    if st.button("Open its feature dashboard", key="to_dashboard"):
+        navigate(View(page="feature", model=view.model, sae=sid, feature=int(n["feature"])))
+
+
 def _side_panel(view: View, r, by_id: dict, pinned: list[str]) -> View:
     n = by_id.get(view.gnode)
     if n is None:
@@ -113,7 +135,7 @@ def _side_panel(view: View, r, by_id: dict, pinned: list[str]) -> View:
     if n["kind"] == "feature":
         st.markdown(f"activation **{n['activation']:.3f}** · influence {n['influence']:.4f}  \n"
                     f"decoder promotes: {n['label']}")
-        st.caption("Corpus examples of transcoder features arrive with the transcoder feature index (not built yet).")
+        _corpus_examples(view, r, n)
     idx = {k["id"]: j for j, k in enumerate(r.nodes)}
     me = idx[n["id"]]
     ins = sorted([(float(w), r.nodes[s]["id"]) for s, t, w in zip(r.edge_source, r.edge_target, r.edge_weight) if t == me],

@@ -14,6 +14,9 @@ import pyarrow as pa
 from ..errors import StoreError
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+# Tables a chunk may write rows of that exist already (keyed results: a graph traced on a page
+# and again by a corpus job is stored once).
+KEYED = {"runs", "arrays"}
 
 
 def write_chunk(store, job_key: str, chunk: int, tables: dict[str, pa.Table], seconds: float) -> bool:
@@ -27,7 +30,7 @@ def write_chunk(store, job_key: str, chunk: int, tables: dict[str, pa.Table], se
         if cur.execute("SELECT 1 FROM job_chunks WHERE job_key = ? AND chunk = ?",
                        [job_key, chunk]).fetchall():
             return False
-        n = sum(insert_arrow(cur, name, table) for name, table in tables.items())
+        n = sum(insert_arrow(cur, name, table, or_ignore=name in KEYED) for name, table in tables.items())
         cur.execute("INSERT INTO job_chunks VALUES (?, ?, ?, ?)", [job_key, chunk, n, seconds])
     return True
 
