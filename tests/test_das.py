@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -27,7 +25,6 @@ from backend.analyses.illusion import check, next_weights, decompose
 from kernels.das import Batch, HookEngine, engine, site_width
 
 pytestmark = pytest.mark.model
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 BASES = ["When Mary and John went to the store, John gave a drink to",
          "When Tom and Anna went to the park, Tom gave a ball to"]
 SOURCES = ["When Mary and John went to the store, Mary gave a drink to",
@@ -260,13 +257,21 @@ def test_bad_input_is_a_typed_error_and_nothing_is_stored(model, store, kw, err)
     assert _count(store) == before
 
 
-def test_cli_json_and_illusion_of_the_stored_direction(model, tmp_path):
-    env = {**__import__("os").environ, "DASHBOARD_STORE": str(tmp_path / "cli.duckdb")}
-    args = [sys.executable, "-m", "backend", "das", "--task", "country-capital", "--site", "resid_pre", "--layer",
-            "20", "--pos", "last", "--dim", "2", "--steps", "4", "--n", "12", "--batch", "8", "--format", "json"]
-    p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-2000:]
-    d = json.loads(p.stdout)
+def _cli(capsys, *args) -> tuple[int, dict]:
+    from backend import cli
+
+    code = cli.main(list(args) + ["--format", "json"])
+    return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_cli_json_and_illusion_of_the_stored_direction(model, capsys):
+    """The CLI's main() in this process (as test_directions / test_steering do; a command in a
+    fresh process cost a model load each, three of them, two thirds of this module's time; real
+    processes on one store are test_real_use's)."""
+    args = ["das", "--task", "country-capital", "--site", "resid_pre", "--layer", "20", "--pos", "last", "--dim", "2",
+            "--steps", "4", "--n", "12", "--batch", "8"]
+    code, d = _cli(capsys, *args)
+    assert code == 0, d
     for k in ("direction_key", "iia", "iia_train", "logit_diff_recovered", "site", "layer", "pos", "dim", "basis",
               "hook_name", "run_key", "curve"):
         assert k in d, k
@@ -274,12 +279,11 @@ def test_cli_json_and_illusion_of_the_stored_direction(model, tmp_path):
     assert B.shape == (2, model.info.d_model) and np.allclose(B @ B.T, np.eye(2), atol=1e-4)
     assert d["hook_name"] == "blocks.20.hook_resid_pre" and d["pos"] == -1 and d["dim"] == 2
     assert 0.0 <= d["iia"] <= 1.0 and len(d["curve"]) == 4
-    again = json.loads(subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900).stdout)
-    assert again["from_store"] and again["direction_key"] == d["direction_key"] and again["basis"] == d["basis"]
-    p = subprocess.run([sys.executable, "-m", "backend", "illusion", "--direction", d["direction_key"],
-                        "--format", "json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-2000:]                 # (a weight that kept its grad once broke this)
-    ill = json.loads(p.stdout)
+    code, again = _cli(capsys, *args)
+    assert code == 0 and again["from_store"] and again["direction_key"] == d["direction_key"]
+    assert again["basis"] == d["basis"]
+    code, ill = _cli(capsys, "illusion", "--direction", d["direction_key"])
+    assert code == 0, ill                                     # (a weight that kept its grad once broke this)
     for k in ("site", "layer", "next_weight", "v_row_norm", "v_null_norm", "cos_rowspace", "effects", "verdict"):
         assert k in ill, (k, ill)
     assert set(ill["effects"]) == {"full_activation", "v", "v_row", "v_null"}

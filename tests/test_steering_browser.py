@@ -8,13 +8,15 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from .browser import browser_context, dashboard, wait_for_plots
+from .browser import ROOT, browser_context, dashboard, wait_for_plots
 from .conftest import DEFAULT_MODEL
 
 pytestmark = pytest.mark.browser
 
 POSITIVE = "I love this sunny day.\nWhat a wonderful gift!\nThe party was great fun."
 NEGATIVE = "I hate this rainy day.\nWhat an awful gift!\nThe party was dreadful."
+GRAINS_PAIRS = "\n".join([ln for ln in (ROOT / "data" / "directions" / "grains_sentiment.jsonl").read_text().splitlines()
+                          if ln.strip()][:3])
 
 
 def _generations(page) -> list[str]:
@@ -71,8 +73,11 @@ def test_make_direction_steer_and_reopen(tmp_path):
 
 
 def test_a_grains_direction_steers_and_its_link_reopens(tmp_path, model):
-    """GrAInS (attribution-guided) made from the shipped sentence starts on the page, steers, and
-    the steered view's link reopens from the store in a fresh context."""
+    """GrAInS (attribution-guided) made on the page from three typed sentence starts (the first
+    three of the shipped set: each pair costs a 32-step integrated-gradients run, and the shipped
+    set's 12 training pairs made this the slowest browser test; the GrAInS arithmetic on a
+    prompt is checked against plain loops in test_grains.py), steers, and the steered view's
+    link reopens from the store in a fresh context."""
     from playwright.sync_api import sync_playwright
 
     with dashboard({"DASHBOARD_STORE": str(tmp_path / "grains.duckdb")}) as base, sync_playwright() as p:
@@ -82,8 +87,10 @@ def test_a_grains_direction_steers_and_its_link_reopens(tmp_path, model):
         page.get_by_text("Directions & steering", exact=True).first.wait_for(timeout=60_000)
         page.get_by_text("GrAInS (IG picks the tokens)", exact=True).click()
         page.wait_for_function("document.body.innerText.includes('Tokens per prompt on each side')", timeout=60_000)
+        page.get_by_text("type", exact=True).click()
+        page.get_by_label("Pairs, JSON Lines", exact=False).fill(GRAINS_PAIRS)
         page.get_by_role("button", name="Make direction").click()
-        page.wait_for_function("window.location.search.includes('dkey=direction-')", timeout=900_000)
+        page.wait_for_function("window.location.search.includes('dkey=direction-')", timeout=600_000)
         page.wait_for_function("document.body.innerText.includes('GrAInS')", timeout=120_000)
         page.get_by_role("button", name="Steer").click()
         page.wait_for_function("document.querySelectorAll('.generation').length == 2", timeout=400_000)
