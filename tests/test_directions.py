@@ -118,8 +118,12 @@ def test_probe_on_synthetic_sets():
     shuffled = rng.permutation(y)
     _, _, _, acc_sh, _ = D.fit_probes(X, shuffled, *D.split_indices(shuffled, 0.25, 0))
     assert 0.35 < acc_sh[0] < 0.65
-    # raw-unit weights: the score x·w + b is the fitted logit
+    # raw-unit weights: the score x·w + b on the raw activations classifies as the fitted probe
+    # did (its held-out accuracy), at every layer
     assert set(np.unique(y[test])) == {0, 1} and len(set(train) & set(test)) == 0
+    for layer in range(2):
+        raw = ((X[layer][test] @ W[layer] + B[layer]) > 0).astype(int)
+        assert np.mean(raw == y[test]) == pytest.approx(acc_te[layer], abs=1e-9)
 
 
 def _cli(capsys, *args) -> tuple[int, dict]:

@@ -128,12 +128,14 @@ def verdict(effects: dict, v_null_norm: float) -> tuple[str, str]:
     if v_null_norm < 0.05:
         return "no nullspace", (f"v lies in the row space of the next weights (nullspace part {v_null_norm:.3f}): "
                                 "the effect runs through the rowspace; no dormant pathway of this kind here.")
+    share = (f" Patching v moves it {abs(e_v) / abs(e_full):.0%} as far as patching the whole activation "
+             f"({e_full:+.2f})." if abs(e_full) > 1e-9 else "")
     if abs(e_row) >= 0.5 * abs(e_v) and np.sign(e_row) == np.sign(e_v):
-        return "rowspace", (f"The effect runs through the rowspace: v_row alone moves the logit difference "
-                            f"{e_row:+.2f} of v's {e_v:+.2f}.")
-    return "illusion", (f"Most of the effect needs the nullspace component: v moves the logit difference "
+        return "rowspace", (f"v_row alone moves the logit difference {e_row:+.2f} of v's {e_v:+.2f}: what v does, "
+                            f"it does mostly through the rowspace.{share}")
+    return "illusion", (f"Most of v's effect needs the nullspace component: v moves the logit difference "
                         f"{e_v:+.2f} but v_row alone only {e_row:+.2f} (v_null alone "
-                        f"{effects['v_null']['effect']:+.2f}). A dormant pathway, likely an illusion.")
+                        f"{effects['v_null']['effect']:+.2f}). A dormant pathway, likely an illusion.{share}")
 
 
 def site_of(direction_site: str, layer: int, n_layers: int) -> tuple[str, int]:

@@ -24,12 +24,14 @@ def iia_heatmap(iia: np.ndarray, layers: list[int], positions: list[int], tokens
     text = [[f"layer {layer} · position {cols[b]}<br>IIA {z[a, b]:.2f}" for b in range(len(positions))]
             for a, layer in enumerate(layers)]
     fig = go.Figure(go.Heatmap(z=z, x=list(range(len(positions))), y=list(range(len(layers))), zmin=0, zmax=1,
-                               colorscale="Viridis", colorbar=dict(title="IIA"), text=text,
+                               colorscale="Viridis", colorbar=dict(title="IIA", len=1, lenmode="fraction",
+                                                                   thickness=14), text=text,
                                hovertemplate="%{text}<extra></extra>"))
     click_layer(fig, z, "layer %{y} · column %{x}<br>IIA %{customdata:.2f}<extra>click: open this run</extra>")
     fig.update_xaxes(tickmode="array", tickvals=list(range(len(positions))), ticktext=cols)
     fig.update_yaxes(tickmode="array", tickvals=list(range(len(layers))), ticktext=[str(x) for x in layers])
-    return _layout(fig, title, "position (base prompt token)", "layer", height=120 + 34 * len(layers))
+    # a floor on the height: one or two rows of cells would squash the colour bar to a sliver
+    return _layout(fig, title, "position (base prompt token)", "layer", height=max(280, 120 + 34 * len(layers)))
 
 
 def training_curve(curve: np.ndarray, title: str = "DAS training") -> go.Figure:
@@ -53,18 +55,21 @@ def illusion_figure(v_row_norm: float, v_null_norm: float, effects: dict, title:
                         subplot_titles=("v = v_row + v_null (‖·‖²)", "effect of each patch (Δ logit difference)"))
     for name, val, colour in (("rowspace ‖v_row‖²", v_row_norm ** 2, "#4c78a8"),
                               ("nullspace ‖v_null‖²", v_null_norm ** 2, "#b279a2")):
-        fig.add_trace(go.Bar(x=["v"], y=[val], name=name, marker_color=colour, text=[f"{val:.2f}"],
+        # the value in the legend too: a part of (near) zero has no visible bar to carry a label
+        fig.add_trace(go.Bar(x=["v"], y=[val], name=f"{name} = {val:.3f}", marker_color=colour, text=[f"{val:.2f}"],
                              hovertemplate=f"{name}: %{{y:.3f}}<extra></extra>"), row=1, col=1)
     keys = [k for k in EFFECT_LABELS if k in effects]
     eff = np.array([effects[k]["effect"] for k in keys], dtype=float)
     lim = max(float(np.abs(eff).max()), 1e-9)
     fig.add_trace(go.Bar(x=[EFFECT_LABELS[k] for k in keys], y=eff, showlegend=False,
                          marker=dict(color=eff, colorscale="RdBu", cmin=-lim, cmax=lim),
-                         text=[f"IIA {effects[k]['iia']:.2f}" for k in keys],
+                         text=[f"IIA {effects[k]['iia']:.2f}" for k in keys], textposition="outside",
+                         cliponaxis=False,
                          customdata=[[effects[k]["logit_diff"], effects[k]["iia"]] for k in keys],
                          hovertemplate="%{x}<br>Δ logit diff %{y:+.3f}<br>logit diff %{customdata[0]:.3f}"
                                        "<br>IIA %{customdata[1]:.2f}<extra></extra>"), row=1, col=2)
     fig.update_layout(barmode="stack", legend=dict(orientation="h", y=-0.25))
     fig.update_yaxes(title_text="share of ‖v‖²", range=[0, 1.05], row=1, col=1)
-    fig.update_yaxes(title_text="Δ logit difference", row=1, col=2)
+    fig.update_yaxes(title_text="Δ logit difference", range=[min(0.0, eff.min()) - 0.25 * lim,
+                                                            max(0.0, eff.max()) + 0.25 * lim], row=1, col=2)
     return _layout(fig, title, "", "", height=380)
