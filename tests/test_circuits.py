@@ -164,6 +164,10 @@ def test_eap_ig_with_one_step_is_eap_and_more_steps_differ(model):
     eap = run(EdgeScoresSpec(**TASK)).result.scores
     ig1 = run(EdgeScoresSpec(**TASK, method="eap-ig", ig_steps=1)).result.scores
     np.testing.assert_allclose(ig1, eap, atol=1e-5, rtol=1e-4)
+    # more steps average the gradient along the path: the scores move (not by rounding)
+    ig4 = run(EdgeScoresSpec(**TASK, method="eap-ig", ig_steps=4)).result.scores
+    assert np.abs(ig4 - eap).max() > 1e-2 * np.abs(eap).max()
+    assert np.corrcoef(ig4.ravel(), eap.ravel())[0, 1] > 0.5          # ... and still measure the same thing
 
 
 def test_circuit_store_cli_pruning_removal_and_saved(model, store, capsys):
