@@ -46,13 +46,15 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, ClassVar, Iterable
 
 import numpy as np
 
 from . import corpus, settings
 from .errors import InvalidSpec
+from .jobs.driver import CorpusJob, drive_files
 from .sites import Component, Site, hook_name
 
 SAE_DIR = settings.DATA_DIR / "saes"
@@ -183,19 +185,48 @@ def write_chunk(model, cfg: TrainConfig, split: str, wins, path: Path, on_tokens
     return n
 
 
-def chunk_worker(cfg: TrainConfig, split: str, n_tokens: int, work: str, root, chunk_tokens: int):
-    """The cache's work function in another process (a Ray worker): the model loaded there
-    once; chunk c -> writes acts-<split>/chunk<c>.npz (exactly the local engine's file) and
-    returns its number of positions. The work directory must be one the driver sees."""
-    from .model import load_model
+@dataclass(frozen=True)
+class ActivationCacheJob(CorpusJob):
+    """The training's activation cache as a file-sink corpus job (jobs/driver.drive_files):
+    chunk c is acts-<split>/chunk<c>.npz of `_chunks(...)`'s windows, written by write_chunk."""
 
-    model = load_model(cfg.model)
-    chunks = _chunks(cfg, split, n_tokens, root, chunk_tokens)
-    out_dir = Path(work) / f"acts-{split}"
+    KIND: ClassVar[str] = "sae_activation_cache"
+    cfg: TrainConfig
+    split: str
+    n_tokens: int
+    work_dir: str
+    root: str | None = None
+    chunk_tokens: int = CHUNK_TOKENS
 
-    def run(c: int) -> int:
-        return write_chunk(model, cfg, split, chunks[c], out_dir / f"chunk{c:05d}.npz")
-    return run
+    @property
+    def model(self) -> str:
+        return self.cfg.model
+
+    def key(self) -> str:
+        return f"{self.KIND}-{self.split}-{self.work_dir}"
+
+    def fields(self) -> dict:        # the config stays a TrainConfig (asdict would flatten it)
+        return {"cfg": self.cfg, "split": self.split, "n_tokens": self.n_tokens, "work_dir": self.work_dir,
+                "root": self.root, "chunk_tokens": self.chunk_tokens}
+
+    @cached_property
+    def chunks(self) -> list:
+        return _chunks(self.cfg, self.split, self.n_tokens, self.root, self.chunk_tokens)
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.chunks)
+
+    def path(self, c: int) -> Path:
+        return Path(self.work_dir) / f"acts-{self.split}" / f"chunk{c:05d}.npz"
+
+    def chunk_done(self, c: int) -> bool:
+        return self.path(c).exists()
+
+    def work(self, spec, inputs, model, store=None):
+        m = model()
+        self.path(0).parent.mkdir(parents=True, exist_ok=True)
+        return lambda c: write_chunk(m, self.cfg, self.split, self.chunks[c], self.path(c))
 
 
 def collect(model, cfg: TrainConfig, split: str, n_tokens: int, work: Path, root=None,
@@ -217,28 +248,20 @@ def collect(model, cfg: TrainConfig, split: str, n_tokens: int, work: Path, root
     precision = _precision(cfg, split)
     out_dir = work / f"acts-{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    chunks = _chunks(cfg, split, n_tokens, root)
+    job = ActivationCacheJob(cfg, split, n_tokens, str(Path(work).resolve()), None if root is None else str(root),
+                             CHUNK_TOKENS)     # the module value now (a test may set it smaller)
+    chunks = job.chunks
     sizes = [sum(len(w[2]) - 1 for w in ch) for ch in chunks]
     bar = tqdm(total=sum(sizes), desc=f"activations ({split})", unit="tok", file=sys.stderr,
                disable=progress is None)
     t0, fresh = time.perf_counter(), 0
-    missing = [c for c in range(len(chunks)) if not (out_dir / f"chunk{c:05d}.npz").exists()]
-    bar.update(sum(sizes) - sum(sizes[c] for c in missing))
-    if engine == "ray" and missing:
-        from .jobs import Remote
-        from .jobs.ray_engine import map_chunks
+    bar.update(sum(sizes) - sum(sizes[c] for c in range(len(chunks)) if not job.chunk_done(c)))
 
-        def done(c: int, n: int) -> None:
-            nonlocal fresh
-            fresh += sizes[c]
-            bar.update(sizes[c])
-        map_chunks(Remote("backend.train_sae:chunk_worker",
-                          (cfg, split, n_tokens, str(Path(work).resolve()), None if root is None else str(root),
-                           CHUNK_TOKENS)), missing, done)
-    else:
-        for c in missing:
-            write_chunk(model, cfg, split, chunks[c], out_dir / f"chunk{c:05d}.npz", bar.update)
-            fresh += sizes[c]
+    def landed(c: int, n: int) -> None:
+        nonlocal fresh
+        fresh += sizes[c]
+        bar.update(sizes[c])
+    drive_files(job, engine, landed, model)
     bar.close()
     secs = time.perf_counter() - t0
     stats = {"split": split, "precision": precision, "tokens": int(sum(sizes)), "chunks": len(chunks),

@@ -9,6 +9,10 @@ job, on this process or on Ray:
     worker from the job's plain fields by `rebuild`, so no job names a worker factory)
     every chunk done -> `finish` (a summary, and SQL run in the finishing transaction)
 
+A job whose chunks are files rather than rows (the SAE training's activation cache, one .npz per
+chunk, in a work folder and no store) runs through `drive_files(job, engine)`: a chunk is done
+when its file is there (`chunk_done`), and the same `work` runs here or rebuilt in Ray workers.
+
 A job is a frozen dataclass of plain (picklable) fields subclassing `CorpusJob`. Its windows
 come from the one picker, `corpus.pick_windows`. Adding a corpus job = a dataclass with `key`,
 `n_chunks`, `work` and `finish` (and `prepare` / `inputs` / `result` when it needs them).
@@ -207,3 +211,38 @@ def drive(job: CorpusJob, store=None, engine: str = "local", progress: Progress 
     run.finish_seconds = time.perf_counter() - t1
     run.seconds = time.perf_counter() - t0
     return job.result(store, run)
+
+
+def drive_files(job: CorpusJob, engine: str = "local", on_chunk: Callable[[int, Any], None] | None = None,
+                model=None) -> list[int]:
+    """Run the chunks of a file-sink job (`job.chunk_done(c)` false) here or on Ray, calling
+    on_chunk(chunk, work's return) as each lands; the work writes its own file, atomically
+    (temporary name, then rename), so a stopped or killed chunk leaves none. Returns the chunks
+    run now. Stops between chunks on jobs.STOP, as drive() does."""
+    from . import ENGINES, STOP, JobStopped
+
+    if engine not in ENGINES:
+        from ..errors import InvalidSpec
+
+        raise InvalidSpec(f"Unknown engine {engine!r}; use one of {', '.join(ENGINES)}.")
+    todo = [c for c in range(job.n_chunks) if not job.chunk_done(c)]
+    if not todo:
+        return []
+    loader = ModelLoader(job.model, model)
+    spec = job.prepare(None, loader, None)
+    done = on_chunk or (lambda c, r: None)
+    if engine == "ray":
+        from .ray_engine import Stopped, map_chunks
+
+        try:
+            map_chunks(remote(job, spec, {}), todo, done, stop=STOP)
+        except Stopped as e:
+            raise JobStopped(f"{job.kind} {e}") from None
+        return todo
+    work = job.work(spec, {}, loader, None)
+    for c in todo:
+        if STOP.is_set():
+            raise JobStopped(f"{job.kind} stopped at chunk {c + 1}/{job.n_chunks} (the process is stopping); "
+                             "it resumes there.")
+        done(c, work(c))
+    return todo
