@@ -476,7 +476,7 @@ def part_work(part: str, ctx: _Ctx, key: str, inputs: dict) -> Callable[[np.ndar
       output:       lens [n LENS_K] int token ids (VocabProj's top LENS_K of features 0..n-1)
       token_change: windows (the held-out windows), c [n] and c_source [n] (`strengths`),
                     precision, ix (the index c came from), length
-    Both engines build their work with it (`_chunked` here, `chunk_worker` in a Ray worker)."""
+    Both engines build their work with it (ScoresPartJob.work, here or rebuilt in a Ray worker by the driver)."""
     import torch
 
     if part == "vocab":
