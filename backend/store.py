@@ -170,18 +170,15 @@ class Store:
     def put(self, run_key: str, kind: str, model: str, spec_json: str, meta: dict[str, Any],
             arrays: dict[str, np.ndarray], compute_seconds: float) -> None:
         """Store one result atomically; a key already present is left as it is."""
-        table = record_tables(run_key, kind, model, spec_json, meta, arrays, compute_seconds)["arrays"]
+        tables = record_tables(run_key, kind, model, spec_json, meta, arrays, compute_seconds)
         cur = self.cursor()
         with self._write_lock:
             if self.has(run_key):
                 return
             cur.begin()
             try:
-                cur.execute("INSERT INTO runs(run_key, kind, model, spec, meta, compute_seconds) "
-                            "VALUES (?, ?, ?, ?, ?, ?)",
-                            [run_key, kind, model, spec_json, json.dumps(meta), compute_seconds])
-                if arrays:
-                    insert_arrow(cur, "arrays", table)
+                insert_arrow(cur, "runs", tables["runs"])
+                insert_arrow(cur, "arrays", tables["arrays"])
                 cur.commit()
             except Exception:
                 cur.rollback()

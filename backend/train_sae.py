@@ -240,10 +240,6 @@ def collect(model, cfg: TrainConfig, split: str, n_tokens: int, work: Path, root
     chunk's file; then the files are read here as with the local engine."""
     from tqdm import tqdm
 
-    from .jobs import ENGINES
-
-    if engine not in ENGINES:
-        raise InvalidSpec(f"Unknown engine {engine!r}; use one of {', '.join(ENGINES)}.")
     sites = [Site(Component(c), layer) for c, layer in cfg.sites]
     precision = _precision(cfg, split)
     out_dir = work / f"acts-{split}"

@@ -160,7 +160,8 @@ def _target(view: View) -> dict | None:
             st.error(f"Feature {view.feature} does not exist: {view.sae} has features 0–{info['d_sae'] - 1}.",
                      icon=":material/warning:")
             return None
-        st.subheader(f"SAE feature #{view.feature} of {view.sae}")
+        what = "Transcoder feature" if info.get("transcoder_set") else "SAE feature"
+        st.subheader(f"{what} #{view.feature} of {view.sae}")
         hook = info.get("hook_out") or info["hook_name"]      # a transcoder writes at the MLP's output
         st.caption(f"Its decoder row is the direction, added at {hook}"
                    + (" (the row reshaped to heads × d_head)." if hook.endswith("hook_z") else "."))

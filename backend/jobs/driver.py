@@ -90,6 +90,16 @@ class CorpusJob:
         """The plain fields a worker rebuilds the job from (cls(**fields))."""
         return asdict(self)
 
+    def windows(self) -> list:
+        """The job's corpus windows (`pick_windows`, through corpus.pick_windows), picked once per
+        job object: the driver, `work` and `finish` all ask, and a pick reads the token table."""
+        if "_windows" not in self.__dict__:
+            self.__dict__["_windows"] = self.pick_windows()     # not a field: keys and equality ignore it
+        return self.__dict__["_windows"]
+
+    def pick_windows(self) -> list:
+        raise NotImplementedError
+
     def prepare(self, store, model: ModelLoader, progress: Progress | None) -> dict:
         """The spec stored with the job at its first run (a later run reads it back)."""
         return self.fields()
@@ -144,8 +154,6 @@ class WindowJob(CorpusJob):
         wins = self.windows()
         return [wins[i:i + self.chunk] for i in range(0, len(wins), self.chunk)]
 
-    def windows(self) -> list:
-        raise NotImplementedError
 
 
 def stored_spec(store, job_key: str) -> dict | None:

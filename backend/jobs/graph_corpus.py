@@ -66,7 +66,7 @@ class GraphCorpusJob(WindowJob):
                 raise InvalidSpec(f"{name} must lie in (0, 1], not {v!r}.")
         object.__setattr__(self, "transcoders", reference(self.transcoders, self.model))
 
-    def windows(self):
+    def pick_windows(self):
         from .. import corpus
 
         return corpus.pick_windows(self.model, self.split, self.length, self.n_windows, order="seeded", seed=VERSION,

@@ -82,7 +82,7 @@ class MassiveCorpusJob(WindowJob):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
                 raise InvalidSpec(f"{name} must be a positive number, got {v!r}.")
 
-    def windows(self):
+    def pick_windows(self):
         return full_windows(self.model, self.split, self.length, self.n_windows, self.corpus)
 
     def work(self, spec, inputs, model, store=None):

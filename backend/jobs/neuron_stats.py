@@ -110,7 +110,7 @@ class NeuronStatsJob(WindowJob):
     chunk: int = DEFAULT_CHUNK
     corpus: str = "default"
 
-    def windows(self) -> list[tuple[int, int, list[int]]]:
+    def pick_windows(self) -> list[tuple[int, int, list[int]]]:
         from .. import corpus
 
         return corpus.pick_windows(self.model, self.split, self.length, self.n_windows, name=self.corpus)

@@ -330,7 +330,7 @@ class FeatureIndexJob(CorpusJob):
         return index_job_key(self.model, [tuple(x) for x in self.saes], self.n_windows, self.corpus_name,
                              chunk_windows=self.chunk_windows)
 
-    def windows(self):
+    def pick_windows(self):
         return select_windows(self.model, self.n_windows, self.corpus_name, self.root)
 
     @cached_property
