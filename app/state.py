@@ -33,7 +33,7 @@ PAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "circuits": ("task", "n_pairs", "clean", "corrupt", "answer", "wrong", "metric", "method",
                  "top_n", "removed", "circuit", "tau", "cview"),
     "steering": ("dkey", "sae", "feature", "prompt", "strength", "smode", "spos", "chat", "max_new", "temp",
-                 "seed", "steer"),
+                 "seed", "steer", "snorm"),
     "graph": ("tcs", "node_thr", "edge_thr", "gnode", "pinned", "supers", "iv"),
     "attribution_tokens": ("amethod", "atarget", "acontrast", "asteps", "abase", "afirst", "alayers"),
     "probes": ("study",   # each study appends its own fields here
@@ -42,11 +42,12 @@ PAGE_FIELDS: dict[str, tuple[str, ...]] = {
                "tc_layers", "tc_n"),
     "prompt": ("lpos",),    # only when set: older prompt links are unchanged
 }
+OPTIONAL_FLAGS = ("snorm",)   # in a link only when on: links made before the flag are unchanged
 IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"
 IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 LENS_MODES = {"top": "Top token", "token": "Chosen token"}
 INT_FIELDS = ("layer", "head", "n_pairs", "pos", "neuron", "atp", "feature", "top_n", "chat", "max_new", "seed",
-              "steer", "afirst", "alayers")
+              "steer", "afirst", "alayers", "snorm")
 FLOAT_FIELDS = ("abs_thr", "ratio_thr", "strength", "temp", "node_thr", "edge_thr")
 INT_FIELDS += ("cl_n", "cl_samples", "cl_seed", "cl_layer", "hr_layer", "hr_show")   # probes: CLUE, harm-refusal
 INT_FIELDS += ("sp_max", "sp_epochs", "tc_n")   # probes: truth probe, TCAV
@@ -120,6 +121,7 @@ class View:
     temp: float = 0.0
     seed: int = 0
     steer: int = 0          # 1: show (run on a miss) the steered generation of these fields
+    snorm: int = 0          # 1: rescale steered activations to their own norms (GrAInS)
     # attribution graph
     tcs: str = ""           # transcoder set ("" = the model's shipped set)
     node_thr: float = 0.8
@@ -204,7 +206,7 @@ def view_params(view: View) -> dict[str, str]:
         p["text"] = view.text
     for name in PAGE_FIELDS.get(view.page, ()):
         value = getattr(view, name)
-        if value != "":
+        if value != "" and not (name in OPTIONAL_FLAGS and not value):
             p[name] = f"{value:g}" if isinstance(value, float) else str(value)
     if view.page == "prompt":
         p["lens"] = view.lens

@@ -15,6 +15,7 @@ from backend import cli
 from backend.analyses import directions as D
 from backend.analyses import steering as S
 from backend.analyses import steering_eval as E
+from backend.errors import InvalidSpec
 from backend.runner import run
 from backend.sites import Component, hook_names
 from backend.store import default_store
@@ -82,6 +83,43 @@ def test_strength_zero_is_unsteered(model, sentiment):
                          max_new_tokens=8)).result
     assert r6.default_tokens == r.default_tokens and r6.steered_tokens != r6.default_tokens
     assert r6.relative_strength == pytest.approx(6.0 * r6.direction_norm / r6.mean_resid_norm)
+
+
+def test_norm_preserving_steer_equals_plain_hooks(model, sentiment):
+    """GrAInS's option: each steered activation is rescaled to its own norm. The hook equals a
+    plain TransformerLens hook doing (x + s·v)·‖x‖/‖x + s·v‖ on a full forward; the steered
+    generation equals generation with that plain hook; the key of a steer without it is the
+    key it had before the option existed."""
+    import torch
+
+    t = S.target_of(model, sentiment)
+    ids = model.encode(PROMPT)
+    name, fn = S.add_intervention(t, 8.0, slice(None), preserve_norm=True)
+    v = t.vector * 8.0
+
+    def plain(x, hook):
+        y = x + v
+        return y * (x.norm(dim=-1, keepdim=True) / y.norm(dim=-1, keepdim=True))
+    with torch.inference_mode():
+        ours = model.run_with_hooks(model.tensor(ids), S.as_hooks([(name, fn)]))
+        ref = model.run_with_hooks(model.tensor(ids), [(name, plain)])
+        added = model.run_with_hooks(model.tensor(ids), S.as_hooks([S.add_intervention(t, 8.0, slice(None))]))
+        x = torch.randn(2, 5, t.vector.shape[-1])
+        y = fn(x, torch.arange(5), None)
+    assert (ours - ref).abs().max().item() < 1e-4
+    assert (ours - added).abs().max().item() > 1e-2            # the rescale does something
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5)
+    assert torch.allclose(y / y.norm(dim=-1, keepdim=True), (x + v) / (x + v).norm(dim=-1, keepdim=True), atol=1e-5)
+    spec = S.SteerSpec(model=model.info.model_id, prompt=PROMPT, direction=sentiment, strength=8.0,
+                       max_new_tokens=6, preserve_norm=True)
+    r = run(spec).result
+    assert r.preserve_norm
+    assert r.steered_tokens == model.generate([ids], 6, interventions=[(name, lambda x, pos, hook: plain(x, hook))])[0]
+    assert r.default_tokens == model.generate([ids], 6)[0]
+    off = S.SteerSpec(model=model.info.model_id, prompt=PROMPT, direction=sentiment, strength=8.0, max_new_tokens=6)
+    assert "preserve_norm" not in off.to_dict() and off.key() != spec.key()
+    with pytest.raises(InvalidSpec):
+        S.SteerSpec(model=model.info.model_id, prompt=PROMPT, direction=sentiment, preserve_norm="yes")
 
 
 def _orthogonalised(ref, r, untie: bool = True):

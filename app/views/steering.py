@@ -207,11 +207,16 @@ def _steer_form(view: View, t: dict) -> None:
                                  float(min(max(view.temp, 0.0), 5.0)) if math.isfinite(view.temp) else 0.0,
                                  step=0.1, key="w_temp")
         seed = c[5].number_input("Seed", 0, 2**31 - 1, max(view.seed, 0), key="w_seed")
-        chat = st.checkbox("Put the prompt in the chat template", value=bool(view.chat), key="w_schat")
+        cc = st.columns(2)
+        chat = cc[0].checkbox("Put the prompt in the chat template", value=bool(view.chat), key="w_schat")
+        snorm = cc[1].checkbox("Keep each activation's norm (GrAInS)", value=bool(view.snorm), key="w_snorm",
+                               help="add mode: after adding, rescale each steered activation back to its norm "
+                                    "before the steer, x ← (x + s·v)·‖x‖/‖x + s·v‖, as GrAInS does: the steer "
+                                    "turns the activation without growing it")
         if st.form_submit_button("Steer", type="primary"):
             navigate(view.replace(prompt=prompt, smode=mode, strength=float(strength), spos=spos,
                                   max_new=int(max_new), temp=float(temp), seed=int(seed), chat=int(chat),
-                                  steer=1, key=""))
+                                  snorm=int(snorm), steer=1, key=""))
 
 
 def _target_fields(view: View, t: dict) -> dict:
@@ -223,7 +228,7 @@ def _steered(view: View, t: dict) -> View:
         return view
     spec = make_spec(S.SteerSpec, model=view.model, prompt=view.prompt, strength=view.strength, mode=view.smode,
                      positions=view.spos, chat=bool(view.chat), max_new_tokens=view.max_new, temperature=view.temp,
-                     seed=view.seed, **_target_fields(view, t))
+                     seed=view.seed, preserve_norm=bool(view.snorm), **_target_fields(view, t))
     view, out = main_result(view, spec, "steered generation")
     if out is None:
         return view
@@ -234,7 +239,8 @@ def _steered(view: View, t: dict) -> View:
                 help="strength × ‖vector‖ / mean ‖activation‖ at the hook over the prompt (position 0 left out)")
     c[2].metric("mean ‖activation‖ at the hook", f"{r.mean_resid_norm:.1f}")
     what = ("direction projected out of every resid_pre, attn_out and mlp_out" if r.mode == "ablate"
-            else f"+{r.strength:g} × direction at {r.hook_name}, {POSITION_LABELS[view.spos]}")
+            else f"+{r.strength:g} × direction at {r.hook_name}, {POSITION_LABELS[view.spos]}"
+            + (", each activation rescaled to its own norm" if getattr(r, "preserve_norm", False) else ""))
     left, right = st.columns(2)
     with left:
         st.markdown("**Default**")

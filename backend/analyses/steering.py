@@ -13,7 +13,9 @@
   the prompt's positions only). Interventions are keyed on absolute positions, so the KV
   cache changes nothing (tests/test_steering.py). The strength is also reported relative
   to the mean activation norm at that hook over the prompt (position 0 left out: it carries
-  the massive activations), so strengths compare across methods.
+  the massive activations), so strengths compare across methods. `preserve_norm` (GrAInS,
+  Nguyen et al. 2025) rescales every steered activation back to its norm before the
+  addition, x ← (x + s·v)·‖x‖/‖x + s·v‖: the steer turns the activation and does not grow it.
 - **Ablate** (mode "ablate", Arditi et al. 2024): the unit direction r̂ is projected out,
   x ← x − (x·r̂) r̂, of every block input (resid_pre), every attention output and every MLP
   output, at every position. This equals orthogonalising the weights that write into the
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -83,6 +86,8 @@ class SteerSpec(Spec):
     max_new_tokens: int = 32
     temperature: float = 0.0
     seed: int = 0
+    preserve_norm: bool = False    # add: rescale each steered activation to its norm before the steer
+    KEY_NEUTRAL: ClassVar[dict] = {"preserve_norm": False}
 
     def validate(self):
         check_text(self.prompt)
@@ -96,9 +101,12 @@ class SteerSpec(Spec):
             raise OutOfRange(f"max_new_tokens must be in 1–{MAX_NEW_TOKENS}, not {self.max_new_tokens}.")
         if not math.isfinite(self.temperature) or not 0 <= self.temperature <= 5:
             raise OutOfRange("The temperature must be in 0–5 (0: greedy).")
+        if not isinstance(self.preserve_norm, bool):
+            raise InvalidSpec("preserve_norm is true or false.")
         if self.mode == "ablate":   # one key per ablation, whatever strength was typed
             object.__setattr__(self, "strength", 0.0)
             object.__setattr__(self, "positions", "all")
+            object.__setattr__(self, "preserve_norm", False)
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,7 @@ class SteerResult(Result):
     steered_prompt_positions: list[int]
     steers_generated: bool
     direction_info: dict           # method, key, site, layer, how it was made
+    preserve_norm: bool = False    # the steered activations were rescaled to their own norms
 
 
 # -- the direction as a target -------------------------------------------------------------
@@ -170,10 +179,21 @@ def target_of(model: LoadedModel, direction: str = "", sae: str = "", feature: i
 
 
 # -- interventions: fn(x, positions, hook), rows = the batch rows they touch ---------------
+def _added(x, v, preserve_norm: bool, n_axes: int):
+    """x + v, or with preserve_norm that sum rescaled to ‖x‖ per activation (the norm over the
+    direction's last n_axes axes: d_model, or heads × d_head for a hook_z direction)."""
+    y = x + v
+    if not preserve_norm:
+        return y
+    axes = tuple(range(-n_axes, 0))
+    return y * (x.norm(dim=axes, keepdim=True) / y.norm(dim=axes, keepdim=True).clamp_min(1e-30))
+
+
 def add_intervention(t: Target, strength: float, rows: slice = slice(None), start: int = 0,
-                     end: int | None = None, prefix: bool = False):
+                     end: int | None = None, prefix: bool = False, preserve_norm: bool = False):
     """(hook, fn) adding strength × vector at absolute positions [start, end) (prefix with
-    per-position vectors: vector p at position p < k)."""
+    per-position vectors: vector p at position p < k); with preserve_norm each steered
+    activation is rescaled to its norm before the addition (GrAInS)."""
     v = t.vector * float(strength)
     pv = t.position_vectors * float(strength) if (prefix and t.position_vectors is not None) else None
 
@@ -183,7 +203,7 @@ def add_intervention(t: Target, strength: float, rows: slice = slice(None), star
             if not bool(sel.any()):
                 return x
             x = x.clone()
-            x[rows, sel] = x[rows, sel] + pv[pos[sel]]
+            x[rows, sel] = _added(x[rows, sel], pv[pos[sel]], preserve_norm, len(t.shape))
             return x
         sel = pos >= start
         if end is not None:
@@ -191,7 +211,7 @@ def add_intervention(t: Target, strength: float, rows: slice = slice(None), star
         if not bool(sel.any()):
             return x
         x = x.clone()
-        x[rows, sel] = x[rows, sel] + v
+        x[rows, sel] = _added(x[rows, sel], v, preserve_norm, len(t.shape))
         return x
     return t.hook, fn
 
@@ -227,13 +247,14 @@ def steer_window(model: LoadedModel, t: Target, positions: str, n_prompt: int, c
     return {"start": 0, "end": n_prompt, "prefix": False}
 
 
-def interventions_for(model: LoadedModel, t: Target, mode: str, strength: float, window: dict, rows: slice):
+def interventions_for(model: LoadedModel, t: Target, mode: str, strength: float, window: dict, rows: slice,
+                      preserve_norm: bool = False):
     if mode == "ablate":
         if t.component.value not in RESID_SITES:
             raise InvalidSite("Ablation projects a residual-stream direction out; a "
                               f"{t.component.value} direction (e.g. a hook_z SAE feature) cannot be ablated.")
         return ablation_interventions(model, t.unit, rows)
-    return [add_intervention(t, strength, rows, window["start"], window["end"], window["prefix"])]
+    return [add_intervention(t, strength, rows, window["start"], window["end"], window["prefix"], preserve_norm)]
 
 
 def mean_norm(model: LoadedModel, hook: str, ids: list[int]) -> float:
@@ -251,7 +272,7 @@ def compute(spec: SteerSpec, model: LoadedModel, progress=None, store=None) -> S
     t = target_of(model, spec.direction, spec.sae, spec.feature, store)
     ids = prompt_ids(model, spec.prompt, spec.chat)
     window = steer_window(model, t, spec.positions, len(ids), spec.chat)
-    hooks = interventions_for(model, t, spec.mode, spec.strength, window, slice(1, 2))
+    hooks = interventions_for(model, t, spec.mode, spec.strength, window, slice(1, 2), spec.preserve_norm)
     default, steered = model.generate([ids, ids], spec.max_new_tokens, temperature=spec.temperature,
                                       seed=spec.seed, interventions=hooks)
     rn = mean_norm(model, t.hook, ids)
@@ -263,7 +284,7 @@ def compute(spec: SteerSpec, model: LoadedModel, progress=None, store=None) -> S
         relative_strength=spec.strength * t.norm / max(rn, 1e-30) if spec.mode == "add" else 0.0,
         steered_prompt_positions=list(range(len(ids))) if spec.mode == "ablate" else list(range(window["start"], end)),
         steers_generated=spec.mode == "ablate" or window["end"] is None or window["end"] > len(ids),
-        direction_info=t.info)
+        direction_info=t.info, preserve_norm=spec.preserve_norm)
 
 
 # -- read ----------------------------------------------------------------------------------
@@ -331,6 +352,8 @@ def add_cli_args(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preserve-norm", action="store_true",
+                   help="add: rescale each steered activation to its norm before the steer (GrAInS)")
 
 
 def steer_payload(out) -> dict:
@@ -340,7 +363,7 @@ def steer_payload(out) -> dict:
             "default_tokens": r.default_tokens, "steered_tokens": r.steered_tokens, "hook_name": r.hook_name,
             "mode": r.mode, "strength": r.strength, "relative_strength": r.relative_strength,
             "direction_norm": r.direction_norm, "mean_resid_norm": r.mean_resid_norm,
-            "direction": r.direction_info}
+            "direction": r.direction_info, "preserve_norm": r.preserve_norm}
 
 
 def run_cli(a) -> dict:
@@ -356,7 +379,8 @@ def run_cli(a) -> dict:
             raise DirectionMismatch(f"Direction {a.direction} was made on {dspec.model!r}, not {a.model!r}.")
     spec = SteerSpec(model=a.model, prompt=a.prompt, direction=a.direction, sae=a.sae, feature=a.feature,
                      strength=a.strength, mode=a.mode, positions=a.positions, chat=a.chat,
-                     max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
+                     max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
+                     preserve_norm=bool(a.preserve_norm))
     return steer_payload(run(spec, progress=lambda m: print(m, file=sys.stderr)))
 
 
