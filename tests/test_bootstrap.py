@@ -17,8 +17,8 @@ from .conftest import DEFAULT_MODEL
 pytestmark = [pytest.mark.browser, pytest.mark.model]
 SAE = "smollm2-135m-L5-resid_pre"
 TRANSCODER = "smollm2-135m-plt.L4"      # one layer of the shipped transcoder set
-WINDOWS = 8
-TC_WINDOWS = 2
+WINDOWS = 4
+TC_WINDOWS = 1
 
 
 def _a_feature_in_the_slice(model, root, sae_id: str = SAE, windows: int = WINDOWS) -> int:
