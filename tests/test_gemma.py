@@ -182,7 +182,8 @@ def test_massive_scan_equals_reference(gemma):
 
 
 @pytest.mark.parametrize("page", ["prompt", "attention", "heads", "patching", "massive", "features", "neurons",
-                                  "neuron", "feature", "featuremap", "search", "circuits", "steering"])
+                                  "neuron", "feature", "featuremap", "search", "circuits", "steering",
+                                  "attribution_tokens", "probes"])
 def test_every_page_runs_on_gemma(gemma, page):
     """Every page under Streamlit's AppTest on the second offline model: no exception, no error
     box (pages without an SAE or an index for it say so in an info box)."""
@@ -200,3 +201,61 @@ def test_every_page_runs_on_gemma(gemma, page):
     assert not at.error, [e.value for e in at.error]
     if page in ("prompt", "attention", "heads", "patching", "massive", "neurons", "circuits"):
         assert len(at.get("plotly_chart")) >= 1
+
+
+@pytest.mark.parametrize("method", ["saliency", "input-x-gradient", "integrated-gradients", "lrp", "lrp-cp",
+                                    "deeplift"])
+def test_every_attribution_method_on_gemma(gemma, method):
+    """`attribute` with every method on the second offline model: the promised fields, one score
+    per token, and each method's own bookkeeping (IG complete within 1 % with auto steps,
+    DeepLIFT's summation to delta, LRP's position share in 0–1)."""
+    from backend.cli import execute
+
+    code, out = execute(["attribute", "--model", GEMMA, "--text", FACT.clean, "--target", FACT.answer,
+                         "--method", method, *(["--baseline", "pad"] if method == "deeplift" else []),
+                         "--format", "json"])
+    assert code == 0, out
+    json.dumps(out)
+    for field in ("run_key", "tokens", "scores", "target_logit", "baseline_logit", "completeness_gap", "steps_used"):
+        assert field in out, field
+    assert len(out["scores"]) == len(out["tokens"]) and all(np.isfinite(out["scores"]))
+    assert out["target"]["token"] == FACT.answer
+    if method == "integrated-gradients":
+        assert out["converged"] and out["completeness_gap_rel"] <= 0.01
+    if method == "deeplift":
+        assert abs(out["completeness_gap_rel"]) < 1e-4
+    if method == "saliency":
+        assert min(out["scores"]) >= 0
+    if method == "lrp":
+        assert all(0 <= s <= 1 for s in out["position_share"])
+
+
+@pytest.mark.parametrize("study,args", [
+    ("saplma", ["--layers", "3,9", "--max-per-topic", "12", "--epochs", "5"]),
+    ("tcav", ["--layer", "9", "--n-random", "4", "--set-size", "10"]),
+    ("clue", ["--clue-problems", "8", "--clue-samples", "3", "--clue-max-new-tokens", "8"]),
+    ("harm-refusal", ["--harm-no-steer"]),
+])
+def test_every_probe_study_on_gemma(gemma, study, args):
+    """`probe-study` runs each of the four studies on the second offline model (small settings),
+    with the promised fields; a second call reads the stored run."""
+    from backend.cli import execute
+
+    code, out = execute(["probe-study", "--model", GEMMA, "--study", study, *args, "--format", "json"])
+    assert code == 0, out
+    json.dumps(out)
+    assert out["study"] == study and out["run_key"]
+    fields = {"saplma": ("layers", "few_shot_acc", "topics"), "tcav": ("tcav_score", "p_value", "random_scores",
+              "significant", "cav"), "clue": ("layers", "baselines", "rerank", "class_balance"),
+              "harm-refusal": ("layers", "harm_direction_key", "refusal_direction_key")}[study]
+    for f in fields:
+        assert f in out, f
+    if study == "saplma":
+        assert [r["layer"] for r in out["layers"]] == [3, 9]
+        assert all(0 <= r["mlp_acc"] <= 1 and 0 <= r["logreg_acc"] <= 1 for r in out["layers"])
+    if study == "tcav":
+        assert len(out["cav"]) == 640 and 0 <= out["tcav_score"] <= 1
+    if study == "harm-refusal":
+        assert len(out["layers"]) == 18 and all(-1 <= r["cosine"] <= 1 for r in out["layers"])
+    code, again = execute(["probe-study", "--model", GEMMA, "--study", study, *args, "--format", "json"])
+    assert code == 0 and again["run_key"] == out["run_key"]

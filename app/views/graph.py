@@ -77,7 +77,8 @@ def render(view: View) -> View:
                      f"unpruned {s['replacement_score_unpruned']:.3f})")
     c[1].metric("completeness score", f"{s['completeness_score']:.3f}",
                 help=f"influence-weighted share of node inputs that are not errors (unpruned {s['completeness_score_unpruned']:.3f})")
-    c[2].metric("nodes / edges", f"{len(r.nodes)} / {len(r.edge_weight)}", help=f"of {r.n_nodes_unpruned} nodes unpruned")
+    c[2].metric("nodes / edges", f"{_short(len(r.nodes))} / {_short(len(r.edge_weight))}",
+                help=f"{len(r.nodes):,} nodes and {len(r.edge_weight):,} edges kept, of {r.n_nodes_unpruned:,} nodes unpruned")
     c[3].metric("active features", f"{r.n_active_features}")
     c[4].metric("top prediction", f"{r.logits[0]['token']!r}", f"p = {r.logits[0]['prob']:.3f}", delta_color="off")
     info = model_dims(view.model)
@@ -105,6 +106,11 @@ def render(view: View) -> View:
     return _interventions(view, r, by_id, pinned, supers)
 
 
+def _short(n: int) -> str:
+    """A count that fits a metric box: 1648, 37.7k, 1.2M."""
+    return f"{n}" if n < 10_000 else f"{n / 1000:.1f}k" if n < 1_000_000 else f"{n / 1e6:.1f}M"
+
+
 def _corpus_examples(view: View, r, n: dict) -> None:
     """The feature's top corpus examples (the transcoder layer's index) and a link to its dashboard."""
     set_id = r.transcoders.split("@")[0]
@@ -115,7 +121,7 @@ def _corpus_examples(view: View, r, n: dict) -> None:
         d = None
     if d and d["index"] is not None and d["top"]:
         st.markdown("**Top corpus examples**")
-        st.markdown("".join(example_html(ex, d["stats"]["max"]) for ex in d["top"][:3]), unsafe_allow_html=True)
+        st.markdown("".join(example_html(ex, d["stats"]["max"], compact=True) for ex in d["top"][:3]), unsafe_allow_html=True)
     else:
         st.caption(f"No corpus index of {sid} yet (the first start builds it; or "
                    f"`python -m backend feature-index --sae {set_id} --windows 32`).")

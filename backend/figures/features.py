@@ -10,11 +10,18 @@ import plotly.graph_objects as go
 from . import _layout, fmt_token
 
 
-def example_html(ex: dict, scale: float) -> str:
+def example_html(ex: dict, scale: float, compact: bool = False, around: int = 12) -> str:
     """One corpus example as a line of tokens, each shaded by the feature's activation on it
-    (orange, opacity = activation / scale); the example's own token framed; hover: value."""
+    (orange, opacity = activation / scale); the example's own token framed; hover: value.
+    compact (a narrow side panel): value and place on a line of their own above the context,
+    and the context cut to `around` tokens either side of the example's token (… marks a cut)."""
     spans = []
+    lo, hi = 0, len(ex["tokens"])
+    if compact:
+        lo, hi = max(0, ex["focus"] - around), min(hi, ex["focus"] + around + 1)
     for i, (tok, act) in enumerate(zip(ex["tokens"], ex["acts"])):
+        if not lo <= i < hi:
+            continue
         a = 0.0 if act is None else max(0.0, act) / scale if scale > 0 else 0.0
         title = "not encoded (window position 0)" if act is None else f"activation {act:.2f}"
         style = f"background:rgba(255,120,0,{min(a, 1.0):.2f});padding:0 1px;border-radius:2px;"
@@ -22,6 +29,13 @@ def example_html(ex: dict, scale: float) -> str:
             style += "outline:2px solid #1f4e9c;font-weight:600;"
         shown = tok.replace("\n", "⏎").replace("\t", "⇥") or "∅"
         spans.append(f"<span title='{html.escape(title)}' style='{style}'>{html.escape(shown)}</span>")
+    if compact:
+        cut = "<span style='color:#999'>…</span>"
+        return (f"<div style='font-family:monospace;font-size:0.85em;line-height:1.8;margin-bottom:0.5em'>"
+                f"<div style='color:#555'><b>{ex['value']:.2f}</b> "
+                f"<span style='color:#999;font-size:0.9em'>doc {ex['doc']} · pos {ex['pos']}</span></div>"
+                f"<div style='white-space:pre-wrap;overflow-wrap:anywhere'>{cut if lo > 0 else ''}"
+                + "".join(spans) + f"{cut if hi < len(ex['tokens']) else ''}</div></div>")
     # the context wraps inside its own column (value and place stay at the left), so the
     # example's token is never cut off at the right edge of a narrow column
     return (f"<div style='display:flex;align-items:baseline;font-family:monospace;font-size:0.88em;line-height:1.9'>"
