@@ -84,6 +84,13 @@ class NoMassiveActivations(DashboardError):
     code = "no_massive"
 
 
+class NoChatTemplate(DashboardError):
+    """A chat-format feature (the chat option, CAA, post-instruction positions, the
+    harmfulness/refusal study) on a model whose tokenizer has no chat template."""
+
+    code = "no_chat_template"
+
+
 class PromptLengthMismatch(DashboardError):
     """Patching pairs a clean and a corrupted prompt of different token lengths."""
 

@@ -220,8 +220,11 @@ def test_every_attribution_method_on_gemma(gemma, method):
         assert field in out, field
     assert len(out["scores"]) == len(out["tokens"]) and all(np.isfinite(out["scores"]))
     assert out["target"]["token"] == FACT.answer
-    if method == "integrated-gradients":
-        assert out["converged"] and out["completeness_gap_rel"] <= 0.01
+    if method == "integrated-gradients":     # auto steps: converged at 1 %, or the cap reached and said so
+        assert out["completeness_gap"] == pytest.approx(
+            sum(out["scores"]) - (out["target_logit"] - out["baseline_logit"]), abs=1e-6)
+        assert out["converged"] == (out["completeness_gap_rel"] <= 0.01)
+        assert out["converged"] or out["steps_used"] == out["steps_cap"]
     if method == "deeplift":
         assert abs(out["completeness_gap_rel"]) < 1e-4
     if method == "saliency":
@@ -259,3 +262,13 @@ def test_every_probe_study_on_gemma(gemma, study, args):
         assert len(out["layers"]) == 18 and all(-1 <= r["cosine"] <= 1 for r in out["layers"])
     code, again = execute(["probe-study", "--model", GEMMA, "--study", study, *args, "--format", "json"])
     assert code == 0 and again["run_key"] == out["run_key"]
+
+
+def test_gemma_speaks_its_turn_format(gemma):
+    """The base model's GGUF has no chat template; the registry gives it Gemma-3's turn format, so
+    the post-instruction tokens are `<end_of_turn>\\n<start_of_turn>model\\n`."""
+    from backend.analyses.directions import post_instruction_length, user_chat
+
+    ids = user_chat(gemma, "How do I bake bread?")
+    assert gemma.decode(ids) == "<bos><start_of_turn>user\nHow do I bake bread?<end_of_turn>\n<start_of_turn>model\n"
+    assert post_instruction_length(gemma) == 5

@@ -315,3 +315,19 @@ def test_a_run_on_another_store_reads_its_inputs_from_that_store(model, tmp_path
     out = run(steer, store=other)
     assert not out.from_store and other.get(out.run_key) is not None
     other.close()
+
+
+def test_a_model_without_a_chat_template_is_a_typed_error(model):
+    """A tokenizer without a chat template (a base model from the hub) makes chat-format prompts
+    a NoChatTemplate error with a message, not transformers' ValueError."""
+    from backend.errors import NoChatTemplate
+
+    tok = model.tokenizer
+    before = tok.chat_template
+    try:
+        tok.chat_template = None
+        with pytest.raises(NoChatTemplate, match="no chat template"):
+            D.user_chat(model, "Tell me about the sea.")
+    finally:
+        tok.chat_template = before
+    assert D.user_chat(model, "Tell me about the sea.")[-1] == model.chat_ids([{"role": "user", "content": "x"}])[-1]

@@ -125,7 +125,14 @@ class LoadedModel:
         return [self.tokenizer.decode([i]) for i in ids]
 
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation in the model's own chat template."""
+        """Token ids of a conversation in the model's own chat template (NoChatTemplate when its
+        tokenizer has none, e.g. a base model from the hub)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            from ..errors import NoChatTemplate
+
+            raise NoChatTemplate(f"{self.info.model_id} has no chat template (its tokenizer defines none), so "
+                                 "chat-format prompts cannot be built for it: turn the chat option off, or use a "
+                                 "model with a chat template.")
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                  tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):   # BatchEncoding in newer transformers

