@@ -63,13 +63,16 @@ def illusion_figure(v_row_norm: float, v_null_norm: float, effects: dict, title:
     lim = max(float(np.abs(eff).max()), 1e-9)
     fig.add_trace(go.Bar(x=[EFFECT_LABELS[k] for k in keys], y=eff, showlegend=False,
                          marker=dict(color=eff, colorscale="RdBu", cmin=-lim, cmax=lim),
-                         text=[f"IIA {effects[k]['iia']:.2f}" for k in keys], textposition="outside",
+                         text=[f"{e:+.2f} · IIA {effects[k]['iia']:.2f}" for k, e in zip(keys, eff)],
+                         textposition="outside",
                          cliponaxis=False,
                          customdata=[[effects[k]["logit_diff"], effects[k]["iia"]] for k in keys],
                          hovertemplate="%{x}<br>Δ logit diff %{y:+.3f}<br>logit diff %{customdata[0]:.3f}"
                                        "<br>IIA %{customdata[1]:.2f}<extra></extra>"), row=1, col=2)
+    fig = _layout(fig, title, "", "", height=380)
     fig.update_layout(barmode="stack", legend=dict(orientation="h", y=-0.25))
+    # after _layout, whose empty axis titles would otherwise blank the first one
     fig.update_yaxes(title_text="share of ‖v‖²", range=[0, 1.05], row=1, col=1)
     fig.update_yaxes(title_text="Δ logit difference", range=[min(0.0, eff.min()) - 0.25 * lim,
                                                             max(0.0, eff.max()) + 0.25 * lim], row=1, col=2)
-    return _layout(fig, title, "", "", height=380)
+    return fig
