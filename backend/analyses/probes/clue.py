@@ -2,7 +2,8 @@
 Verification from Experience via Hidden-State Clustering").
 
 Protocol, as the paper frames it, on a task this project ships (data/probes/clue_problems.jsonl:
-two-digit addition and subtraction, and one-step word problems, written here):
+one-digit sums and differences, two-digit + one-digit sums and one-digit word sums, written
+here and chosen so that SmolLM2 answers about a third of the traces correctly):
 
 1. **Traces.** Each problem is put after a few worked examples (`SHOTS`: "Question: …\\nAnswer:
    12 + 25 = 37.") and the model samples `n_samples` answers at `temperature`. Sample j of every
