@@ -34,9 +34,10 @@ def _form(view: View) -> View:
 
 def render(view: View) -> View:
     st.subheader("Verify reasoning traces (CLUE)")
-    st.caption("The model answers small sums and differences (one-digit, and two-digit + one-digit) and one-step word "
-               "problems after four worked examples, several times per problem (sampled). Each answer is summarised by how its hidden state "
-               "moved from the end of the question to the end of the answer (δ, at every layer). Traces of the "
+    st.caption("The model answers small sums and differences (one-digit, and two-digit + one-digit) and "
+               "one-step word problems after four worked examples, several times per problem (sampled). Each "
+               "answer is summarised by how its hidden state moved from the end of the question to the end of "
+               "the answer (δ, at every layer). Traces of the "
                "training problems give a centroid of correct and of wrong answers; held-out traces are judged by "
                "the nearer centroid, and the candidate nearest the 'correct' centroid is picked among a "
                "problem's samples.")
