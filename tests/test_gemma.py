@@ -236,7 +236,7 @@ def test_every_attribution_method_on_gemma(gemma, method):
 @pytest.mark.parametrize("study,args", [
     ("saplma", ["--layers", "3,9", "--max-per-topic", "12", "--epochs", "5"]),
     ("tcav", ["--layer", "9", "--n-random", "4", "--set-size", "10"]),
-    ("clue", ["--clue-problems", "8", "--clue-samples", "3", "--clue-max-new-tokens", "8"]),
+    ("clue", ["--clue-problems", "16", "--clue-samples", "2", "--clue-max-new-tokens", "8"]),
     ("harm-refusal", ["--harm-no-steer"]),
 ])
 def test_every_probe_study_on_gemma(gemma, study, args):
