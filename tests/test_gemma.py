@@ -272,3 +272,27 @@ def test_gemma_speaks_its_turn_format(gemma):
     ids = user_chat(gemma, "How do I bake bread?")
     assert gemma.decode(ids) == "<bos><start_of_turn>user\nHow do I bake bread?<end_of_turn>\n<start_of_turn>model\n"
     assert post_instruction_length(gemma) == 5
+
+
+@pytest.mark.parametrize("study,params,button", [
+    ("saplma", {"sp_layers": "3,9", "sp_max": 12, "sp_epochs": 5}, "saplma_run"),
+    ("tcav", {"tc_layers": "9", "tc_n": 3}, "tcav_run"),
+    ("clue", {"cl_n": 16, "cl_samples": 2}, "clue_run"),
+    ("harm-refusal", {}, "hr_run"),
+])
+def test_every_probe_study_runs_on_the_page_on_gemma(gemma, study, params, button):
+    """Each study run from the Probes page (its "Run the study" button pressed) on the second
+    offline model under Streamlit's AppTest: no exception, no error box, its figures drawn."""
+    from streamlit.testing.v1 import AppTest
+
+    from .conftest import ROOT
+
+    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=1800)
+    for k, v in dict(page="probes", model=GEMMA, study=study, **params).items():
+        at.query_params[k] = str(v)
+    at.run()
+    assert not at.exception, at.exception
+    at.button(key=button).click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert len(at.get("plotly_chart")) >= 1
