@@ -143,7 +143,8 @@ def _target(view: View) -> dict | None:
         c = st.columns(4)
         c[0].metric("site · layer", f"{r.site} · {r.layer}")
         c[1].metric("‖vector‖", f"{r.norm:.3g}")
-        c[2].metric("made from", spec.source or "—")
+        src = spec.source or "—"    # a run key or file name can be long: the metric shows its start, hover all
+        c[2].metric("made from", src if len(src) <= 16 else src[:15] + "…", help=src if len(src) > 16 else None)
         c[3].metric("examples", str(r.made.get("n_positive", len(spec.texts) or len(spec.pairs) or 1))
                     + (f" + {r.made['n_negative']}" if "n_negative" in r.made else ""))
         st.caption(f"Key `{view.dkey}` · how it was made: {r.made}")
