@@ -33,8 +33,9 @@ os.environ["DASHBOARD_CORPUS"] = str(Path(_TMP) / "corpus")   # never the develo
 DEFAULT_MODEL = "smollm2-135m"
 # The longest modules (minutes each under `pytest -n 2`), started first: with `--dist loadfile`
 # a worker takes whole modules in collection order, so a long module collected last would run
-# alone at the end while the other worker idles. Measured in session 14 (-n 2, 2 cores).
-LONG_MODULES = ("test_ray_engine", "test_real_use", "test_bootstrap", "test_app", "test_steering_browser",
+# alone at the end while the other worker idles. Measured in session 14 (-n 2, 2 cores). test_gemma
+# is the longest where the Gemma package is installed (it skips at once where it is not, as in CI).
+LONG_MODULES = ("test_gemma", "test_ray_engine", "test_real_use", "test_bootstrap", "test_app", "test_steering_browser",
                 "test_graph_corpus", "test_das_browser", "test_saes", "test_graph_browser",
                 "test_token_attribution_browser", "test_feature_pages", "test_probes_browser", "test_shared_store")
 MODEL_FIXTURES = {"model", "session_corpus", "gemma"}
