@@ -281,8 +281,9 @@ def test_gemma_speaks_its_turn_format(gemma):
     ("harm-refusal", {}, "hr_run"),
 ])
 def test_every_probe_study_runs_on_the_page_on_gemma(gemma, study, params, button):
-    """Each study run from the Probes page (its "Run the study" button pressed) on the second
-    offline model under Streamlit's AppTest: no exception, no error box, its figures drawn."""
+    """Each study run from the Probes page (its "Run the study" button pressed, or read from the
+    store when the CLI test stored the same study) on the second offline model under Streamlit's
+    AppTest: no exception, no error box, its figures drawn."""
     from streamlit.testing.v1 import AppTest
 
     from .conftest import ROOT
@@ -292,7 +293,9 @@ def test_every_probe_study_runs_on_the_page_on_gemma(gemma, study, params, butto
         at.query_params[k] = str(v)
     at.run()
     assert not at.exception, at.exception
-    at.button(key=button).click().run()
-    assert not at.exception, at.exception
+    pressed = [b for b in at.button if b.key == button]
+    if pressed:       # no button when the CLI test above already stored this very study: it is shown
+        pressed[0].click().run()
+        assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
     assert len(at.get("plotly_chart")) >= 1
