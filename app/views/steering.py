@@ -241,7 +241,7 @@ def _steered(view: View, t: dict) -> View:
     c[2].metric("mean ‖activation‖ at the hook", f"{r.mean_resid_norm:.1f}")
     what = ("direction projected out of every resid_pre, attn_out and mlp_out" if r.mode == "ablate"
             else f"+{r.strength:g} × direction at {r.hook_name}, {POSITION_LABELS[view.spos]}"
-            + (", each activation rescaled to its own norm" if getattr(r, "preserve_norm", False) else ""))
+            + (", each activation rescaled to its own norm" if r.preserve_norm else ""))
     left, right = st.columns(2)
     with left:
         st.markdown("**Default**")

@@ -147,9 +147,8 @@ def _load_offline(model: OfflineModel, progress) -> LoadedModel:
     tok = AutoTokenizer.from_pretrained(path)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     bridge = _bridge(str(path), hf_model=hf, tokenizer=tok)
-    for t in {id(tok): tok, id(bridge.tokenizer): bridge.tokenizer}.values():   # the bridge may keep its own
-        if not getattr(t, "chat_template", None) and model.chat_template:
-            t.chat_template = model.chat_template
+    if model.chat_template and not getattr(bridge.tokenizer, "chat_template", None):
+        bridge.tokenizer.chat_template = model.chat_template    # the tokenizer LoadedModel uses
     return LoadedModel(_info(model.model_id, "packaged", model.hub_name, bridge, model.prepend_bos),
                        bridge, bridge.tokenizer)
 
