@@ -77,7 +77,7 @@ def render(view: View) -> View:
                      f"unpruned {s['replacement_score_unpruned']:.3f})")
     c[1].metric("completeness score", f"{s['completeness_score']:.3f}",
                 help=f"influence-weighted share of node inputs that are not errors (unpruned {s['completeness_score_unpruned']:.3f})")
-    c[2].metric("nodes / edges", f"{_short(len(r.nodes))} / {_short(len(r.edge_weight))}",
+    c[2].metric("nodes / edges", f"{_short(len(r.nodes))}/{_short(len(r.edge_weight))}",
                 help=f"{len(r.nodes):,} nodes and {len(r.edge_weight):,} edges kept, of {r.n_nodes_unpruned:,} nodes unpruned")
     c[3].metric("active features", f"{r.n_active_features}")
     c[4].metric("top prediction", f"{r.logits[0]['token']!r}", f"p = {r.logits[0]['prob']:.3f}", delta_color="off")
@@ -107,8 +107,9 @@ def render(view: View) -> View:
 
 
 def _short(n: int) -> str:
-    """A count that fits a metric box: 1648, 37.7k, 1.2M."""
-    return f"{n}" if n < 10_000 else f"{n / 1000:.1f}k" if n < 1_000_000 else f"{n / 1e6:.1f}M"
+    """A count that fits a fifth of the page's width: 1648, 37.7k, 377k, 1.2M."""
+    return (f"{n}" if n < 10_000 else f"{n / 1000:.1f}k" if n < 100_000 else f"{n / 1000:.0f}k" if n < 1_000_000
+            else f"{n / 1e6:.1f}M")
 
 
 def _corpus_examples(view: View, r, n: dict) -> None:
